@@ -1,0 +1,509 @@
+"""The gateway configuration: one TOML file parsed once into frozen, typed objects.
+
+Every key is documented in docs/configuration.md. Unknown keys, wrong types and bad values
+raise ConfigError with a message that names the file, the key, the value and what is
+expected. Relative paths are resolved against the configuration file's folder.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.errors import ConfigError
+
+# Modbus allows at most 125 holding or input registers, and 2,000 coils, in one read.
+MAX_REGISTERS_PER_READ = 125
+MAX_BITS_PER_READ = 2000
+
+# Azure IoT Hub rejects device-to-cloud messages above 256 KB.
+MAX_PAGE_BYTES = 262_144
+
+TABLES = ("holding_register", "input_register", "coil", "discrete_input")
+BIT_TABLES = ("coil", "discrete_input")
+
+# Number of 16-bit registers that each value type occupies.
+REGISTER_COUNT = {
+    "bool": 1,
+    "int16": 1,
+    "uint16": 1,
+    "int32": 2,
+    "uint32": 2,
+    "float32": 2,
+    "int64": 4,
+    "float64": 4,
+}
+WORD_ORDERS = ("big", "little")
+UPLINK_MODES = ("azure", "mqtt")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    state_dir: Path
+    runtime_dir: Path
+    log_dir: Path
+    log_level: str
+
+
+@dataclass(frozen=True)
+class TagGroup:
+    name: str
+    poll_interval_ms: int
+
+
+@dataclass(frozen=True)
+class Tag:
+    name: str
+    group: str
+    table: str
+    address: int
+    type: str
+    word_order: str
+    scale: float
+    offset: float
+
+    @property
+    def register_count(self) -> int:
+        """Number of protocol addresses the tag occupies: one for a bit table."""
+        return 1 if self.table in BIT_TABLES else REGISTER_COUNT[self.type]
+
+
+@dataclass(frozen=True)
+class PlcSettings:
+    host: str
+    port: int
+    unit_id: int
+    timeout_s: float
+    reconnect_min_s: float
+    reconnect_max_s: float
+    max_registers_per_read: int
+    max_gap_registers: int
+    batch_max_samples: int
+    queue_max_samples: int
+    max_unacked_batches: int
+    ack_timeout_s: float
+    tag_groups: tuple[TagGroup, ...]
+    tags: tuple[Tag, ...]
+
+
+@dataclass(frozen=True)
+class BufferSettings:
+    max_bytes: int
+    page_max_samples: int
+    page_max_bytes: int
+    page_max_age_ms: int
+    commit_max_batches: int
+    sync: bool
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Where to connect in the generic MQTT mode, for brokers other than Azure IoT Hub."""
+
+    host: str
+    client_id: str
+    username: str
+    topic_template: str
+    tls: bool
+
+
+@dataclass(frozen=True)
+class UplinkSettings:
+    mode: str
+    port: int
+    keepalive_s: int
+    connect_timeout_s: float
+    reconnect_min_s: float
+    reconnect_max_s: float
+    max_inflight_pages: int
+    sas_ttl_s: int
+    api_version: str
+    shutdown_timeout_s: float
+    broker: BrokerSettings | None
+
+
+@dataclass(frozen=True)
+class CredentialSettings:
+    connection_string_file: Path | None
+    ca_file: Path
+    client_cert_file: Path | None
+    client_key_file: Path | None
+    password_file: Path | None
+    check_interval_s: float
+    rehash_interval_s: float
+    sas_warning_days: float
+
+    def watched_files(self) -> tuple[Path, ...]:
+        """List every credential file the uplink reads, in a fixed order."""
+        files = (
+            self.connection_string_file,
+            self.ca_file,
+            self.client_cert_file,
+            self.client_key_file,
+            self.password_file,
+        )
+        return tuple(path for path in files if path is not None)
+
+
+@dataclass(frozen=True)
+class SupervisorSettings:
+    group: str
+    uplink_program: str
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    gateway: GatewaySettings
+    plc: PlcSettings
+    buffer: BufferSettings
+    uplink: UplinkSettings
+    credentials: CredentialSettings
+    supervisor: SupervisorSettings
+
+    @property
+    def supervisor_socket(self) -> Path:
+        """Unix socket of supervisord's XML-RPC interface; supervisord.conf puts it here."""
+        return self.gateway.runtime_dir / "supervisord.sock"
+
+
+class _Table:
+    """Read one TOML table, remembering which keys were used so the rest can be rejected."""
+
+    def __init__(self, source: Path, prefix: str, data: Any) -> None:
+        self.source = source
+        self.prefix = prefix
+        if not isinstance(data, dict):
+            raise self.error("", data, "a table")
+        self.data: dict[str, Any] = data
+        self.used: set[str] = set()
+
+    def key_path(self, key: str) -> str:
+        return f"{self.prefix}.{key}" if self.prefix else key
+
+    def error(self, key: str, value: Any, expected: str) -> ConfigError:
+        where = self.key_path(key) if key else self.prefix or "top level"
+        return ConfigError(
+            f"{self.source}: invalid value for {where}: {value!r}; expected {expected}"
+        )
+
+    def get(self, key: str, kinds: type | tuple[type, ...], default: Any, expected: str) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            if default is _REQUIRED:
+                raise ConfigError(
+                    f"{self.source}: missing key {self.key_path(key)}; expected {expected}"
+                )
+            return default
+        value = self.data[key]
+
+        # TOML booleans are ints to isinstance(), so reject them where a number is expected.
+        if isinstance(value, bool) and bool not in _as_tuple(kinds):
+            raise self.error(key, value, expected)
+        if not isinstance(value, kinds):
+            raise self.error(key, value, expected)
+        return value
+
+    def text(self, key: str, default: Any = None, choices: tuple[str, ...] = ()) -> Any:
+        expected = "one of " + ", ".join(choices) if choices else "a non-empty string"
+        value = self.get(key, str, default, expected)
+        if value is None or value is default:
+            return value
+        if not value or (choices and value not in choices):
+            raise self.error(key, value, expected)
+        return value
+
+    def integer(self, key: str, default: Any, low: int, high: int) -> Any:
+        expected = f"an integer from {low} to {high}"
+        value = self.get(key, int, default, expected)
+        if not low <= value <= high:
+            raise self.error(key, value, expected)
+        return value
+
+    def number(self, key: str, default: Any, low: float, high: float) -> float:
+        expected = f"a number from {low:g} to {high:g}"
+        value = self.get(key, (int, float), default, expected)
+        if not math.isfinite(value) or not low <= value <= high:
+            raise self.error(key, value, expected)
+        return float(value)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value: bool = self.get(key, bool, default, "true or false")
+        return value
+
+    def path(self, key: str, default: Any = None) -> Path | None:
+        value = self.text(key, default)
+        if value is None:
+            return None
+        resolved = Path(value)
+        if not resolved.is_absolute():
+            resolved = (self.source.parent / resolved).resolve()
+        return resolved
+
+    def table(self, key: str, required: bool = False) -> _Table:
+        self.used.add(key)
+        if key not in self.data:
+            if required:
+                raise ConfigError(f"{self.source}: missing table [{self.key_path(key)}]")
+            return _Table(self.source, self.key_path(key), {})
+        return _Table(self.source, self.key_path(key), self.data[key])
+
+    def array_of_tables(self, key: str) -> list[_Table]:
+        self.used.add(key)
+        items = self.data.get(key, [])
+        if not isinstance(items, list):
+            raise self.error(key, items, f"an array of tables, written [[{self.key_path(key)}]]")
+        return [_Table(self.source, f"{self.key_path(key)}[{i}]", item) for i, item in enumerate(items)]
+
+    def reject_unknown(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            names = ", ".join(self.key_path(key) for key in unknown)
+            raise ConfigError(
+                f"{self.source}: unknown key {names}; check the spelling against "
+                "docs/configuration.md"
+            )
+
+
+_REQUIRED = object()
+
+
+def _as_tuple(kinds: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kinds if isinstance(kinds, tuple) else (kinds,)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate the configuration file; raise ConfigError naming the bad key."""
+    source = Path(path).resolve()
+    try:
+        with source.open("rb") as stream:
+            data = tomllib.load(stream)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{source}: configuration file not found") from exc
+    except PermissionError as exc:
+        raise ConfigError(
+            f"{source}: configuration file not readable by this user; check its permissions"
+        ) from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"{source}: is a folder; expected a TOML file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+
+    top = _Table(source, "", data)
+    config = Config(
+        path=source,
+        gateway=_parse_gateway(top.table("gateway")),
+        plc=_parse_plc(top.table("plc", required=True)),
+        buffer=_parse_buffer(top.table("buffer")),
+        uplink=_parse_uplink(top.table("uplink", required=True)),
+        credentials=_parse_credentials(top.table("credentials", required=True)),
+        supervisor=_parse_supervisor(top.table("supervisor")),
+    )
+    top.reject_unknown()
+    _check_cross_references(source, config)
+    return config
+
+
+def _parse_gateway(table: _Table) -> GatewaySettings:
+    settings = GatewaySettings(
+        state_dir=table.path("state_dir", "var/state"),  # type: ignore[arg-type]
+        runtime_dir=table.path("runtime_dir", "var/run"),  # type: ignore[arg-type]
+        log_dir=table.path("log_dir", "var/log"),  # type: ignore[arg-type]
+        log_level=table.text("log_level", "INFO", LOG_LEVELS),
+    )
+    table.reject_unknown()
+
+    # A Unix socket path is limited to 107 bytes, and ipc:// endpoints live in runtime_dir.
+    if len(str(settings.runtime_dir)) > 80:
+        raise table.error(
+            "runtime_dir", str(settings.runtime_dir), "a path of at most 80 characters"
+        )
+    return settings
+
+
+def _parse_plc(table: _Table) -> PlcSettings:
+    groups = tuple(_parse_group(item) for item in table.array_of_tables("tag_groups"))
+    tags = tuple(_parse_tag(item) for item in table.array_of_tables("tags"))
+    settings = PlcSettings(
+        host=table.text("host", _REQUIRED),
+        port=table.integer("port", 502, 1, 65535),
+        unit_id=table.integer("unit_id", 1, 0, 255),
+        timeout_s=table.number("timeout_s", 1.0, 0.05, 60.0),
+        reconnect_min_s=table.number("reconnect_min_s", 0.5, 0.05, 60.0),
+        reconnect_max_s=table.number("reconnect_max_s", 30.0, 0.05, 3600.0),
+        max_registers_per_read=table.integer(
+            "max_registers_per_read", MAX_REGISTERS_PER_READ, 1, MAX_REGISTERS_PER_READ
+        ),
+        max_gap_registers=table.integer("max_gap_registers", 8, 0, MAX_REGISTERS_PER_READ),
+        batch_max_samples=table.integer("batch_max_samples", 2000, 1, 100_000),
+        queue_max_samples=table.integer("queue_max_samples", 1_000_000, 1, 100_000_000),
+        max_unacked_batches=table.integer("max_unacked_batches", 16, 1, 1000),
+        ack_timeout_s=table.number("ack_timeout_s", 2.0, 0.1, 600.0),
+        tag_groups=groups,
+        tags=tags,
+    )
+    table.reject_unknown()
+
+    if settings.reconnect_max_s < settings.reconnect_min_s:
+        raise table.error(
+            "reconnect_max_s", settings.reconnect_max_s, "a value not below plc.reconnect_min_s"
+        )
+    if not groups:
+        raise ConfigError(f"{table.source}: missing [[plc.tag_groups]]; define at least one")
+    if not tags:
+        raise ConfigError(f"{table.source}: missing [[plc.tags]]; define at least one")
+    return settings
+
+
+def _parse_group(table: _Table) -> TagGroup:
+    group = TagGroup(
+        name=table.text("name", _REQUIRED),
+        poll_interval_ms=table.integer("poll_interval_ms", _REQUIRED, 1, 86_400_000),
+    )
+    table.reject_unknown()
+    return group
+
+
+def _parse_tag(table: _Table) -> Tag:
+    tag_table = table.text("table", _REQUIRED, TABLES)
+    value_type = table.text("type", "bool" if tag_table in BIT_TABLES else "uint16",
+                            tuple(REGISTER_COUNT))
+    tag = Tag(
+        name=table.text("name", _REQUIRED),
+        group=table.text("group", _REQUIRED),
+        table=tag_table,
+        address=table.integer("address", _REQUIRED, 0, 65535),
+        type=value_type,
+        word_order=table.text("word_order", "big", WORD_ORDERS),
+        scale=table.number("scale", 1.0, -1e300, 1e300),
+        offset=table.number("offset", 0.0, -1e300, 1e300),
+    )
+    table.reject_unknown()
+
+    if tag.table in BIT_TABLES and tag.type != "bool":
+        raise table.error("type", tag.type, f"bool, because a {tag.table} holds one bit")
+    if tag.address + tag.register_count > 65536:
+        raise table.error("address", tag.address, "an address whose last register is 65535")
+    return tag
+
+
+def _parse_buffer(table: _Table) -> BufferSettings:
+    settings = BufferSettings(
+        max_bytes=table.integer("max_bytes", 1 << 30, 1 << 20, 1 << 40),
+        page_max_samples=table.integer("page_max_samples", 1000, 1, 100_000),
+        page_max_bytes=table.integer("page_max_bytes", 65_536, 1024, MAX_PAGE_BYTES),
+        page_max_age_ms=table.integer("page_max_age_ms", 1000, 1, 3_600_000),
+        commit_max_batches=table.integer("commit_max_batches", 64, 1, 10_000),
+        sync=table.flag("sync", True),
+    )
+    table.reject_unknown()
+    return settings
+
+
+def _parse_uplink(table: _Table) -> UplinkSettings:
+    mode = table.text("mode", "azure", UPLINK_MODES)
+    broker_table = table.table("broker")
+    broker = _parse_broker(broker_table) if mode == "mqtt" else None
+    if mode == "azure" and broker_table.data:
+        raise table.error("broker", broker_table.data, "no [uplink.broker] table in azure mode")
+
+    settings = UplinkSettings(
+        mode=mode,
+        port=table.integer("port", 8883, 1, 65535),
+        keepalive_s=table.integer("keepalive_s", 60, 5, 1177),
+        connect_timeout_s=table.number("connect_timeout_s", 10.0, 0.1, 300.0),
+        reconnect_min_s=table.number("reconnect_min_s", 1.0, 0.05, 600.0),
+        reconnect_max_s=table.number("reconnect_max_s", 60.0, 0.05, 3600.0),
+        max_inflight_pages=table.integer("max_inflight_pages", 20, 1, 1000),
+        sas_ttl_s=table.integer("sas_ttl_s", 3600, 60, 365 * 86400),
+        api_version=table.text("api_version", "2021-04-12"),
+        shutdown_timeout_s=table.number("shutdown_timeout_s", 3.0, 0.1, 60.0),
+        broker=broker,
+    )
+    table.reject_unknown()
+
+    if settings.reconnect_max_s < settings.reconnect_min_s:
+        raise table.error(
+            "reconnect_max_s", settings.reconnect_max_s, "a value not below uplink.reconnect_min_s"
+        )
+    return settings
+
+
+def _parse_broker(table: _Table) -> BrokerSettings:
+    broker = BrokerSettings(
+        host=table.text("host", _REQUIRED),
+        client_id=table.text("client_id", _REQUIRED),
+        username=table.text("username", ""),
+        topic_template=table.text("topic_template", "plcbridge/{client_id}/pages"),
+        tls=table.flag("tls", True),
+    )
+    table.reject_unknown()
+    try:
+        broker.topic_template.format(client_id=broker.client_id, page_seq=0)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise table.error(
+            "topic_template", broker.topic_template,
+            "a topic with only {client_id} and {page_seq} as placeholders",
+        ) from exc
+    return broker
+
+
+def _parse_credentials(table: _Table) -> CredentialSettings:
+    settings = CredentialSettings(
+        connection_string_file=table.path("connection_string_file"),
+        ca_file=table.path("ca_file", _REQUIRED),  # type: ignore[arg-type]
+        client_cert_file=table.path("client_cert_file"),
+        client_key_file=table.path("client_key_file"),
+        password_file=table.path("password_file"),
+        check_interval_s=table.number("check_interval_s", 1.0, 0.05, 3600.0),
+        rehash_interval_s=table.number("rehash_interval_s", 60.0, 1.0, 86400.0),
+        sas_warning_days=table.number("sas_warning_days", 7.0, 0.0, 3650.0),
+    )
+    table.reject_unknown()
+
+    if (settings.client_cert_file is None) != (settings.client_key_file is None):
+        raise ConfigError(
+            f"{table.source}: credentials.client_cert_file and credentials.client_key_file "
+            "must be set together"
+        )
+    return settings
+
+
+def _parse_supervisor(table: _Table) -> SupervisorSettings:
+    settings = SupervisorSettings(
+        group=table.text("group", "plcbridge"),
+        uplink_program=table.text("uplink_program", "uplink"),
+    )
+    table.reject_unknown()
+    return settings
+
+
+def _check_cross_references(source: Path, config: Config) -> None:
+    group_names = [group.name for group in config.plc.tag_groups]
+    duplicates = {name for name in group_names if group_names.count(name) > 1}
+    if duplicates:
+        raise ConfigError(f"{source}: duplicate tag group name {sorted(duplicates)[0]!r}")
+
+    tag_names = [tag.name for tag in config.plc.tags]
+    duplicates = {name for name in tag_names if tag_names.count(name) > 1}
+    if duplicates:
+        raise ConfigError(f"{source}: duplicate tag name {sorted(duplicates)[0]!r}")
+
+    for index, tag in enumerate(config.plc.tags):
+        if tag.group not in group_names:
+            raise ConfigError(
+                f"{source}: invalid value for plc.tags[{index}].group: {tag.group!r}; "
+                f"expected one of the tag group names {', '.join(group_names)}"
+            )
+
+    if config.uplink.mode == "azure" and config.credentials.connection_string_file is None:
+        raise ConfigError(
+            f"{source}: missing key credentials.connection_string_file; "
+            "azure mode needs the device's connection string"
+        )
+    if config.buffer.page_max_bytes < 1024:
+        raise ConfigError(f"{source}: buffer.page_max_bytes must be at least 1024")

@@ -1,0 +1,202 @@
+"""Azure IoT Hub device credentials: connection strings and SAS tokens.
+
+A device connection string is one line of `Key=value` pairs separated by `;`. Values are
+split at the first `=` only and kept byte-exact, because keys and tokens contain `=`, `+`
+and `/`. Key names are case-sensitive, as in Azure's SDKs.
+
+A SAS token reads `SharedAccessSignature sr=<uri>&sig=<signature>&se=<expiry>[&skn=<policy>]`
+with its fields in any order. The signature is HMAC-SHA256, keyed with the base64-decoded
+device key, over `<url-encoded resource URI>\\n<se>`; Azure's Python SDK encodes the URI with
+`urllib.parse.quote(uri, safe="")`, and so does this module.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from common.errors import CredentialError
+
+_KNOWN_KEYS = (
+    "HostName",
+    "DeviceId",
+    "ModuleId",
+    "SharedAccessKey",
+    "SharedAccessSignature",
+    "x509",
+    "GatewayHostName",
+)
+_SAS_PREFIX = "SharedAccessSignature "
+
+
+@dataclass(frozen=True)
+class SasToken:
+    resource: str
+    expiry_s: int
+    policy: str | None
+    # The whole token is the MQTT password; repr=False keeps it out of tracebacks and logs.
+    text: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class ConnectionString:
+    host_name: str
+    device_id: str
+    module_id: str | None
+    gateway_host_name: str | None
+    shared_access_key: bytes | None = field(default=None, repr=False)
+    token: SasToken | None = None
+    x509: bool = False
+
+    @property
+    def scheme(self) -> str:
+        if self.x509:
+            return "x509"
+        return "device key" if self.shared_access_key is not None else "SAS token"
+
+    @property
+    def resource_uri(self) -> str:
+        """Return the resource a SAS token for this identity is signed for."""
+        uri = f"{self.host_name}/devices/{self.device_id}"
+        return f"{uri}/modules/{self.module_id}" if self.module_id else uri
+
+    @property
+    def connect_host(self) -> str:
+        """Return the host to open TCP and TLS to: an IoT Edge parent if one is named."""
+        return self.gateway_host_name or self.host_name
+
+    @property
+    def client_id(self) -> str:
+        return f"{self.device_id}/{self.module_id}" if self.module_id else self.device_id
+
+
+def parse_connection_string(text: str, source: str = "connection string") -> ConnectionString:
+    """Parse a device connection string; raise CredentialError naming the bad key."""
+    pairs: dict[str, str] = {}
+    for part in text.strip().split(";"):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not value:
+            raise CredentialError(f"{source}: invalid part {key!r}: expected Key=value")
+        if key not in _KNOWN_KEYS:
+            raise CredentialError(
+                f"{source}: unknown key {key!r}; expected one of {', '.join(_KNOWN_KEYS)}"
+            )
+        if key in pairs:
+            raise CredentialError(f"{source}: duplicate key {key!r}")
+        pairs[key] = value
+
+    for required in ("HostName", "DeviceId"):
+        if required not in pairs:
+            raise CredentialError(f"{source}: missing key {required!r}")
+    schemes = [key for key in ("SharedAccessKey", "SharedAccessSignature", "x509") if key in pairs]
+    if len(schemes) != 1:
+        raise CredentialError(
+            f"{source}: expected exactly one of SharedAccessKey, SharedAccessSignature or "
+            f"x509=true, found {', '.join(schemes) or 'none'}"
+        )
+
+    key = None
+    if "SharedAccessKey" in pairs:
+        try:
+            key = base64.b64decode(pairs["SharedAccessKey"], validate=True)
+        except binascii.Error as exc:
+            raise CredentialError(
+                f"{source}: invalid SharedAccessKey: not base64; copy the device's primary "
+                "or secondary key again"
+            ) from exc
+    token = None
+    if "SharedAccessSignature" in pairs:
+        token = parse_sas_token(pairs["SharedAccessSignature"], source)
+    if "x509" in pairs and pairs["x509"].lower() != "true":
+        raise CredentialError(f"{source}: invalid value for x509: {pairs['x509']!r}; expected true")
+
+    return ConnectionString(
+        host_name=pairs["HostName"],
+        device_id=pairs["DeviceId"],
+        module_id=pairs.get("ModuleId"),
+        gateway_host_name=pairs.get("GatewayHostName"),
+        shared_access_key=key,
+        token=token,
+        x509="x509" in pairs,
+    )
+
+
+def read_connection_string(path: Path) -> ConnectionString:
+    """Read and parse a one-line connection-string file; raise CredentialError naming it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise CredentialError(f"{path}: connection-string file not found") from exc
+    except PermissionError as exc:
+        raise CredentialError(
+            f"{path}: connection-string file not readable by this user; check its permissions"
+        ) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CredentialError(f"{path}: cannot read connection-string file: {exc}") from exc
+    if len([line for line in text.splitlines() if line.strip()]) != 1:
+        raise CredentialError(f"{path}: expected one line holding the connection string")
+    return parse_connection_string(text, str(path))
+
+
+def parse_sas_token(text: str, source: str = "SAS token") -> SasToken:
+    """Parse a SAS token with its fields in any order; raise CredentialError if malformed."""
+    if not text.startswith(_SAS_PREFIX):
+        raise CredentialError(f"{source}: SAS token does not start with {_SAS_PREFIX.strip()!r}")
+    values: dict[str, str] = {}
+    for part in text[len(_SAS_PREFIX):].split("&"):
+        name, sep, value = part.partition("=")
+        if not sep or name not in ("sr", "sig", "se", "skn"):
+            raise CredentialError(f"{source}: invalid SAS token field {name!r}")
+        if name in values:
+            raise CredentialError(f"{source}: duplicate SAS token field {name!r}")
+        values[name] = value
+    for required in ("sr", "sig", "se"):
+        if not values.get(required):
+            raise CredentialError(f"{source}: SAS token is missing field {required!r}")
+    try:
+        expiry_s = int(values["se"])
+    except ValueError as exc:
+        raise CredentialError(
+            f"{source}: invalid SAS token expiry se={values['se']!r}; expected epoch seconds"
+        ) from exc
+    return SasToken(
+        resource=urllib.parse.unquote(values["sr"]),
+        expiry_s=expiry_s,
+        policy=values.get("skn"),
+        text=text,
+    )
+
+
+def mint_sas_token(resource_uri: str, key: bytes, expiry_s: int, policy: str | None = None) -> str:
+    """Sign a SAS token for resource_uri that expires at expiry_s (epoch seconds, UTC)."""
+    encoded_uri = urllib.parse.quote(resource_uri, safe="")
+    message = f"{encoded_uri}\n{expiry_s}".encode()
+    digest = hmac.new(key, message, hashlib.sha256).digest()
+    signature = urllib.parse.quote(base64.b64encode(digest).decode(), safe="")
+    token = f"{_SAS_PREFIX}sr={encoded_uri}&sig={signature}&se={expiry_s}"
+    return f"{token}&skn={policy}" if policy else token
+
+
+def _utc(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def describe_expiry(expiry_s: int, warning_s: float, now_s: float | None = None) -> tuple[bool, str]:
+    """Compare a token's expiry with the clock; return (healthy, a sentence for the log)."""
+    now = time.time() if now_s is None else now_s
+    times = f"se={expiry_s} ({_utc(expiry_s)}), now={int(now)} ({_utc(now)})"
+    if expiry_s <= now:
+        return False, f"SAS token expired or the clock is wrong: {times}; renew the token"
+    if expiry_s - now < warning_s:
+        left_h = (expiry_s - now) / 3600
+        return False, f"SAS token might be outdated soon: {left_h:.1f} h left, {times}"
+    return True, f"SAS token valid until {_utc(expiry_s)}: {times}"

@@ -1,0 +1,49 @@
+"""The monitoring tap: each process publishes its events and counters on a ZeroMQ PUB socket.
+
+`plcbridge tap` subscribes to them. PUB drops messages for a subscriber that falls behind,
+so a slow operator terminal never slows the gateway.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from common import wire
+from common.logs import redact
+
+
+class Tap:
+    """Publishes events, errors and once-a-second counters for one process."""
+
+    def __init__(
+        self, context: zmq.Context[zmq.Socket[bytes]], runtime_dir: Path, process: str
+    ) -> None:
+        self.process = process
+        self.counters: dict[str, Any] = {}
+        self._socket = wire.make_socket(context, zmq.PUB, wire.TAP_HWM, linger_ms=0)
+        self._socket.bind(wire.tap_endpoint(runtime_dir, process))
+        self._next_counters = time.monotonic()
+
+    def publish(self, kind: str, **values: Any) -> None:
+        message = {"ts_ms": int(time.time() * 1000), "process": self.process, "kind": kind}
+        message.update(values)
+        body = redact(json.dumps(message, default=str, separators=(",", ":")))
+        try:
+            self._socket.send_multipart([self.process.encode(), body.encode()], zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # no room for a slow subscriber: dropping is the tap's contract
+
+    def publish_counters_if_due(self) -> None:
+        """Publish the counters when a second has passed since the last time."""
+        now = time.monotonic()
+        if now >= self._next_counters:
+            self._next_counters = now + 1.0
+            self.publish("counters", **self.counters)
+
+    def close(self) -> None:
+        self._socket.close(linger=0)

@@ -1,0 +1,102 @@
+"""The ZeroMQ contract between the gateway's processes.
+
+This module owns every endpoint, every message shape and which side binds. Each message is a
+multipart ZeroMQ message: a kind frame, a JSON header frame and, for batches and pages, a
+payload frame that is passed through unparsed.
+
+    ingest (ipc://<runtime_dir>/ingest.sock): the buffer binds a ROUTER, the reader connects
+    a DEALER.
+        reader -> buffer  batch  {"epoch", "batch_seq", "count"}  payload: JSON array of samples
+        buffer -> reader  ack    {"epoch", "batch_seq"}           every batch up to batch_seq
+                                                                  is committed to LMDB
+
+    delivery (ipc://<runtime_dir>/delivery.sock): the buffer binds a ROUTER, the uplink
+    connects a DEALER.
+        uplink -> buffer  link    {"session", "state": "up"|"down", "free"}
+        uplink -> buffer  puback  {"session", "page_seq"}         the broker acknowledged it
+        buffer -> uplink  page    {"page_seq", "count"}           payload: the page's JSON
+
+    tap (ipc://<runtime_dir>/tap-<process>.sock): each process binds a PUB socket.
+        topic "<process>", then one JSON object with "ts_ms", "process", "kind" and fields.
+
+The reader numbers its batches from 0 in each epoch and resends every unacknowledged batch
+after plc.ack_timeout_s, so the buffer stores a batch only when its batch_seq is one above the
+last it committed for that epoch, and acknowledges a resent one without storing it again.
+
+The uplink opens a new session for every MQTT connection. A session starts with "free" pages
+of credit, each puback returns one, and the buffer hands out pages oldest first within that
+credit. A new session, or state "down", makes every page that was handed out but not
+acknowledged eligible again. The uplink repeats its link message every second, so a
+restarted buffer learns the state without waiting for a change.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+INGEST = "ingest"
+DELIVERY = "delivery"
+
+BATCH = b"batch"
+ACK = b"ack"
+LINK = b"link"
+PUBACK = b"puback"
+PAGE = b"page"
+
+PROCESS_NAMES = ("plc_reader", "buffer", "uplink", "credential_watcher")
+
+# Batches and pages are large, so a few hundred queued ones are plenty; beyond that the
+# sender sees EAGAIN and keeps the data in its own bounded queue.
+DATA_HWM = 200
+
+# A tap drops messages for a slow subscriber rather than slow down the gateway.
+TAP_HWM = 10_000
+
+
+def endpoint(runtime_dir: Path, name: str) -> str:
+    """Return the ipc:// address of an endpoint in the runtime folder."""
+    return f"ipc://{runtime_dir}/{name}.sock"
+
+
+def tap_endpoint(runtime_dir: Path, process: str) -> str:
+    return endpoint(runtime_dir, f"tap-{process}")
+
+
+def make_socket(
+    context: zmq.Context[zmq.Socket[bytes]], kind: int, hwm: int, linger_ms: int
+) -> zmq.Socket[bytes]:
+    """Create a socket with an explicit high-water mark and LINGER, as every socket here has."""
+    sock = context.socket(kind)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    return sock
+
+
+@dataclass(frozen=True)
+class Message:
+    kind: bytes
+    header: dict[str, Any]
+    payload: bytes | None = None
+
+
+def encode(kind: bytes, header: dict[str, Any], payload: bytes | None = None) -> list[bytes]:
+    frames = [kind, json.dumps(header, separators=(",", ":")).encode()]
+    if payload is not None:
+        frames.append(payload)
+    return frames
+
+
+def decode(frames: list[bytes]) -> Message:
+    """Parse the frames of one message; raise ValueError for a malformed one."""
+    if len(frames) not in (2, 3):
+        raise ValueError(f"expected 2 or 3 frames, got {len(frames)}")
+    header = json.loads(frames[1])
+    if not isinstance(header, dict):
+        raise ValueError(f"header is not a JSON object: {frames[1][:80]!r}")
+    return Message(frames[0], header, frames[2] if len(frames) == 3 else None)
