@@ -257,7 +257,9 @@ class _Table:
         items = self.data.get(key, [])
         if not isinstance(items, list):
             raise self.error(key, items, f"an array of tables, written [[{self.key_path(key)}]]")
-        return [_Table(self.source, f"{self.key_path(key)}[{i}]", item) for i, item in enumerate(items)]
+        return [
+            _Table(self.source, f"{self.key_path(key)}[{i}]", item) for i, item in enumerate(items)
+        ]
 
     def reject_unknown(self) -> None:
         unknown = sorted(set(self.data) - self.used)
@@ -292,6 +294,11 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{source}: is a folder; expected a TOML file") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        # TOML requires UTF-8, so a file saved in a legacy code page, such as Windows-1252, fails.
+        raise ConfigError(
+            f"{source}: not UTF-8 text at byte {exc.start}; save the file as UTF-8"
+        ) from exc
 
     top = _Table(source, "", data)
     config = Config(

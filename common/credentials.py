@@ -35,6 +35,10 @@ _KNOWN_KEYS = (
 )
 _SAS_PREFIX = "SharedAccessSignature "
 
+# Maximum length of a name quoted in an error. A longer "name" is more likely part of a
+# pasted key or signature, which must never reach a log.
+_MAX_ECHOED_NAME = 24
+
 
 @dataclass(frozen=True)
 class SasToken:
@@ -85,10 +89,13 @@ def parse_connection_string(text: str, source: str = "connection string") -> Con
             continue
         key, sep, value = part.partition("=")
         if not sep or not value:
-            raise CredentialError(f"{source}: invalid part {key!r}: expected Key=value")
+            raise CredentialError(
+                f"{source}: invalid part {_quote_name(key)}: expected Key=value"
+            )
         if key not in _KNOWN_KEYS:
             raise CredentialError(
-                f"{source}: unknown key {key!r}; expected one of {', '.join(_KNOWN_KEYS)}"
+                f"{source}: unknown key {_quote_name(key)}; expected one of "
+                f"{', '.join(_KNOWN_KEYS)}"
             )
         if key in pairs:
             raise CredentialError(f"{source}: duplicate key {key!r}")
@@ -104,10 +111,10 @@ def parse_connection_string(text: str, source: str = "connection string") -> Con
             f"x509=true, found {', '.join(schemes) or 'none'}"
         )
 
-    key = None
+    device_key = None
     if "SharedAccessKey" in pairs:
         try:
-            key = base64.b64decode(pairs["SharedAccessKey"], validate=True)
+            device_key = base64.b64decode(pairs["SharedAccessKey"], validate=True)
         except binascii.Error as exc:
             raise CredentialError(
                 f"{source}: invalid SharedAccessKey: not base64; copy the device's primary "
@@ -124,16 +131,24 @@ def parse_connection_string(text: str, source: str = "connection string") -> Con
         device_id=pairs["DeviceId"],
         module_id=pairs.get("ModuleId"),
         gateway_host_name=pairs.get("GatewayHostName"),
-        shared_access_key=key,
+        shared_access_key=device_key,
         token=token,
         x509="x509" in pairs,
     )
 
 
+def _quote_name(name: str) -> str:
+    """Quote a key or field name for an error, unless it might be part of a secret."""
+    if name.isascii() and name.isalnum() and len(name) <= _MAX_ECHOED_NAME:
+        return repr(name)
+    return f"of {len(name)} characters (not shown, because it may contain a secret)"
+
+
 def read_connection_string(path: Path) -> ConnectionString:
     """Read and parse a one-line connection-string file; raise CredentialError naming it."""
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig drops the byte-order mark that Windows editors put in front.
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError as exc:
         raise CredentialError(f"{path}: connection-string file not found") from exc
     except PermissionError as exc:
@@ -155,19 +170,19 @@ def parse_sas_token(text: str, source: str = "SAS token") -> SasToken:
     for part in text[len(_SAS_PREFIX):].split("&"):
         name, sep, value = part.partition("=")
         if not sep or name not in ("sr", "sig", "se", "skn"):
-            raise CredentialError(f"{source}: invalid SAS token field {name!r}")
+            raise CredentialError(f"{source}: invalid SAS token field {_quote_name(name)}")
         if name in values:
             raise CredentialError(f"{source}: duplicate SAS token field {name!r}")
         values[name] = value
     for required in ("sr", "sig", "se"):
         if not values.get(required):
             raise CredentialError(f"{source}: SAS token is missing field {required!r}")
-    try:
-        expiry_s = int(values["se"])
-    except ValueError as exc:
+    # int() would also take " 5", "+5" and "1_000", which no SDK writes.
+    if not (values["se"].isascii() and values["se"].isdigit()):
         raise CredentialError(
             f"{source}: invalid SAS token expiry se={values['se']!r}; expected epoch seconds"
-        ) from exc
+        )
+    expiry_s = int(values["se"])
     return SasToken(
         resource=urllib.parse.unquote(values["sr"]),
         expiry_s=expiry_s,
@@ -190,7 +205,9 @@ def _utc(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def describe_expiry(expiry_s: int, warning_s: float, now_s: float | None = None) -> tuple[bool, str]:
+def describe_expiry(
+    expiry_s: int, warning_s: float, now_s: float | None = None
+) -> tuple[bool, str]:
     """Compare a token's expiry with the clock; return (healthy, a sentence for the log)."""
     now = time.time() if now_s is None else now_s
     times = f"se={expiry_s} ({_utc(expiry_s)}), now={int(now)} ({_utc(now)})"

@@ -6,6 +6,7 @@ so a slow operator terminal never slows the gateway.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -33,10 +34,9 @@ class Tap:
         message = {"ts_ms": int(time.time() * 1000), "process": self.process, "kind": kind}
         message.update(values)
         body = redact(json.dumps(message, default=str, separators=(",", ":")))
-        try:
+        # With no room for a slow subscriber the message is dropped: that is the tap's contract.
+        with contextlib.suppress(zmq.Again):
             self._socket.send_multipart([self.process.encode(), body.encode()], zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # no room for a slow subscriber: dropping is the tap's contract
 
     def publish_counters_if_due(self) -> None:
         """Publish the counters when a second has passed since the last time."""
@@ -46,4 +46,5 @@ class Tap:
             self.publish("counters", **self.counters)
 
     def close(self) -> None:
-        self._socket.close(linger=0)
+        # A short linger lets the last event, usually "stop", reach a connected subscriber.
+        self._socket.close(linger=200)

@@ -1,0 +1,203 @@
+"""End-to-end benchmark of the whole gateway under supervisord.
+
+Measures, against the PLC simulator and mosquitto over TLS on loopback:
+- end-to-end samples/s from the simulator to PUBACK, with the buffer's backlog steady;
+- the drain rate of a backlog of about 1,000,000 samples, from the buffer to PUBACKs;
+- the resident memory of each process.
+
+Run: .venv/bin/python bench/bench_gateway.py [--runs 3] [--tags 1000] [--interval-ms 10]
+Figures are medians over the runs; docs/benchmarks.md records them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from common import wire  # noqa: E402
+from tests.support.gateway import Gateway, wait_until  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def bench_config(base: Path, plc_port: int, broker_port: int, ca: Path, tags: int,
+                 interval_ms: int) -> str:
+    tag_lines = "\n".join(
+        f'[[plc.tags]]\nname = "bench.r{i:04d}"\ngroup = "bench"\n'
+        f'table = "holding_register"\naddress = {100 + i}\ntype = "uint16"\n'
+        for i in range(tags)
+    )
+    return f"""
+[gateway]
+state_dir = "{base}/state"
+runtime_dir = "{base}/run"
+log_dir = "{base}/log"
+log_level = "WARNING"
+
+[plc]
+host = "127.0.0.1"
+port = {plc_port}
+timeout_s = 1.0
+
+[[plc.tag_groups]]
+name = "bench"
+poll_interval_ms = {interval_ms}
+
+{tag_lines}
+
+[buffer]
+max_bytes = 1073741824
+page_max_samples = 1000
+page_max_bytes = 131072
+page_max_age_ms = 200
+sync = true
+
+[uplink]
+mode = "azure"
+port = {broker_port}
+
+[credentials]
+connection_string_file = "{base}/connection-string.txt"
+ca_file = "{ca}"
+"""
+
+
+class TapReader:
+    """Follows one process's tap and keeps its latest counters."""
+
+    def __init__(self, runtime_dir: Path, process: str) -> None:
+        self.context = zmq.Context.instance()
+        self.socket = self.context.socket(zmq.SUB)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self.socket.connect(wire.tap_endpoint(runtime_dir, process))
+        self.counters: dict[str, Any] = {}
+
+    def latest(self, timeout_s: float = 3.0) -> dict[str, Any]:
+        """Wait for the next counters message and return it."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.socket.poll(100):
+                _topic, body = self.socket.recv_multipart()
+                message = json.loads(body)
+                if message.get("kind") == "counters":
+                    self.counters = message
+                    return message
+        raise TimeoutError("no counters on the tap")
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def one_run(args: argparse.Namespace, certs: Path) -> dict[str, Any]:
+    base = Path(tempfile.mkdtemp(prefix="pb-bench-", dir="/tmp"))
+    plc_port, broker_port = free_port(), free_port()
+    python = sys.executable
+    helpers = [
+        subprocess.Popen([python, "-m", "devstack.plc_simulator", "--host", "127.0.0.1",
+                          "--port", str(plc_port), "--bench-registers", str(args.tags)],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([python, "-m", "devstack.mosquitto", "--port", str(broker_port),
+                          "--certs", str(certs), "--workdir", str(base / "mosquitto")],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+    ]
+    gateway = Gateway(base, bench_config(base, plc_port, broker_port, certs / "ca.pem",
+                                         args.tags, args.interval_ms))
+    result: dict[str, Any] = {}
+    try:
+        time.sleep(1.0)  # the simulator and mosquitto bind within a second here
+        gateway.start()
+        buffer_tap = TapReader(base / "run", "buffer")
+
+        # Steady state: samples committed per second while the backlog stays flat.
+        first = buffer_tap.latest()
+        time.sleep(args.window_s)
+        last = buffer_tap.latest()
+        elapsed = (last["ts_ms"] - first["ts_ms"]) / 1000
+        result["end_to_end_samples_per_s"] = (
+            last["samples_committed"] - first["samples_committed"]) / elapsed
+        result["backlog_pages_at_end"] = last["pages"]
+        result["rss_mib"] = {name: rss_mib(gateway.pid(name)) for name in
+                             ("plc_reader", "buffer", "uplink", "credential_watcher")}
+
+        # Drain: stop the uplink, let a backlog build, then time its delivery.
+        gateway.supervisorctl("stop", "plcbridge:uplink")
+        target = args.backlog_samples
+        start_count = buffer_tap.latest()["samples_committed"]
+        wait_until(lambda: buffer_tap.latest()["samples_committed"] - start_count >= target,
+                   600, "backlog built", step_s=0.5)
+        gateway.supervisorctl("stop", "plcbridge:plc_reader")
+        backlog = buffer_tap.latest()
+        began = time.monotonic()
+        gateway.supervisorctl("start", "plcbridge:uplink")
+        wait_until(lambda: buffer_tap.latest()["pages"] == 0, 600, "backlog drained",
+                   step_s=0.2)
+        drain_s = time.monotonic() - began
+        result["drain_samples"] = backlog["samples_committed"] - start_count
+        result["drain_samples_per_s"] = result["drain_samples"] / drain_s
+        buffer_tap.close()
+    finally:
+        gateway.stop()
+        for helper in helpers:
+            helper.terminate()
+            helper.wait(timeout=10)
+        shutil.rmtree(base, ignore_errors=True)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--tags", type=int, default=1000)
+    parser.add_argument("--interval-ms", type=int, default=10)
+    parser.add_argument("--window-s", type=float, default=10.0)
+    parser.add_argument("--backlog-samples", type=int, default=1_000_000)
+    args = parser.parse_args()
+
+    certs = ROOT / "var" / "dev-certs"
+    subprocess.run([sys.executable, "-m", "devstack.dev_certs", str(certs)], check=True, cwd=ROOT)
+    runs = [one_run(args, certs) for _ in range(args.runs)]
+    for index, run in enumerate(runs):
+        print(f"run {index + 1}: {json.dumps(run)}")
+
+    def median(key: str) -> float:
+        return statistics.median(run[key] for run in runs)
+
+    total_rss = statistics.median(sum(run["rss_mib"].values()) for run in runs)
+    print(f"end-to-end samples/s (median): {median('end_to_end_samples_per_s'):,.0f}")
+    print(f"drain samples/s (median): {median('drain_samples_per_s'):,.0f}")
+    for name in runs[0]["rss_mib"]:
+        print(f"rss {name} MiB (median): "
+              f"{statistics.median(run['rss_mib'][name] for run in runs):.1f}")
+    print(f"rss total of the four MiB (median): {total_rss:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The `plcbridge` operator command: start the gateway, watch it, check its configuration."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from cli import checks, launch
+from cli import tap as tap_command
+from common import wire
+from common.errors import ConfigError, CredentialError, PlcBridgeError
+
+EXIT_FAILURE = 1
+EXIT_INVALID = 2
+
+EXIT_CODES = """\
+exit codes:
+  0  success, and tap stopped with Ctrl-C
+  1  failure: a tool or folder is missing, supervisord is already running (run),
+     or `tap --count N` got fewer than N messages
+  2  invalid configuration or credential file, or invalid command-line arguments
+  3  check-credentials: the SAS token has expired
+  run and ctl exit with supervisord's or supervisorctl's own code.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="plcbridge",
+        description="Modbus PLC to MQTT edge gateway: operator commands.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = _add_command(commands, "run", launch.run,
+                       "start supervisord in the foreground with the gateway's four processes")
+    _add_supervisord_conf(run)
+
+    tap = _add_command(commands, "tap", tap_command.tap,
+                       "print the events and counters that the processes publish")
+    tap.add_argument("processes", nargs="*", metavar="PROCESS", type=_process_name,
+                     help=f"processes to follow, from {', '.join(wire.PROCESS_NAMES)}; "
+                          "default: all")
+    tap.add_argument("--json", action="store_true", help="print each message as raw JSON")
+    tap.add_argument("--count", type=_positive_int, metavar="N",
+                     help="exit after N messages; exit 1 if --timeout-s ends first")
+    tap.add_argument("--timeout-s", type=_positive_float, metavar="S",
+                     help="exit after S seconds; default: run until Ctrl-C")
+
+    _add_command(commands, "check-config", checks.check_config,
+                 "validate the configuration and the credential files, print a summary")
+    _add_command(commands, "check-credentials", checks.check_credentials,
+                 "print the credential scheme and the SAS token's expiry state")
+
+    ctl = _add_command(commands, "ctl", launch.ctl,
+                       "run supervisorctl against the gateway's supervisord, e.g. "
+                       "`ctl --config FILE restart plcbridge:uplink`")
+    _add_supervisord_conf(ctl)
+    ctl.add_argument("supervisorctl_args", nargs=argparse.REMAINDER, metavar="ARGS",
+                     help="supervisorctl command and arguments; none starts its shell")
+    return parser
+
+
+def _add_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    handler: object,
+    summary: str,
+) -> argparse.ArgumentParser:
+    command = commands.add_parser(name, help=summary, description=summary, epilog=EXIT_CODES,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    command.add_argument("--config", required=True, metavar="FILE",
+                         help="the gateway's TOML configuration file")
+    command.set_defaults(handler=handler)
+    return command
+
+
+def _add_supervisord_conf(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--supervisord-conf", metavar="PATH",
+        help=f"supervisord configuration; default: {launch.DEFAULT_SUPERVISORD_CONF}",
+    )
+
+
+def _process_name(text: str) -> str:
+    if text not in wire.PROCESS_NAMES:
+        raise argparse.ArgumentTypeError(
+            f"unknown process {text!r}; expected one of {', '.join(wire.PROCESS_NAMES)}"
+        )
+    return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    # The negated comparison also rejects nan.
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one plcbridge command and return its exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except (ConfigError, CredentialError) as exc:
+        print(f"plcbridge {args.command}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except PlcBridgeError as exc:
+        print(f"plcbridge {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Restart one supervisord program through supervisord's XML-RPC interface on its unix socket.
+
+Socket, HTTP and timeout errors become SupervisorUnavailableError, which the caller may retry.
+A fault that supervisord returns, such as an unknown program name or a spawn error, becomes
+RestartError, which a retry would only repeat.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import xmlrpc.client
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from supervisor.xmlrpc import Faults, SupervisorTransport, UnixStreamHTTPConnection
+
+from common.errors import PlcBridgeError
+
+# stopProcess and startProcess with wait=True return only after stopwaitsecs (10 s in
+# supervisord.conf) and startsecs (1 s), so a call may legitimately take that long.
+RPC_TIMEOUT_S = 60.0
+
+# Action of a restart in each supervisord process state, keyed by the state's name.
+_ACTION_BY_STATE = {
+    "RUNNING": "restart",
+    "STARTING": "restart",
+    "BACKOFF": "restart",
+    "EXITED": "start",
+    "FATAL": "start",
+    "UNKNOWN": "start",
+    # An operator stopped the program, or supervisord is stopping it: leave it so.
+    "STOPPED": "leave",
+    "STOPPING": "leave",
+}
+
+
+class SupervisorUnavailableError(PlcBridgeError):
+    """supervisord did not respond on its socket: it is not running, not listening or too slow."""
+
+
+class RestartError(PlcBridgeError):
+    """supervisord returned a fault, so the program is not running as requested."""
+
+
+@dataclass(frozen=True)
+class RestartResult:
+    action: str  # restart, start or leave, from _ACTION_BY_STATE
+    state_before: str
+    pid_before: int
+    state_after: str
+    pid_after: int
+
+
+class _TimedUnixConnection(UnixStreamHTTPConnection):
+    """supervisor 4.3's unix connection with a socket timeout, which the original lacks."""
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(RPC_TIMEOUT_S)
+        self.sock.connect(self.socketfile)
+
+
+class SupervisorClient:
+    """XML-RPC client of one supervisord, reached through its unix socket."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        self.url = f"unix://{socket_path}"
+
+    def process_info(self, name: str) -> dict[str, Any]:
+        """Return supervisord's getProcessInfo record for group:program name."""
+        info: dict[str, Any] = self._call("getProcessInfo", name)
+        return info
+
+    def restart(self, name: str) -> RestartResult:
+        """Stop and start group:program name as its state calls for, and check it runs after."""
+        before = self.process_info(name)
+        action = _ACTION_BY_STATE.get(before["statename"], "start")
+        if action == "leave":
+            return RestartResult(action, before["statename"], before["pid"],
+                                 before["statename"], before["pid"])
+
+        if action == "restart":
+            # NOT_RUNNING: the program exited between the two calls, which is fine here.
+            self._call("stopProcess", name, True, tolerate=Faults.NOT_RUNNING)
+        self._call("startProcess", name, True, tolerate=Faults.ALREADY_STARTED)
+
+        after = self.process_info(name)
+        if after["statename"] != "RUNNING":
+            raise RestartError(
+                f"supervisord at {self.url}: {name} is {after['statename']} after the restart: "
+                f"{after.get('description', '')}"
+            )
+        return RestartResult(action, before["statename"], before["pid"],
+                             after["statename"], after["pid"])
+
+    def _call(self, method: str, *args: Any, tolerate: int | None = None) -> Any:
+        transport = SupervisorTransport(None, None, self.url)
+        # NOTE: replaces a private factory of supervisor 4.3's transport to add the timeout.
+        transport._get_connection = self._open_connection
+        proxy = xmlrpc.client.ServerProxy("http://localhost", transport=transport)
+        try:
+            return getattr(proxy.supervisor, method)(*args)
+        except xmlrpc.client.Fault as exc:
+            if exc.faultCode == tolerate:
+                return None
+            hint = ""
+            if exc.faultCode == Faults.BAD_NAME:
+                hint = ("; check supervisor.group and supervisor.uplink_program against the "
+                        "programs in supervisord.conf")
+            raise RestartError(
+                f"supervisord at {self.url}: {method}({args[0] if args else ''}) failed: "
+                f"{exc.faultString}{hint}"
+            ) from exc
+        except FileNotFoundError as exc:
+            raise SupervisorUnavailableError(
+                f"supervisord socket {self.socket_path} not found; is supervisord running?"
+            ) from exc
+        except ConnectionRefusedError as exc:
+            raise SupervisorUnavailableError(
+                f"supervisord socket {self.socket_path}: connection refused; "
+                "supervisord is not listening there"
+            ) from exc
+        except TimeoutError as exc:
+            raise SupervisorUnavailableError(
+                f"supervisord at {self.url}: {method} timed out after {RPC_TIMEOUT_S:g} s"
+            ) from exc
+        except (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError) as exc:
+            raise SupervisorUnavailableError(
+                f"supervisord at {self.url}: {method} failed: {exc}"
+            ) from exc
+        finally:
+            transport.close()
+
+    def _open_connection(self) -> _TimedUnixConnection:
+        connection = _TimedUnixConnection("localhost")
+        connection.socketfile = str(self.socket_path)
+        return connection

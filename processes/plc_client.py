@@ -1,0 +1,176 @@
+"""The reader's Modbus TCP connection: pymodbus enters the gateway here and nowhere else.
+
+Every pymodbus exception and Modbus exception response is translated into PlcReadError,
+which names the endpoint, unit id, table and address and carries the short reason that bad
+samples report.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from pymodbus.client import ModbusTcpClient
+from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.pdu import ModbusPDU
+
+from common.config import BIT_TABLES, PlcSettings
+from common.errors import PlcError
+from common.modbus_tags import ReadRequest
+
+# Modbus exception codes from the Modbus application protocol specification v1.1b3.
+EXCEPTION_NAMES = {
+    1: "illegal function",
+    2: "illegal data address",
+    3: "illegal data value",
+    4: "server device failure",
+    5: "acknowledge",
+    6: "server device busy",
+    8: "memory parity error",
+    10: "gateway path unavailable",
+    11: "gateway target device failed to respond",
+}
+
+REASON_TIMEOUT = "timeout"
+REASON_CONNECTION = "connection failed"
+REASON_PROTOCOL = "protocol error"
+
+
+class PlcReadError(PlcError):
+    """A failed connect or read, with the short reason text that bad samples carry."""
+
+    def __init__(self, message: str, reason: str, connection_lost: bool) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.connection_lost = connection_lost
+
+
+class _TcpClient(ModbusTcpClient):
+    """ModbusTcpClient whose connect() raises the socket error instead of hiding it.
+
+    pymodbus 3.16's connect() catches the OSError, logs it on the pymodbus logger and
+    returns False, so the cause (refused, unreachable, timed out) would be lost.
+    """
+
+    def connect(self) -> bool:
+        if self.socket:
+            return True
+        params = self.comm_params
+        try:
+            self.socket = socket.create_connection(
+                (params.host, params.port),
+                timeout=params.timeout_connect,
+                source_address=params.source_address,
+            )
+        except OSError as exc:
+            raise PlcReadError(
+                f"connect to {params.host}:{params.port} failed: {exc}",
+                REASON_CONNECTION,
+                connection_lost=True,
+            ) from exc
+        return True
+
+
+class PlcConnection:
+    """One Modbus TCP connection to the PLC, opened on request and closed on any failure."""
+
+    def __init__(self, settings: PlcSettings) -> None:
+        self.endpoint = f"{settings.host}:{settings.port}"
+        self.unit_id = settings.unit_id
+        self.timeout_s = settings.timeout_s
+
+        # retries=0: a read without a response fails after timeout_s instead of waiting
+        # for pymodbus's own retries (3 by default), so the reader's schedule stays on time.
+        self._client = _TcpClient(
+            settings.host, port=settings.port, timeout=settings.timeout_s, retries=0
+        )
+        self._readers = {
+            "holding_register": self._client.read_holding_registers,
+            "input_register": self._client.read_input_registers,
+            "coil": self._client.read_coils,
+            "discrete_input": self._client.read_discrete_inputs,
+        }
+
+    @property
+    def connected(self) -> bool:
+        return self._client.connected
+
+    def connect(self) -> None:
+        """Open the TCP connection; raise PlcReadError naming the endpoint on failure."""
+        self._client.connect()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def read(self, request: ReadRequest) -> list[int] | list[bool]:
+        """Read the registers or bits of one request; raise PlcReadError on any failure.
+
+        A Modbus exception response leaves the connection open. A timeout, a lost
+        connection or a malformed response closes it, because a late response to this
+        request would otherwise be taken for the response to the next one.
+        """
+        where = (
+            f"{self.endpoint} unit {self.unit_id} {request.table} "
+            f"address {request.address} count {request.count}"
+        )
+        try:
+            response = self._readers[request.table](
+                request.address, count=request.count, device_id=self.unit_id
+            )
+        except (ConnectionException, OSError) as exc:
+            # pymodbus 3.16 lets a reset connection's OSError out of recv() untranslated.
+            self.close()
+            raise PlcReadError(
+                f"read from {where} failed: connection lost: {exc}",
+                REASON_CONNECTION,
+                connection_lost=True,
+            ) from exc
+        except ModbusIOException as exc:
+            self.close()
+            raise self._io_error(where, exc) from exc
+        except ModbusException as exc:
+            self.close()
+            raise PlcReadError(
+                f"read from {where} failed: {exc}", REASON_PROTOCOL, connection_lost=True
+            ) from exc
+
+        if response.isError():
+            code = response.exception_code
+            name = EXCEPTION_NAMES.get(code, "unknown exception code")
+            raise PlcReadError(
+                f"read from {where} failed: modbus exception {code} ({name})",
+                f"modbus exception {code}",
+                connection_lost=False,
+            )
+        return self._values(where, request, response)
+
+    def _io_error(self, where: str, exc: ModbusIOException) -> PlcReadError:
+        # pymodbus 3.16 raises ModbusIOException both for a request without a response
+        # within the timeout and for a response with the wrong transaction or device id.
+        # Only the message text tells them apart.
+        if "No response received" in str(exc):
+            return PlcReadError(
+                f"read from {where} timed out after {self.timeout_s:g} s",
+                REASON_TIMEOUT,
+                connection_lost=True,
+            )
+        return PlcReadError(
+            f"read from {where} failed: {exc}", REASON_PROTOCOL, connection_lost=True
+        )
+
+    def _values(
+        self, where: str, request: ReadRequest, response: ModbusPDU
+    ) -> list[int] | list[bool]:
+        # A bit response is padded to whole bytes, so cut it to the requested count.
+        values: list[int] | list[bool]
+        if request.table in BIT_TABLES:
+            values = list(response.bits)[: request.count]
+        else:
+            values = list(response.registers)
+        if len(values) < request.count:
+            self.close()
+            raise PlcReadError(
+                f"read from {where} failed: response contains only {len(values)} values",
+                REASON_PROTOCOL,
+                connection_lost=True,
+            )
+        return values

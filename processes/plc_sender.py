@@ -1,0 +1,246 @@
+"""The reader's side of the ingest socket: a bounded sample queue, batches, acks and resends.
+
+Samples wait in memory until a batch can go. A batch gets its batch_seq only when it is
+sent, so the numbers have no gaps. At most plc.max_unacked_batches batches are out at once.
+Acks are cumulative, and when none makes progress for plc.ack_timeout_s every unacknowledged
+batch is sent again, in order. Every send is non-blocking: when ZeroMQ has no room, the data
+stays in this process's queue and the PLC polls go on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import zmq
+
+from common import wire
+from common.config import PlcSettings
+from common.errors import PlcBridgeError
+from common.logs import fields
+from processes.plc_ratelimit import RateLimit
+from processes.plc_samples import encode_batch
+
+# One sample encoded as a JSON object by processes.plc_samples.
+Sample = bytes
+
+WARNING_INTERVAL_S = 10.0
+
+
+@dataclass
+class _Batch:
+    batch_seq: int
+    count: int
+    frames: list[bytes]
+
+
+class IngestSender:
+    """Queues samples and delivers them in batches to the buffer's ingest ROUTER."""
+
+    def __init__(
+        self,
+        context: zmq.Context[zmq.Socket[bytes]],
+        endpoint: str,
+        settings: PlcSettings,
+        epoch: int,
+        logger: logging.Logger,
+    ) -> None:
+        self.endpoint = endpoint
+        self.epoch = epoch
+        self.dropped_samples = 0
+        self._settings = settings
+        self._logger = logger
+        self._pending: deque[Sample] = deque(maxlen=settings.queue_max_samples)
+        self._unacked: deque[_Batch] = deque()
+        self._next_batch_seq = 0
+        self._last_progress = time.monotonic()
+        self._drop_warning = RateLimit(WARNING_INTERVAL_S)
+        self._resend_warning = RateLimit(WARNING_INTERVAL_S)
+        self._bad_ack_warning = RateLimit(WARNING_INTERVAL_S)
+
+        # IMMEDIATE: with no buffer connected, a send fails at once instead of queueing in
+        # a pipe that is discarded when the buffer comes up. The samples stay in _pending.
+        try:
+            self._socket = wire.make_socket(context, zmq.DEALER, wire.DATA_HWM, linger_ms=0)
+            self._socket.setsockopt(zmq.IMMEDIATE, 1)
+            self._socket.connect(endpoint)
+        except zmq.ZMQError as exc:
+            raise PlcBridgeError(f"cannot connect to ingest endpoint {endpoint}: {exc}") from exc
+        self._poller = zmq.Poller()
+        self._poller.register(self._socket, zmq.POLLIN)
+
+    @property
+    def pending_samples(self) -> int:
+        return len(self._pending)
+
+    @property
+    def unacked_batches(self) -> int:
+        return len(self._unacked)
+
+    @property
+    def idle(self) -> bool:
+        """True when every sample has been sent and acknowledged."""
+        return not self._pending and not self._unacked
+
+    def enqueue(self, samples: list[Sample]) -> None:
+        """Queue samples, and when the queue is full drop the oldest queued ones and count them."""
+        overflow = len(self._pending) + len(samples) - self._settings.queue_max_samples
+        self._pending.extend(samples)
+        if overflow > 0:
+            self.dropped_samples += overflow
+            self._warn_dropped()
+
+    def pump(self) -> None:
+        """Resend after an ack timeout, then send new batches while the window allows."""
+        self._resend_if_due()
+        while self._pending and len(self._unacked) < self._settings.max_unacked_batches:
+            if not self._send_next_batch():
+                break
+
+    def wait_for_acks(self, timeout_s: float) -> None:
+        """Wait up to timeout_s for a message from the buffer, then handle all that arrived."""
+        # Round up, so that a wait shorter than a millisecond does not spin.
+        if not self._poller.poll(max(0, math.ceil(timeout_s * 1000))):
+            return
+        while True:
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle_message(frames)
+
+    def flush(self, timeout_s: float) -> None:
+        """Send what can be sent and wait up to timeout_s until the buffer acknowledged it."""
+        deadline = time.monotonic() + timeout_s
+        while not self.idle:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self.pump()
+            self.wait_for_acks(min(remaining, 0.05))
+
+        if not self.idle:
+            self._logger.warning(
+                "ingest_flush_incomplete %s",
+                fields(
+                    pending_samples=len(self._pending),
+                    unacked_batches=len(self._unacked),
+                    timeout_s=timeout_s,
+                    consequence="samples still pending are lost, and unacknowledged "
+                    "batches may be",
+                ),
+            )
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+    def _send_next_batch(self) -> bool:
+        # Skip building the payload while ZeroMQ has no room for it.
+        if not self._socket.poll(0, zmq.POLLOUT):
+            return False
+
+        count = min(len(self._pending), self._settings.batch_max_samples)
+        payload = encode_batch(itertools.islice(self._pending, count))
+        header = {"epoch": self.epoch, "batch_seq": self._next_batch_seq, "count": count}
+        batch = _Batch(self._next_batch_seq, count, wire.encode(wire.BATCH, header, payload))
+        if not self._send(batch):
+            return False
+
+        for _ in range(count):
+            self._pending.popleft()
+        if not self._unacked:
+            self._last_progress = time.monotonic()
+        self._unacked.append(batch)
+        self._next_batch_seq += 1
+        return True
+
+    def _send(self, batch: _Batch) -> bool:
+        try:
+            self._socket.send_multipart(batch.frames, zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
+
+    def _resend_if_due(self) -> None:
+        now = time.monotonic()
+        if not self._unacked or now - self._last_progress < self._settings.ack_timeout_s:
+            return
+
+        # Restart the timer even when ZeroMQ took only some batches. The next timeout sends
+        # them all again, in order from the first unacknowledged one.
+        self._last_progress = now
+        sent = 0
+        for batch in self._unacked:
+            if not self._send(batch):
+                break
+            sent += 1
+
+        suppressed = self._resend_warning.allow()
+        if suppressed is not None:
+            self._logger.warning(
+                "ingest_resend %s",
+                fields(
+                    endpoint=self.endpoint,
+                    first_batch_seq=self._unacked[0].batch_seq,
+                    batches=len(self._unacked),
+                    resent=sent,
+                    ack_timeout_s=self._settings.ack_timeout_s,
+                    suppressed=suppressed,
+                    consequence="no ack from the buffer; samples wait in memory and the "
+                    "oldest drop when the queue is full",
+                ),
+            )
+
+    def _handle_message(self, frames: list[bytes]) -> None:
+        try:
+            message = wire.decode(frames)
+            if message.kind != wire.ACK:
+                raise ValueError(f"unexpected message kind {message.kind[:20]!r}")
+            epoch = int(message.header["epoch"])
+            batch_seq = int(message.header["batch_seq"])
+        except (ValueError, KeyError, TypeError) as exc:
+            self._warn_bad_ack(str(exc))
+            return
+
+        if epoch != self.epoch:
+            return  # an ack for an earlier run of the reader
+        if batch_seq >= self._next_batch_seq:
+            self._warn_bad_ack(f"ack for batch_seq {batch_seq}, which was never sent")
+            return
+        self._acknowledge(batch_seq)
+
+    def _acknowledge(self, batch_seq: int) -> None:
+        progressed = False
+        while self._unacked and self._unacked[0].batch_seq <= batch_seq:
+            self._unacked.popleft()
+            progressed = True
+        if progressed:
+            self._last_progress = time.monotonic()
+
+    def _warn_dropped(self) -> None:
+        suppressed = self._drop_warning.allow()
+        if suppressed is None:
+            return
+        self._logger.warning(
+            "queue_full_dropped_oldest %s",
+            fields(
+                dropped_samples_total=self.dropped_samples,
+                queue_max_samples=self._settings.queue_max_samples,
+                unacked_batches=len(self._unacked),
+                epoch=self.epoch,
+                suppressed=suppressed,
+                consequence="the oldest queued samples are lost and seq shows the gap",
+            ),
+        )
+
+    def _warn_bad_ack(self, error: str) -> None:
+        suppressed = self._bad_ack_warning.allow()
+        if suppressed is not None:
+            self._logger.warning(
+                "ingest_bad_message %s",
+                fields(endpoint=self.endpoint, error=error, suppressed=suppressed),
+            )

@@ -1,0 +1,1166 @@
+"""The uplink: publishes the buffer's pages to Azure IoT Hub, or to any MQTT broker, over TLS.
+
+`python -m processes.uplink --config FILE`
+
+Two threads share the work, because ZeroMQ sockets must stay on one thread and paho's
+callbacks run on its network thread:
+
+- The main thread owns every ZeroMQ socket: the DEALER to the buffer's delivery ROUTER and
+  the tap. It forwards pages to the network thread and turns the network thread's events
+  into link and puback messages.
+- The "mqtt-network" thread owns the paho client and its socket. It connects, waits for
+  CONNACK, runs paho's network loop with its own select(), publishes, and reconnects with
+  backoff. Every connection attempt gets a fresh paho client, so paho never resends a page
+  of an old connection. The buffer redelivers unacknowledged pages to the next session
+  instead.
+
+Each direction is a queue.Queue plus a socketpair wake-up that the other side polls.
+
+Delivery is at least once. A page that was published but whose PUBACK was lost is sent
+again in the next session, so the cloud side may see a page_seq twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import ipaddress
+import logging
+import queue
+import secrets
+import select
+import socket
+import ssl
+import sys
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import zmq
+
+from common import wire
+from common.backoff import Backoff
+from common.config import Config, CredentialSettings, UplinkSettings
+from common.credentials import (
+    ConnectionString,
+    SasToken,
+    describe_expiry,
+    mint_sas_token,
+    read_connection_string,
+)
+from common.errors import CredentialError, UplinkError
+from common.lifecycle import gateway_version, run_process
+from common.logs import fields
+from common.payload import CONTENT_ENCODING, CONTENT_TYPE
+from common.tap import Tap
+
+PROCESS = "uplink"
+
+# A minted SAS token is replaced at this fraction of its lifetime, as Azure's C SDK does, so
+# the hub never closes the connection for an expired token.
+SAS_RENEW_FRACTION = 0.8
+
+# How long the main thread waits in one poll; it also bounds how late it notices a stop.
+MAIN_POLL_S = 0.2
+
+# How often the link state is repeated to the buffer and the tap counters are published.
+LINK_REPEAT_S = 1.0
+
+# Maximum number of cloud-to-device payload bytes quoted in the log.
+C2D_LOG_BYTES = 200
+
+# The buffer may start after the uplink; only a longer silence is worth a warning.
+BUFFER_WARNING_S = 5.0
+
+# Linger of the DEALER, so the final "link down" still reaches a running buffer at exit.
+DEALER_LINGER_MS = 200
+
+
+# ---------------------------------------------------------------------------------------
+# Identity: where to connect and as whom, read once from the credential files.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IssuedPassword:
+    """The MQTT password for one connection attempt, and the SAS expiry it carries."""
+
+    text: str | None = field(repr=False)
+    expiry_s: int | None
+    minted: bool
+
+
+@dataclass(frozen=True)
+class PasswordSource:
+    """Produces the password of each connection: a fresh SAS token, a given one, or a file's.
+
+    Only one of key, token and static is set, or none for X.509 or a broker without
+    passwords.
+    """
+
+    key: bytes | None = field(default=None, repr=False)
+    resource_uri: str = ""
+    ttl_s: int = 0
+    token: SasToken | None = None
+    static: str | None = field(default=None, repr=False)
+
+    def issue(self, now_s: float) -> IssuedPassword:
+        if self.key is not None:
+            expiry_s = int(now_s) + self.ttl_s
+            text = mint_sas_token(self.resource_uri, self.key, expiry_s)
+            return IssuedPassword(text, expiry_s, minted=True)
+        if self.token is not None:
+            return IssuedPassword(self.token.text, self.token.expiry_s, minted=False)
+        return IssuedPassword(self.static, None, minted=False)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Everything one MQTT connection needs, resolved once at start."""
+
+    connect_host: str
+    port: int
+    client_id: str
+    username: str | None
+    tls_context: ssl.SSLContext | None
+    topic_format: str
+    c2d_filter: str | None
+    password: PasswordSource
+    description: str
+
+    def topic(self, page_seq: int) -> str:
+        return self.topic_format.format(page_seq=page_seq)
+
+
+def load_identity(config: Config, logger: logging.Logger) -> Identity:
+    """Read the credential files named in the configuration; raise CredentialError if unusable."""
+    if config.uplink.mode == "azure":
+        return _azure_identity(config, logger)
+    return _mqtt_identity(config, logger)
+
+
+def _azure_identity(config: Config, logger: logging.Logger) -> Identity:
+    credentials = config.credentials
+    assert credentials.connection_string_file is not None  # the config loader enforces it
+    connection = read_connection_string(credentials.connection_string_file)
+
+    if connection.x509 and credentials.client_cert_file is None:
+        raise CredentialError(
+            f"{credentials.connection_string_file}: the connection string selects x509, "
+            "but credentials.client_cert_file and credentials.client_key_file are not set"
+        )
+    if connection.token is not None:
+        _check_token_resource(connection, connection.token, logger)
+
+    password = PasswordSource(
+        key=connection.shared_access_key,
+        resource_uri=connection.resource_uri,
+        ttl_s=config.uplink.sas_ttl_s,
+        token=connection.token,
+    )
+    return Identity(
+        connect_host=connection.connect_host,
+        port=config.uplink.port,
+        client_id=connection.client_id,
+        username=(
+            f"{connection.host_name}/{connection.client_id}/"
+            f"?api-version={config.uplink.api_version}"
+        ),
+        tls_context=build_tls_context(credentials),
+        topic_format=_azure_topic_format(connection),
+        c2d_filter=_c2d_filter(connection),
+        password=password,
+        description=f"azure hub={connection.host_name} auth={connection.scheme.replace(' ', '_')}",
+    )
+
+
+def _azure_topic_format(connection: ConnectionString) -> str:
+    """Build the telemetry topic with its property bag, leaving {page_seq} to fill in.
+
+    The property bag carries the message id and the content type and encoding, URL-encoded,
+    as IoT Hub's MQTT support expects them.
+    """
+    device = connection.device_id.replace("{", "{{").replace("}", "}}")
+    if connection.module_id:
+        module = connection.module_id.replace("{", "{{").replace("}", "}}")
+        prefix = f"devices/{device}/modules/{module}/messages/events/"
+    else:
+        prefix = f"devices/{device}/messages/events/"
+    content_type = urllib.parse.quote(CONTENT_TYPE, safe="")
+    content_encoding = urllib.parse.quote(CONTENT_ENCODING, safe="")
+    return prefix + "$.mid={page_seq}" + f"&$.ct={content_type}&$.ce={content_encoding}"
+
+
+def _c2d_filter(connection: ConnectionString) -> str | None:
+    # NOTE: IoT Hub delivers cloud-to-device messages to device identities. A module
+    # identity does not subscribe, because the hub is understood to keep no such queue for
+    # modules. This was not checked against a real hub.
+    if connection.module_id:
+        return None
+    return f"devices/{connection.device_id}/messages/devicebound/#"
+
+
+def _check_token_resource(
+    connection: ConnectionString, token: SasToken, logger: logging.Logger
+) -> None:
+    """Warn when a given token is signed for another device, because the hub will refuse it."""
+    resource = token.resource.lower()
+    accepted = (connection.resource_uri.lower(), connection.host_name.lower())
+    if resource not in accepted:
+        logger.warning(
+            "sas_check %s",
+            fields(
+                token_resource=token.resource,
+                expected=connection.resource_uri,
+                consequence="the hub will refuse the connection (CONNACK 5)",
+            ),
+        )
+
+
+def _mqtt_identity(config: Config, logger: logging.Logger) -> Identity:
+    broker = config.uplink.broker
+    assert broker is not None  # the config loader builds it in mqtt mode
+    credentials = config.credentials
+
+    password_text = _read_password_file(credentials) if credentials.password_file else None
+    if password_text is not None and not broker.username:
+        raise CredentialError(
+            f"{credentials.password_file}: credentials.password_file is set but "
+            "uplink.broker.username is empty; MQTT 3.1.1 sends a password only with a "
+            "username, so set uplink.broker.username"
+        )
+    if not broker.tls and not _is_loopback(broker.host):
+        logger.warning(
+            "tls_off %s",
+            fields(
+                host=broker.host,
+                consequence="pages and the password cross the network unencrypted; "
+                "set uplink.broker.tls = true for a remote broker",
+            ),
+        )
+
+    client_id = broker.client_id.replace("{", "{{").replace("}", "}}")
+    template = broker.topic_template.replace("{client_id}", client_id)
+    return Identity(
+        connect_host=broker.host,
+        port=config.uplink.port,
+        client_id=broker.client_id,
+        username=broker.username or None,
+        tls_context=build_tls_context(credentials) if broker.tls else None,
+        topic_format=template,
+        c2d_filter=None,
+        password=PasswordSource(static=password_text),
+        description=f"mqtt tls={'on' if broker.tls else 'off'}",
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _read_password_file(credentials: CredentialSettings) -> str:
+    path = credentials.password_file
+    assert path is not None
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError as exc:
+        raise CredentialError(f"{path}: password file not found") from exc
+    except PermissionError as exc:
+        raise CredentialError(
+            f"{path}: password file not readable by this user; check its permissions"
+        ) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CredentialError(
+            f"{path}: cannot read the password file: {type(exc).__name__}"
+        ) from exc
+
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) != 1:
+        raise CredentialError(f"{path}: expected one line holding the MQTT password")
+    return lines[0].strip()
+
+
+def build_tls_context(credentials: CredentialSettings) -> ssl.SSLContext:
+    """Build a TLS 1.2+ client context that trusts only credentials.ca_file.
+
+    The operating system's store is deliberately not loaded: pinning the roots means a
+    gateway trusts exactly the roots the operator deployed. Host names are checked.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+
+    ca_file = credentials.ca_file
+    try:
+        context.load_verify_locations(cafile=str(ca_file))
+    except FileNotFoundError as exc:
+        raise CredentialError(
+            f"{ca_file}: CA file not found; set credentials.ca_file to the PEM bundle of the "
+            "broker's root certificates"
+        ) from exc
+    except PermissionError as exc:
+        raise CredentialError(
+            f"{ca_file}: CA file not readable by this user; check its permissions"
+        ) from exc
+    except (ssl.SSLError, OSError) as exc:
+        raise CredentialError(
+            f"{ca_file}: no usable PEM certificate in the CA file ({exc}); "
+            "expected the broker's root certificates in PEM form"
+        ) from exc
+
+    if credentials.client_cert_file is not None and credentials.client_key_file is not None:
+        _load_client_certificate(context, credentials)
+    return context
+
+
+def _load_client_certificate(context: ssl.SSLContext, credentials: CredentialSettings) -> None:
+    cert_file = credentials.client_cert_file
+    key_file = credentials.client_key_file
+    try:
+        context.load_cert_chain(certfile=str(cert_file), keyfile=str(key_file))
+    except FileNotFoundError as exc:
+        raise CredentialError(
+            f"client certificate {cert_file} or key {key_file} not found: {exc.filename}"
+        ) from exc
+    except PermissionError as exc:
+        raise CredentialError(
+            f"client certificate {cert_file} or key {key_file} not readable by this user"
+        ) from exc
+    except (ssl.SSLError, OSError) as exc:
+        # OpenSSL's reason names the problem (a PEM error, KEY_VALUES_MISMATCH) but never
+        # the key's content.
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        raise CredentialError(
+            f"client certificate {cert_file} with key {key_file} cannot be loaded: {reason}; "
+            "expected a PEM certificate and its unencrypted PEM private key"
+        ) from exc
+
+
+# ---------------------------------------------------------------------------------------
+# Messages between the two threads.
+# ---------------------------------------------------------------------------------------
+
+
+class Wakeup:
+    """A socketpair that one thread writes a byte to, so the other's poll returns."""
+
+    def __init__(self) -> None:
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._reader.fileno()
+
+    def notify(self) -> None:
+        # A full pipe already contains a pending wake-up, which is all the reader needs, and
+        # a closed one means the reading thread has ended.
+        with contextlib.suppress(OSError):
+            self._writer.send(b"\0")
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while self._reader.recv(4096):
+                pass
+
+    def close(self) -> None:
+        self._reader.close()
+        self._writer.close()
+
+
+@dataclass(frozen=True)
+class LinkEvent:
+    """Something that happened on the network thread, for the main thread to act on.
+
+    kind is one of connecting, connected, connect_failed, disconnected, puback, c2d and
+    fatal. connection numbers the connection attempt it belongs to.
+    """
+
+    kind: str
+    connection: int
+    page_seq: int = -1
+    reason: str = ""
+    topic: str = ""
+    size: int = 0
+
+
+@dataclass(frozen=True)
+class PublishRequest:
+    connection: int
+    page_seq: int
+    payload: bytes = field(repr=False)
+
+
+@dataclass
+class Connection:
+    """The state of one connection attempt and the paho client made for it alone."""
+
+    number: int
+    client: mqtt.Client
+    connected: bool = False
+    closed: bool = False
+    refused: str | None = None
+    close_reason: str = ""
+    renew_at: float | None = None
+    mid_to_page: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The end of a connection attempt: whether CONNACK had arrived, and the reason."""
+
+    was_connected: bool
+    reason: str
+    renew: bool = False
+    connected_s: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# The network thread: paho, connects, reconnects.
+# ---------------------------------------------------------------------------------------
+
+
+class MqttLink(threading.Thread):
+    """Runs paho for one connection after another until stop() is called."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        settings: UplinkSettings,
+        credentials: CredentialSettings,
+        logger: logging.Logger,
+        events: queue.Queue[LinkEvent],
+        events_wakeup: Wakeup,
+    ) -> None:
+        super().__init__(name="mqtt-network", daemon=True)
+        self._identity = identity
+        self._settings = settings
+        self._ca_file = credentials.ca_file
+        self._sas_warning_s = credentials.sas_warning_days * 86400
+        self._logger = logger
+        self._events = events
+        self._events_wakeup = events_wakeup
+        self._requests: queue.Queue[PublishRequest] = queue.Queue()
+        self._wakeup = Wakeup()
+        self._stop_requested = threading.Event()
+
+        # Written only by this thread and read by the main thread for its counters.
+        self.published = 0
+        self.reconnects = 0
+        self.dropped = 0
+
+    # -- called from the main thread ----------------------------------------------------
+
+    def request_publish(self, request: PublishRequest) -> None:
+        self._requests.put(request)
+        self._wakeup.notify()
+
+    def stop(self) -> None:
+        self._stop_requested.set()
+        self._wakeup.notify()
+
+    # -- the thread ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self._run_connections()
+        except Exception as exc:
+            # A bug, not a network condition: report it and let the main thread exit
+            # non-zero, so supervisord restarts the uplink from a clean state.
+            self._logger.exception("network_thread_failed %s", fields(error=type(exc).__name__))
+            self._post(LinkEvent("fatal", 0, reason=f"{type(exc).__name__}: {exc}"))
+        finally:
+            self._wakeup.close()
+
+    def _run_connections(self) -> None:
+        backoff = Backoff(self._settings.reconnect_min_s, self._settings.reconnect_max_s)
+        number = 0
+        while not self._stop_requested.is_set():
+            number += 1
+            if number > 1:
+                self.reconnects += 1
+
+            outcome = self._run_connection(number, retrying=backoff.attempts > 0)
+            if self._stop_requested.is_set():
+                return
+
+            # Only a connection that held for a while resets the backoff, so a broker that
+            # accepts and then drops at once (another client with the same id, for example)
+            # is retried ever more slowly instead of once every reconnect_min_s.
+            if outcome.connected_s >= self._settings.reconnect_max_s:
+                backoff.reset()
+            if outcome.renew:
+                self._logger.info("sas_renew %s", fields(reason=outcome.reason))
+                continue
+
+            delay_s = backoff.next_delay_s()
+            event = "disconnected" if outcome.was_connected else "connect_failed"
+            self._logger.warning(
+                "%s %s",
+                event,
+                fields(
+                    reason=outcome.reason,
+                    next_delay_s=f"{delay_s:.2f}",
+                    consequence="pages wait in the buffer until the next connection",
+                ),
+            )
+            self._stop_requested.wait(delay_s)
+
+    def _run_connection(self, number: int, retrying: bool) -> Outcome:
+        """Connect, wait for CONNACK, serve the connection; return how it ended."""
+        issued = self._identity.password.issue(time.time())
+        self._log_expiry(issued, retrying)
+        connection = Connection(number, self._new_client(issued))
+        connection.client.user_data_set(connection)
+        host, port = self._identity.connect_host, self._identity.port
+        self._logger.info(
+            "connecting %s",
+            fields(host=host, port=port, client_id=self._identity.client_id, attempt=number),
+        )
+        self._post(LinkEvent("connecting", number, reason=f"{host}:{port}"))
+
+        # Connect and wait for CONNACK.
+        try:
+            self._open(connection)
+            self._await_connack(connection)
+        except UplinkError as exc:
+            self._close(connection)
+            if not self._stop_requested.is_set():
+                self._post(LinkEvent("connect_failed", number, reason=str(exc)))
+            return Outcome(False, str(exc))
+
+        # Serve the connection until it drops, a stop is requested or the token is due.
+        if issued.minted and issued.expiry_s is not None:
+            lifetime_s = self._settings.sas_ttl_s * SAS_RENEW_FRACTION
+            connection.renew_at = time.monotonic() + lifetime_s
+        self._post(LinkEvent("connected", number, reason=f"{host}:{port}"))
+        self._subscribe_c2d(connection)
+        connected_at = time.monotonic()
+        outcome = self._serve(connection)
+        outcome = dataclasses.replace(outcome, connected_s=time.monotonic() - connected_at)
+
+        # Leave cleanly when the broker is still there.
+        if not connection.closed:
+            self._disconnect(connection)
+        self._close(connection)
+        self._post(LinkEvent("disconnected", number, reason=outcome.reason))
+        return outcome
+
+    def _new_client(self, issued: IssuedPassword) -> mqtt.Client:
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self._identity.client_id,
+            clean_session=False,
+            protocol=mqtt.MQTTv311,
+            reconnect_on_failure=False,
+        )
+        # paho logs a dropped socket at ERROR; this module reports it once, with the next
+        # delay, so paho's own lines appear only when debugging.
+        if self._logger.isEnabledFor(logging.DEBUG):
+            client.enable_logger(self._logger.getChild("paho"))
+        client.connect_timeout = self._settings.connect_timeout_s
+
+        # paho 2.2 rescans its whole in-flight list on every PUBACK, so this stays small.
+        client.max_inflight_messages_set(self._settings.max_inflight_pages)
+        if self._identity.username is not None:
+            client.username_pw_set(self._identity.username, issued.text)
+        if self._identity.tls_context is not None:
+            client.tls_set_context(self._identity.tls_context)
+
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        return client
+
+    def _log_expiry(self, issued: IssuedPassword, retrying: bool) -> None:
+        """Log the token's expiry against the clock: a wrong clock shows up here first.
+
+        A healthy result is logged at INFO on the first attempt after start or after a
+        working connection, and at DEBUG while retrying, so a long outage does not repeat
+        it every attempt.
+        """
+        if issued.expiry_s is None:
+            return
+
+        # A freshly minted token is always young; only a given token can be close to expiry.
+        warning_s = 0.0 if issued.minted else self._sas_warning_s
+        healthy, sentence = describe_expiry(issued.expiry_s, warning_s)
+        if not healthy:
+            self._logger.warning("sas_check %s", sentence)
+        elif retrying:
+            self._logger.debug("sas_check %s", sentence)
+        else:
+            self._logger.info("sas_check %s", sentence)
+
+    def _open(self, connection: Connection) -> None:
+        """Open TCP and TLS and send CONNECT, each bounded by connect_timeout_s in paho."""
+        host, port = self._identity.connect_host, self._identity.port
+        timeout_s = self._settings.connect_timeout_s
+        where = f"{host}:{port}"
+        try:
+            rc = connection.client.connect(host, port, keepalive=self._settings.keepalive_s)
+        except TimeoutError as exc:
+            raise UplinkError(
+                f"connect timeout: no TCP connection or TLS handshake with {where} "
+                f"within {timeout_s:g} s"
+            ) from exc
+        except ssl.SSLCertVerificationError as exc:
+            raise UplinkError(
+                f"TLS handshake with {where} failed: certificate verify failed: "
+                f"{exc.verify_message}; check that "
+                f"{self._ca_file} contains the broker's root CA and that the broker's "
+                f"certificate names {host}"
+            ) from exc
+        except ssl.SSLError as exc:
+            raise UplinkError(f"TLS handshake with {where} failed: {exc.reason or exc}") from exc
+        except ConnectionRefusedError as exc:
+            raise UplinkError(
+                f"connection to {where} refused; check that the broker runs and that "
+                "uplink.port is its TLS port"
+            ) from exc
+        except socket.gaierror as exc:
+            raise UplinkError(f"cannot resolve {host}: {exc.strerror}") from exc
+        except OSError as exc:
+            raise UplinkError(f"connect to {where} failed: {exc.strerror or exc}") from exc
+        except ValueError as exc:
+            # For example a host name that IDNA cannot encode, such as one with an empty label.
+            raise UplinkError(f"cannot connect to {where}: {exc}") from exc
+
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            raise UplinkError(f"sending CONNECT to {where} failed: {mqtt.error_string(rc)}")
+
+    def _await_connack(self, connection: Connection) -> None:
+        """Wait for CONNACK; paho has no bound of its own for a broker that stays silent."""
+        where = f"{self._identity.connect_host}:{self._identity.port}"
+        timeout_s = self._settings.connect_timeout_s
+        deadline = time.monotonic() + timeout_s
+        while not connection.connected:
+            if connection.refused is not None:
+                raise UplinkError(
+                    f"broker {where} refused the connection: CONNACK {connection.refused!r}"
+                    f"{self._refusal_hint()}"
+                )
+            if connection.closed:
+                raise UplinkError(
+                    f"connection to {where} closed before CONNACK: {connection.close_reason}"
+                )
+            if self._stop_requested.is_set():
+                raise UplinkError("stop requested while waiting for CONNACK")
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                raise UplinkError(
+                    f"connect timeout: no CONNACK from {where} within {timeout_s:g} s"
+                )
+            self._pump(connection, remaining_s)
+
+    def _refusal_hint(self) -> str:
+        if self._identity.password.key is not None or self._identity.password.token is not None:
+            return "; check the device key or SAS token, its expiry and this gateway's clock"
+        return ""
+
+    def _serve(self, connection: Connection) -> Outcome:
+        while True:
+            if connection.closed:
+                return Outcome(True, connection.close_reason or "connection closed")
+            if self._stop_requested.is_set():
+                return Outcome(True, "stop requested")
+            now = time.monotonic()
+            if connection.renew_at is not None and now >= connection.renew_at:
+                return Outcome(True, "the SAS token reached its renewal time", renew=True)
+            wait_s = 1.0
+            if connection.renew_at is not None:
+                wait_s = max(0.0, min(wait_s, connection.renew_at - now))
+            self._pump(connection, wait_s)
+
+    def _pump(self, connection: Connection, timeout_s: float) -> None:
+        """Wait for socket traffic or a wake-up, then let paho read, write and ping."""
+        client = connection.client
+        sock = client.socket()
+        if sock is None:
+            connection.closed = True
+            return
+
+        # Bytes already decrypted inside the TLS object do not make the socket readable.
+        pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
+        read_sockets: list[Any] = [sock, self._wakeup]
+        write_sockets: list[Any] = [sock] if client.want_write() else []
+        readable, writable, _ = select.select(
+            read_sockets, write_sockets, [], 0.0 if pending else timeout_s
+        )
+
+        if self._wakeup in readable:
+            self._wakeup.drain()
+        rc = mqtt.MQTT_ERR_SUCCESS
+        if sock in readable or pending:
+            rc = client.loop_read()
+        if rc == mqtt.MQTT_ERR_SUCCESS and sock in writable and client.socket() is not None:
+            rc = client.loop_write()
+        if rc == mqtt.MQTT_ERR_SUCCESS and client.socket() is not None:
+            rc = client.loop_misc()
+        if rc != mqtt.MQTT_ERR_SUCCESS and connection.closed:
+            connection.close_reason = self._describe_loss(connection.close_reason, rc)
+
+        self._publish_requested(connection)
+
+    @staticmethod
+    def _describe_loss(reason: str, rc: mqtt.MQTTErrorCode) -> str:
+        # paho reports a dropped socket as the reason code "Unspecified error", and its
+        # error string is more specific.
+        if reason in ("", "Unspecified error"):
+            return mqtt.error_string(rc)
+        return reason
+
+    def _publish_requested(self, connection: Connection) -> None:
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return
+
+            # A page meant for an earlier connection goes back to the buffer's next session.
+            if request.connection != connection.number or not connection.connected:
+                self.dropped += 1
+                continue
+            if connection.closed or connection.client.socket() is None:
+                self.dropped += 1
+                continue
+
+            info = connection.client.publish(
+                self._identity.topic(request.page_seq), request.payload, qos=1
+            )
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                self._logger.warning(
+                    "publish_failed %s",
+                    fields(
+                        page_seq=request.page_seq,
+                        error=mqtt.error_string(info.rc),
+                        consequence="the buffer resends the page after the reconnect",
+                    ),
+                )
+                continue
+            connection.mid_to_page[info.mid] = request.page_seq
+            self.published += 1
+
+    def _subscribe_c2d(self, connection: Connection) -> None:
+        topic_filter = self._identity.c2d_filter
+        if topic_filter is None:
+            return
+        rc, _mid = connection.client.subscribe(topic_filter, qos=1)
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            self._logger.warning(
+                "c2d_subscribe_failed %s",
+                fields(topic=topic_filter, error=mqtt.error_string(rc)),
+            )
+
+    def _disconnect(self, connection: Connection) -> None:
+        """Send DISCONNECT and give paho a short, bounded time to write it."""
+        client = connection.client
+        client.disconnect()
+        deadline = time.monotonic() + min(1.0, self._settings.shutdown_timeout_s / 2)
+        while client.socket() is not None and client.want_write():
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                return
+            self._pump(connection, remaining_s)
+
+    @staticmethod
+    def _close(connection: Connection) -> None:
+        sock = connection.client.socket()
+        if sock is not None:
+            sock.close()
+
+    def _post(self, event: LinkEvent) -> None:
+        self._events.put(event)
+        self._events_wakeup.notify()
+
+    # -- paho callbacks, on this thread ---------------------------------------------------
+    #
+    # Reason codes are paho ReasonCode objects. Only str() and is_failure are used on
+    # them: int() on one inside a callback has crashed paho's network thread in the field.
+
+    def _on_connect(
+        self, _client: mqtt.Client, connection: Connection, _flags: Any, reason_code: Any,
+        _properties: Any,
+    ) -> None:
+        if reason_code.is_failure:
+            connection.refused = str(reason_code)
+        else:
+            connection.connected = True
+
+    def _on_disconnect(
+        self, _client: mqtt.Client, connection: Connection, _flags: Any, reason_code: Any,
+        _properties: Any,
+    ) -> None:
+        connection.closed = True
+        connection.close_reason = str(reason_code)
+
+    def _on_publish(
+        self, _client: mqtt.Client, connection: Connection, mid: int, _reason_code: Any,
+        _properties: Any,
+    ) -> None:
+        page_seq = connection.mid_to_page.pop(mid, None)
+        if page_seq is not None:
+            self._post(LinkEvent("puback", connection.number, page_seq=page_seq))
+
+    def _on_subscribe(
+        self, _client: mqtt.Client, _connection: Connection, _mid: int, reason_codes: Any,
+        _properties: Any,
+    ) -> None:
+        for reason_code in reason_codes:
+            if reason_code.is_failure:
+                self._logger.warning(
+                    "c2d_subscribe_refused %s",
+                    fields(
+                        topic=self._identity.c2d_filter,
+                        reason=str(reason_code),
+                        consequence="cloud-to-device messages will not arrive",
+                    ),
+                )
+
+    def _on_message(
+        self, _client: mqtt.Client, connection: Connection, message: mqtt.MQTTMessage
+    ) -> None:
+        payload = bytes(message.payload)
+        excerpt = payload[:C2D_LOG_BYTES].decode("utf-8", errors="replace")
+        self._logger.info(
+            "c2d_message %s",
+            fields(
+                topic=message.topic,
+                bytes=len(payload),
+                payload=excerpt + ("..." if len(payload) > C2D_LOG_BYTES else ""),
+            ),
+        )
+        self._post(LinkEvent("c2d", connection.number, topic=message.topic, size=len(payload)))
+
+
+# ---------------------------------------------------------------------------------------
+# The main thread: the buffer's DEALER, the tap, link state and counters.
+# ---------------------------------------------------------------------------------------
+
+
+def new_session_id() -> str:
+    """Return a session id that no earlier uplink process can have used."""
+    return secrets.token_hex(8)
+
+
+class Uplink:
+    """The main thread's side: talks to the buffer and the tap, drives the network thread."""
+
+    def __init__(
+        self, config: Config, logger: logging.Logger, stop: threading.Event, identity: Identity
+    ) -> None:
+        self._config = config
+        self._settings = config.uplink
+        self._logger = logger
+        self._stop = stop
+        self._identity = identity
+
+        self._events: queue.Queue[LinkEvent] = queue.Queue()
+        self._events_wakeup = Wakeup()
+        self._link = MqttLink(
+            identity, config.uplink, config.credentials, logger, self._events,
+            self._events_wakeup,
+        )
+
+        # Link state as the buffer should see it.
+        self._session = new_session_id()
+        self._link_up = False
+        self._connection = 0
+        self._sessions: dict[int, str] = {}
+        self._outstanding: set[int] = set()
+
+        # Counters for the tap.
+        self._pubacks = 0
+        self._pages_not_sent = 0
+        self._last_rate_published = 0
+        self._last_rate_s = time.monotonic()
+        self._buffer_unreachable_since: float | None = None
+        self._buffer_warned = False
+
+        runtime_dir = config.gateway.runtime_dir
+        self._delivery = wire.endpoint(runtime_dir, wire.DELIVERY)
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        try:
+            runtime_dir.mkdir(parents=True, exist_ok=True)
+            self._dealer, self._tap = self._open_sockets()
+        except (OSError, zmq.ZMQError) as exc:
+            self._context.destroy(linger=0)
+            self._events_wakeup.close()
+            raise UplinkError(
+                f"cannot open the ZeroMQ sockets in {runtime_dir}: {exc}; check that the "
+                "folder is writable and that no other uplink runs with this runtime_dir"
+            ) from exc
+
+    def _open_sockets(self) -> tuple[zmq.Socket[bytes], Tap]:
+        dealer = wire.make_socket(self._context, zmq.DEALER, wire.DATA_HWM, DEALER_LINGER_MS)
+
+        # Queue messages only for a connected buffer: without one, the repeated link state
+        # would pile up and reach a restarted buffer as a burst of stale messages.
+        dealer.setsockopt(zmq.IMMEDIATE, 1)
+        dealer.connect(self._delivery)
+        tap = Tap(self._context, self._config.gateway.runtime_dir, PROCESS)
+        return dealer, tap
+
+    def run(self) -> None:
+        self._tap.publish(
+            "start", version=gateway_version(), identity=self._identity.description,
+            host=self._identity.connect_host, port=self._identity.port,
+            client_id=self._identity.client_id,
+        )
+        self._link.start()
+        try:
+            self._loop()
+        finally:
+            self._shut_down()
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._dealer, zmq.POLLIN)
+        poller.register(self._events_wakeup.fileno(), zmq.POLLIN)
+        next_tick_s = time.monotonic()
+
+        while not self._stop.is_set():
+            timeout_s = max(0.0, min(MAIN_POLL_S, next_tick_s - time.monotonic()))
+            ready = dict(poller.poll(int(timeout_s * 1000)))
+
+            if self._dealer in ready:
+                self._receive_pages()
+            if self._events_wakeup.fileno() in ready:
+                self._events_wakeup.drain()
+            self._handle_events()
+
+            if time.monotonic() >= next_tick_s:
+                next_tick_s = time.monotonic() + LINK_REPEAT_S
+                self._send_link()
+                self._publish_counters()
+
+    # -- pages from the buffer ------------------------------------------------------------
+
+    def _receive_pages(self) -> None:
+        while True:
+            try:
+                frames = self._dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle_buffer_message(frames)
+
+    def _handle_buffer_message(self, frames: list[bytes]) -> None:
+        try:
+            message = wire.decode(frames)
+            if message.kind != wire.PAGE or message.payload is None:
+                raise ValueError(f"expected a page with a payload, got kind {message.kind!r}")
+            page_seq = message.header.get("page_seq")
+            if not isinstance(page_seq, int) or isinstance(page_seq, bool):
+                raise ValueError(f"invalid page_seq {page_seq!r}")
+        except ValueError as exc:
+            self._logger.warning(
+                "invalid_buffer_message %s",
+                fields(error=exc, consequence="message ignored"),
+            )
+            self._tap.publish("error", message=f"invalid message from the buffer: {exc}")
+            return
+
+        # The buffer redelivers every unacknowledged page in the next session.
+        if not self._link_up:
+            self._pages_not_sent += 1
+            self._logger.debug("page_held %s", fields(page_seq=page_seq, reason="link down"))
+            return
+        self._outstanding.add(page_seq)
+        self._link.request_publish(PublishRequest(self._connection, page_seq, message.payload))
+
+    # -- events from the network thread ---------------------------------------------------
+
+    def _handle_events(self) -> None:
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return
+            self._handle_event(event)
+
+    def _handle_event(self, event: LinkEvent) -> None:
+        handlers = {
+            "connecting": self._on_connecting,
+            "connected": self._on_connected,
+            "connect_failed": self._on_connect_failed,
+            "disconnected": self._on_disconnected,
+            "puback": self._on_puback,
+            "c2d": self._on_c2d,
+            "fatal": self._on_fatal,
+        }
+        handlers[event.kind](event)
+
+    def _on_connecting(self, event: LinkEvent) -> None:
+        self._tap.publish("connecting", endpoint=event.reason, attempt=event.connection)
+
+    def _on_connected(self, event: LinkEvent) -> None:
+        self._session = new_session_id()
+        self._connection = event.connection
+        self._sessions = {
+            number: session
+            for number, session in self._sessions.items()
+            if number >= event.connection - 1
+        }
+        self._sessions[event.connection] = self._session
+        self._link_up = True
+        self._outstanding.clear()
+
+        self._logger.info(
+            "connected %s",
+            fields(endpoint=event.reason, client_id=self._identity.client_id,
+                   session=self._session),
+        )
+        self._tap.publish("connected", endpoint=event.reason, session=self._session)
+        self._send_link()
+
+    def _on_connect_failed(self, event: LinkEvent) -> None:
+        self._tap.publish("connect_failed", reason=event.reason, attempt=event.connection)
+        self._tap.publish("error", message=event.reason)
+
+    def _on_disconnected(self, event: LinkEvent) -> None:
+        if event.connection != self._connection:
+            return
+        self._link_up = False
+        self._outstanding.clear()
+        self._tap.publish("disconnected", reason=event.reason, session=self._session)
+        self._send_link()
+
+    def _on_puback(self, event: LinkEvent) -> None:
+        session = self._sessions.get(event.connection)
+        if session is None:
+            return
+        self._pubacks += 1
+        if event.connection == self._connection:
+            self._outstanding.discard(event.page_seq)
+        self._send(wire.PUBACK, {"session": session, "page_seq": event.page_seq})
+
+    def _on_c2d(self, event: LinkEvent) -> None:
+        self._tap.publish("c2d", topic=event.topic, bytes=event.size)
+
+    def _on_fatal(self, event: LinkEvent) -> None:
+        message = f"the MQTT network thread stopped on an error: {event.reason}"
+        self._tap.publish("error", message=message)
+        raise UplinkError(message)
+
+    # -- messages to the buffer and the tap -----------------------------------------------
+
+    def _send_link(self) -> None:
+        free = self._settings.max_inflight_pages - len(self._outstanding) if self._link_up else 0
+        self._send(
+            wire.LINK,
+            {"session": self._session, "state": "up" if self._link_up else "down",
+             "free": max(0, free)},
+        )
+
+    def _send(self, kind: bytes, header: dict[str, Any]) -> None:
+        try:
+            self._dealer.send_multipart(wire.encode(kind, header), zmq.NOBLOCK)
+        except zmq.Again:
+            # No buffer is connected, or it stopped reading. It learns the link state from the
+            # next repeat, and a page whose puback was dropped stays unacknowledged, so the
+            # buffer sends it again in the next session: a duplicate, not a loss.
+            self._note_buffer_unreachable()
+            return
+        self._buffer_unreachable_since = None
+        if self._buffer_warned:
+            self._buffer_warned = False
+            self._logger.info("buffer_reachable %s", fields(endpoint=self._delivery))
+
+    def _note_buffer_unreachable(self) -> None:
+        """Warn once when the buffer stays unreachable, not during the usual start-up race."""
+        now = time.monotonic()
+        if self._buffer_unreachable_since is None:
+            self._buffer_unreachable_since = now
+        waited_s = now - self._buffer_unreachable_since
+        if not self._buffer_warned and waited_s >= BUFFER_WARNING_S:
+            self._buffer_warned = True
+            self._logger.warning(
+                "buffer_unreachable %s",
+                fields(
+                    endpoint=self._delivery,
+                    waited_s=f"{waited_s:.1f}",
+                    consequence="no pages to publish until the buffer answers",
+                ),
+            )
+
+    def _publish_counters(self) -> None:
+        now = time.monotonic()
+        published = self._link.published
+        elapsed_s = max(now - self._last_rate_s, 1e-6)
+        rate = (published - self._last_rate_published) / elapsed_s
+        self._last_rate_published = published
+        self._last_rate_s = now
+
+        self._tap.counters.update(
+            connected=int(self._link_up),
+            pages_published=published,
+            pubacks=self._pubacks,
+            publish_rate=round(rate, 1),
+            reconnects=self._link.reconnects,
+            inflight=len(self._outstanding),
+            pages_not_sent=self._pages_not_sent + self._link.dropped,
+        )
+        self._tap.publish_counters_if_due()
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    def _shut_down(self) -> None:
+        """Stop the network thread within shutdown_timeout_s, even if the broker is silent."""
+        started_s = time.monotonic()
+        self._link.stop()
+
+        # The network thread may sit in a TCP connect or TLS handshake that paho bounds only
+        # by connect_timeout_s. It is a daemon thread, so it then ends with the process.
+        join_s = max(0.1, self._settings.shutdown_timeout_s - DEALER_LINGER_MS / 1000 - 0.3)
+        self._link.join(join_s)
+        if self._link.is_alive():
+            self._logger.info(
+                "stop_without_network_thread %s",
+                fields(waited_s=f"{time.monotonic() - started_s:.2f}",
+                       reason="connect or TLS handshake still in progress"),
+            )
+
+        self._link_up = False
+        self._send_link()
+        self._tap.publish("stop", pages_published=self._link.published, pubacks=self._pubacks)
+        self._tap.close()
+        self._dealer.close()
+        self._context.term()
+        if not self._link.is_alive():
+            self._events_wakeup.close()
+
+
+def body(config: Config, logger: logging.Logger, stop: threading.Event) -> None:
+    """Run the uplink until stop is set; raise CredentialError for unusable credentials."""
+    identity = load_identity(config, logger)
+    logger.info(
+        "identity %s",
+        fields(
+            mode=config.uplink.mode,
+            identity=identity.description,
+            host=identity.connect_host,
+            port=identity.port,
+            client_id=identity.client_id,
+            ca_file=config.credentials.ca_file,
+        ),
+    )
+    Uplink(config, logger, stop, identity).run()
+
+
+def main() -> int:
+    return run_process(PROCESS, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

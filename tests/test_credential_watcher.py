@@ -1,0 +1,283 @@
+"""The credential watcher against a real supervisord that runs a stand-in uplink program."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from common.supervisor_rpc import SupervisorClient, SupervisorUnavailableError
+from tests.gateway_files import (
+    REPO,
+    GatewayFiles,
+    device_key_string,
+    make_runtime_dir,
+    removed_afterwards,
+    sas_token_string,
+    stop_process,
+    wait_for,
+    write_gateway,
+)
+
+pytestmark = pytest.mark.integration
+
+UPLINK = "plcbridge:uplink"
+SUPERVISORD = Path(sys.executable).parent / "supervisord"
+
+# The stand-in uplink prints its pid and sleeps; a restart gives it a new pid.
+SUPERVISORD_CONF = """
+[unix_http_server]
+file={runtime}/supervisord.sock
+chmod=0700
+
+[supervisord]
+logfile={runtime}/supervisord.log
+pidfile={runtime}/supervisord.pid
+childlogdir={runtime}
+nodaemon=true
+
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+
+[supervisorctl]
+serverurl=unix://{runtime}/supervisord.sock
+
+[group:plcbridge]
+programs=uplink
+
+[program:uplink]
+command=/bin/sh -c 'echo "pid $$"; exec sleep 3600'
+startsecs=0
+autorestart=true
+stopsignal=TERM
+stopwaitsecs=5
+stdout_logfile={runtime}/uplink.log
+"""
+
+
+@dataclass
+class Gateway:
+    files: GatewayFiles
+    client: SupervisorClient
+    log: Path
+    supervisord: subprocess.Popen[bytes] | None = None
+    watcher: subprocess.Popen[bytes] | None = None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def uplink_pid(self) -> int:
+        info = self.client.process_info(UPLINK)
+        assert info["statename"] == "RUNNING", info
+        pid: int = info["pid"]
+        return pid
+
+    def uplink_restarted(self, old_pid: int) -> bool:
+        """Return True once the uplink runs again with another pid than old_pid."""
+        info = self.client.process_info(UPLINK)
+        return info["statename"] == "RUNNING" and info["pid"] != old_pid
+
+    def start_supervisord(self) -> None:
+        conf = self.files.root / "supervisord.conf"
+        conf.write_text(SUPERVISORD_CONF.format(runtime=self.files.runtime_dir))
+        self.supervisord = subprocess.Popen(
+            [str(SUPERVISORD), "-n", "-c", str(conf)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for(self._uplink_running, 10, "supervisord to start the stand-in uplink")
+
+    def start_watcher(self, ready_line: str = "credentials_loaded") -> None:
+        self.watcher = subprocess.Popen(
+            [sys.executable, "-m", "processes.credential_watcher",
+             "--config", str(self.files.config)],
+            stdout=self.log.open("ab"), stderr=subprocess.STDOUT, cwd=REPO,
+        )
+        wait_for(lambda: ready_line in self.output(), 10, f"watcher log line {ready_line!r}")
+
+    def _uplink_running(self) -> bool:
+        try:
+            return self.client.process_info(UPLINK)["statename"] == "RUNNING"
+        except SupervisorUnavailableError:
+            return False
+
+    def assert_no_secret_in_output(self) -> None:
+        output = self.output()
+        for secret in self.files.secrets:
+            assert secret not in output
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Gateway]:
+    runtime = make_runtime_dir()
+    files = write_gateway(tmp_path, runtime)
+    client = SupervisorClient(runtime / "supervisord.sock")
+    gateway = Gateway(files, client, tmp_path / "watcher.log")
+    with removed_afterwards(runtime):
+        try:
+            yield gateway
+        finally:
+            for process in (gateway.watcher, gateway.supervisord):
+                if process is not None:
+                    stop_process(process)
+
+
+@pytest.fixture
+def running(gateway: Gateway) -> Gateway:
+    gateway.start_supervisord()
+    gateway.start_watcher()
+    return gateway
+
+
+def rewrite(path: Path, text: str) -> None:
+    """Write text and move the mtime a second on, as a slow copy from another host would."""
+    before = path.stat().st_mtime_ns
+    path.write_text(text)
+    os.utime(path, ns=(before + 1_000_000_000, before + 1_000_000_000))
+
+
+def test_watcher_new_connection_string_restarts_uplink(running: Gateway) -> None:
+    pid = running.uplink_pid()
+
+    rewrite(running.files.connection_string, device_key_string(running.files.secrets) + "\n")
+
+    wait_for(lambda: running.uplink_restarted(pid), 10, "the uplink to get a new pid")
+    wait_for(lambda: "uplink_restarted" in running.output(), 5, "the uplink_restarted line")
+    assert f"pid_before={pid}" in running.output()
+    running.assert_no_secret_in_output()
+
+
+def test_watcher_identical_rewrite_restarts_nothing(running: Gateway) -> None:
+    pid = running.uplink_pid()
+    path = running.files.connection_string
+
+    rewrite(path, path.read_text())
+
+    wait_for(lambda: f"file_touched content unchanged file={path}" in running.output(), 5,
+             "the watcher to notice the new mtime")
+    assert running.uplink_pid() == pid
+    assert "credentials_changed" not in running.output()
+    assert "uplink_restarted" not in running.output()
+
+
+def test_watcher_malformed_string_logged_then_fixed(running: Gateway) -> None:
+    pid = running.uplink_pid()
+    path = running.files.connection_string
+
+    rewrite(path, "HostName=hub.example.net;DeviceId=gw;SharedAccessKey=\n")
+    wait_for(lambda: "credentials_invalid" in running.output(), 5, "the credentials_invalid line")
+    error_lines = [line for line in running.output().splitlines() if "credentials_invalid" in line]
+    assert len(error_lines) == 1
+    assert " ERROR " in error_lines[0]
+    assert f"file={path}" in error_lines[0]
+    assert running.uplink_pid() == pid
+
+    rewrite(path, device_key_string(running.files.secrets) + "\n")
+    wait_for(lambda: running.uplink_restarted(pid), 10, "the uplink to get a new pid")
+    assert len([line for line in running.output().splitlines()
+                if "credentials_invalid" in line]) == 1
+    running.assert_no_secret_in_output()
+
+
+def test_watcher_pasted_key_not_logged(running: Gateway) -> None:
+    pid = running.uplink_pid()
+    bare_key = device_key_string(running.files.secrets).split("SharedAccessKey=")[1]
+
+    # A key pasted without its name makes the key an unknown key name in the parse error.
+    rewrite(running.files.connection_string, f"HostName=h;DeviceId=d;{bare_key}\n")
+
+    wait_for(lambda: "credentials_invalid" in running.output(), 5, "the credentials_invalid line")
+    assert "not shown" in running.output()
+    assert running.uplink_pid() == pid
+    running.assert_no_secret_in_output()
+
+
+def test_watcher_invalid_ca_keeps_uplink(running: Gateway) -> None:
+    pid = running.uplink_pid()
+    ca = running.files.ca
+
+    rewrite(ca, "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+
+    wait_for(lambda: "credentials_invalid" in running.output(), 5, "the credentials_invalid line")
+    assert f"file={ca}" in running.output()
+    assert running.uplink_pid() == pid
+
+
+def test_watcher_sas_token_expiry_logged(gateway: Gateway) -> None:
+    expiry_s = int(time.time()) + 2 * 86400
+    gateway.files.connection_string.write_text(
+        sas_token_string(gateway.files.secrets, expiry_s) + "\n"
+    )
+    gateway.start_supervisord()
+
+    gateway.start_watcher(ready_line="sas_expiry")
+
+    lines = [line for line in gateway.output().splitlines() if "sas_expiry" in line]
+    assert " WARNING " in lines[0]
+    assert "might be outdated" in lines[0]
+    assert f"se={expiry_s}" in lines[0]
+    assert "now=" in lines[0]
+    gateway.assert_no_secret_in_output()
+
+
+def test_watcher_device_key_logs_minted_ttl(running: Gateway) -> None:
+    lines = [line for line in running.output().splitlines() if "sas_expiry" in line]
+
+    assert " INFO " in lines[0]
+    assert "uplink.sas_ttl_s=3600" in lines[0]
+
+
+def test_watcher_invalid_at_start_keeps_watching(gateway: Gateway) -> None:
+    gateway.files.connection_string.write_text("HostName=h\n")
+    gateway.start_supervisord()
+    pid = gateway.uplink_pid()
+
+    gateway.start_watcher(ready_line="credentials_invalid")
+    rewrite(gateway.files.connection_string, device_key_string(gateway.files.secrets) + "\n")
+
+    wait_for(lambda: gateway.uplink_restarted(pid), 10, "the uplink to get a new pid")
+    assert gateway.watcher is not None and gateway.watcher.poll() is None
+
+
+def test_watcher_retries_until_supervisord_is_up(gateway: Gateway) -> None:
+    gateway.start_watcher()
+    rewrite(gateway.files.connection_string, device_key_string(gateway.files.secrets) + "\n")
+    wait_for(lambda: "restart_failed" in gateway.output(), 5, "the restart_failed line")
+    assert "not found; is supervisord running?" in gateway.output()
+
+    gateway.start_supervisord()
+
+    wait_for(lambda: "uplink_restarted" in gateway.output(), 10, "the uplink_restarted line")
+
+
+def test_watcher_stopped_uplink_stays_stopped(running: Gateway) -> None:
+    conf = running.files.root / "supervisord.conf"
+    subprocess.run(
+        [str(SUPERVISORD.parent / "supervisorctl"), "-c", str(conf), "stop", UPLINK],
+        check=True, capture_output=True, timeout=10,
+    )
+
+    rewrite(running.files.connection_string, device_key_string(running.files.secrets) + "\n")
+
+    wait_for(lambda: "uplink_not_restarted" in running.output(), 5, "uplink_not_restarted")
+    assert running.client.process_info(UPLINK)["statename"] == "STOPPED"
+
+
+def test_watcher_unknown_program_logged(gateway: Gateway) -> None:
+    with gateway.files.config.open("a") as config:
+        config.write("\n[supervisor]\nuplink_program = \"uplnk\"\n")
+    gateway.start_supervisord()
+    gateway.start_watcher()
+    pid = gateway.uplink_pid()
+
+    rewrite(gateway.files.connection_string, device_key_string(gateway.files.secrets) + "\n")
+
+    wait_for(lambda: "restart_failed" in gateway.output(), 5, "the restart_failed line")
+    assert "BAD_NAME: plcbridge:uplnk" in gateway.output()
+    assert "check supervisor.group and supervisor.uplink_program" in gateway.output()
+    assert gateway.uplink_pid() == pid

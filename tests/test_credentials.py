@@ -1,0 +1,261 @@
+"""Connection strings and SAS tokens: parsing, minting, expiry, and errors that hide secrets."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+from common.credentials import (
+    describe_expiry,
+    mint_sas_token,
+    parse_connection_string,
+    parse_sas_token,
+    read_connection_string,
+)
+from common.errors import CredentialError
+
+# Base64 of 32 bytes chosen so the text contains '+', '/' and '=' padding.
+KEY_BYTES = bytes(range(250, 256)) + b"plcbridge-credentials-test"
+KEY_TEXT = base64.b64encode(KEY_BYTES).decode()
+HUB = "hub-1.azure-devices.net"
+
+
+def test_key_text_has_special_characters() -> None:
+    assert "+" in KEY_TEXT or "/" in KEY_TEXT
+    assert KEY_TEXT.endswith("=")
+
+
+def test_parse_connection_string_device_key() -> None:
+    parsed = parse_connection_string(f"HostName={HUB};DeviceId=gw-1;SharedAccessKey={KEY_TEXT}")
+
+    assert parsed.host_name == HUB
+    assert parsed.device_id == "gw-1"
+    assert parsed.module_id is None
+    assert parsed.shared_access_key == KEY_BYTES
+    assert parsed.scheme == "device key"
+    assert parsed.client_id == "gw-1"
+    assert parsed.resource_uri == f"{HUB}/devices/gw-1"
+    assert parsed.connect_host == HUB
+
+
+def test_parse_connection_string_module_and_gateway() -> None:
+    parsed = parse_connection_string(
+        f"HostName={HUB};DeviceId=gw-1;ModuleId=uplink;SharedAccessKey={KEY_TEXT};"
+        "GatewayHostName=edge.plant.local"
+    )
+
+    assert parsed.client_id == "gw-1/uplink"
+    assert parsed.resource_uri == f"{HUB}/devices/gw-1/modules/uplink"
+    assert parsed.connect_host == "edge.plant.local"
+    assert parsed.host_name == HUB
+
+
+def test_parse_connection_string_token() -> None:
+    token = f"SharedAccessSignature se=1800000000&sr={HUB}%2Fdevices%2Fgw-1&sig=abc%2Bdef%3D"
+    parsed = parse_connection_string(
+        f"HostName={HUB};DeviceId=gw-1;SharedAccessSignature={token}"
+    )
+
+    assert parsed.scheme == "SAS token"
+    assert parsed.token is not None
+    assert parsed.token.text == token
+    assert parsed.token.expiry_s == 1800000000
+    assert parsed.token.resource == f"{HUB}/devices/gw-1"
+    assert parsed.token.policy is None
+
+
+def test_parse_connection_string_x509() -> None:
+    parsed = parse_connection_string(f"HostName={HUB};DeviceId=gw-1;x509=true")
+
+    assert parsed.scheme == "x509"
+    assert parsed.shared_access_key is None
+    assert parsed.token is None
+
+
+def test_connection_string_repr_hides_key() -> None:
+    parsed = parse_connection_string(f"HostName={HUB};DeviceId=gw-1;SharedAccessKey={KEY_TEXT}")
+
+    assert KEY_TEXT not in repr(parsed)
+    assert repr(KEY_BYTES) not in repr(parsed)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (f"DeviceId=gw;SharedAccessKey={KEY_TEXT}", "missing key 'HostName'"),
+        (f"HostName={HUB};SharedAccessKey={KEY_TEXT}", "missing key 'DeviceId'"),
+        (f"HostName={HUB};HostName=x;DeviceId=gw;x509=true", "duplicate key 'HostName'"),
+        (f"HostName={HUB};DeviceId=gw;Colour=blue;x509=true", "unknown key 'Colour'"),
+        (f"hostname={HUB};DeviceId=gw;x509=true", "unknown key 'hostname'"),
+        (f"HostName={HUB};DeviceId=gw", "found none"),
+        (f"HostName={HUB};DeviceId=gw;SharedAccessKey={KEY_TEXT};x509=true",
+         "found SharedAccessKey, x509"),
+        (f"HostName={HUB};DeviceId=gw;SharedAccessKey={KEY_TEXT};"
+         "SharedAccessSignature=SharedAccessSignature sr=a&sig=b&se=1",
+         "found SharedAccessKey, SharedAccessSignature"),
+        (f"HostName={HUB};DeviceId=gw;x509=false", "invalid value for x509"),
+        (f"HostName={HUB};DeviceId=;x509=true", "invalid part 'DeviceId'"),
+        (f"HostName={HUB};DeviceId=gw;SharedAccessKey=not*base64", "not base64"),
+    ],
+    ids=["no-host", "no-device", "duplicate", "unknown", "wrong-case", "no-scheme",
+         "key-and-x509", "key-and-token", "x509-false", "empty-value", "bad-base64"],
+)
+def test_parse_connection_string_rejects(text: str, expected: str) -> None:
+    with pytest.raises(CredentialError, match="connection string: ") as caught:
+        parse_connection_string(text)
+    assert expected in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # The key pasted without its name: the first '=' of the padding splits it.
+        f"HostName={HUB};DeviceId=gw;{KEY_TEXT}",
+        # The key pasted without its name and without padding.
+        f"HostName={HUB};DeviceId=gw;{KEY_TEXT.rstrip('=')}",
+        # A wrong separator glues the key to another part.
+        f"HostName={HUB};DeviceId=gw,SharedAccessKey={KEY_TEXT}",
+    ],
+    ids=["bare-key", "bare-key-unpadded", "comma"],
+)
+def test_parse_connection_string_error_hides_key(text: str) -> None:
+    with pytest.raises(CredentialError) as caught:
+        parse_connection_string(text)
+    message = str(caught.value)
+    assert KEY_TEXT.rstrip("=")[:12] not in message
+    assert "not shown" in message or "expected exactly one" in message
+
+
+def test_parse_connection_string_keeps_value_after_first_equals() -> None:
+    parsed = parse_connection_string(f"HostName={HUB};DeviceId=a=b;x509=true")
+
+    assert parsed.device_id == "a=b"
+
+
+def test_read_connection_string_file(tmp_path: Path) -> None:
+    path = tmp_path / "connection-string.txt"
+    path.write_bytes(
+        b"\xef\xbb\xbf" + f"HostName={HUB};DeviceId=gw-1;SharedAccessKey={KEY_TEXT}\r\n".encode()
+    )
+
+    parsed = read_connection_string(path)
+
+    assert parsed.host_name == HUB
+    assert parsed.shared_access_key == KEY_BYTES
+
+
+def test_read_connection_string_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.txt"
+    with pytest.raises(CredentialError, match="connection-string file not found"):
+        read_connection_string(path)
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["", "\n\n", f"HostName={HUB};DeviceId=a;x509=true\nHostName={HUB};DeviceId=b;x509=true\n"],
+    ids=["empty", "blank-lines", "two-lines"],
+)
+def test_read_connection_string_needs_one_line(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "connection-string.txt"
+    path.write_text(content)
+    with pytest.raises(CredentialError, match="expected one line"):
+        read_connection_string(path)
+
+
+def test_read_connection_string_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "connection-string.txt"
+    path.write_bytes(b"HostName=\xff\xfe;DeviceId=gw;x509=true\n")
+    with pytest.raises(CredentialError, match="cannot read connection-string file"):
+        read_connection_string(path)
+
+
+def test_parse_sas_token_any_field_order_with_policy() -> None:
+    token = parse_sas_token(
+        "SharedAccessSignature skn=device&se=1900000000&sig=c2ln&sr=hub%2Fdevices%2Fd"
+    )
+
+    assert token.expiry_s == 1900000000
+    assert token.policy == "device"
+    assert token.resource == "hub/devices/d"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("sr=a&sig=b&se=1", "does not start with 'SharedAccessSignature'"),
+        ("SharedAccessSignature sr=a&sig=b", "missing field 'se'"),
+        ("SharedAccessSignature sr=a&se=1", "missing field 'sig'"),
+        ("SharedAccessSignature sig=b&se=1", "missing field 'sr'"),
+        ("SharedAccessSignature sr=a&sig=&se=1", "missing field 'sig'"),
+        ("SharedAccessSignature sr=a&sig=b&se=1&se=2", "duplicate SAS token field 'se'"),
+        ("SharedAccessSignature sr=a&sig=b&se=1&sk=c", "invalid SAS token field 'sk'"),
+        ("SharedAccessSignature sr=a&sig=b&se=soon", "invalid SAS token expiry se='soon'"),
+        ("SharedAccessSignature sr=a&sig=b&se=+5", "invalid SAS token expiry"),
+        ("SharedAccessSignature sr=a&sig=b&se=1_000", "invalid SAS token expiry"),
+    ],
+    ids=["prefix", "no-se", "no-sig", "no-sr", "empty-sig", "duplicate", "unknown",
+         "word-expiry", "signed-expiry", "underscore-expiry"],
+)
+def test_parse_sas_token_rejects(text: str, expected: str) -> None:
+    with pytest.raises(CredentialError) as caught:
+        parse_sas_token(text)
+    assert expected in str(caught.value)
+
+
+def test_parse_sas_token_error_hides_signature_fragment() -> None:
+    # An unencoded '&' inside a signature splits it, and the tail looks like a field name.
+    fragment = "Q2hhbmdlTWVQbGVhc2VJdElzQVNlY3JldA"
+    with pytest.raises(CredentialError) as caught:
+        parse_sas_token(f"SharedAccessSignature sr=a&sig=abc&{fragment}=&se=1")
+    assert fragment not in str(caught.value)
+
+
+def test_mint_sas_token_matches_signing_rule() -> None:
+    resource = f"{HUB}/devices/gw 1"
+    token = mint_sas_token(resource, KEY_BYTES, 1800000000)
+
+    # The signed string is the URL-encoded resource (upper-case escapes, '/' encoded too),
+    # a newline and the expiry; the signature is the URL-encoded base64 HMAC-SHA256.
+    encoded = "hub-1.azure-devices.net%2Fdevices%2Fgw%201"
+    digest = hmac.new(KEY_BYTES, f"{encoded}\n1800000000".encode(), hashlib.sha256).digest()
+    signature = urllib.parse.quote(base64.b64encode(digest).decode(), safe="")
+    assert token == f"SharedAccessSignature sr={encoded}&sig={signature}&se=1800000000"
+
+
+def test_mint_sas_token_round_trip_with_policy() -> None:
+    text = mint_sas_token(f"{HUB}/devices/gw-1", KEY_BYTES, 1800000000, policy="device")
+
+    token = parse_sas_token(text)
+
+    assert token.resource == f"{HUB}/devices/gw-1"
+    assert token.expiry_s == 1800000000
+    assert token.policy == "device"
+    assert token.text == text
+    assert text not in repr(token)
+
+
+def test_describe_expiry_healthy() -> None:
+    healthy, sentence = describe_expiry(1_800_000_000, 86400, now_s=1_700_000_000)
+
+    assert healthy
+    assert sentence.startswith("SAS token valid until 2027-01-15T08:00:00Z")
+
+
+def test_describe_expiry_soon() -> None:
+    healthy, sentence = describe_expiry(1_700_003_600, 86400, now_s=1_700_000_000)
+
+    assert not healthy
+    assert "1.0 h left" in sentence
+
+
+def test_describe_expiry_expired() -> None:
+    healthy, sentence = describe_expiry(1_700_000_000, 0, now_s=1_700_000_001)
+
+    assert not healthy
+    assert "expired or the clock is wrong" in sentence
+    assert "now=1700000001" in sentence

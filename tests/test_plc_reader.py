@@ -1,0 +1,673 @@
+"""The PLC reader process against the real PLC simulator and a test-side stand-in buffer.
+
+The stand-in buffer binds the ingest ROUTER as the buffer process does, stores a batch only
+when its batch_seq is one above the last it stored for the epoch, and acknowledges
+cumulatively. A SUB socket on the reader's tap reads its counters.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from common import wire
+from processes.plc_reader import GroupSchedule
+from processes.plc_samples import SampleEncoder, encode_batch
+from tests.support.plc import ROOT, PlcSimulator
+
+pytestmark = pytest.mark.integration
+
+SERIAL_NUMBER = 22091017
+
+SIMULATOR_TAGS = """
+[[plc.tags]]
+name = "line1.counter"
+group = "fast"
+table = "holding_register"
+address = 0
+type = "uint32"
+
+[[plc.tags]]
+name = "line1.sine"
+group = "fast"
+table = "holding_register"
+address = 2
+type = "float32"
+
+[[plc.tags]]
+name = "line1.check"
+group = "fast"
+table = "holding_register"
+address = 4
+type = "uint16"
+
+[[plc.tags]]
+name = "line1.running"
+group = "fast"
+table = "coil"
+address = 0
+
+[[plc.tags]]
+name = "line1.stopped"
+group = "slow"
+table = "discrete_input"
+address = 0
+
+[[plc.tags]]
+name = "line1.temperature_c"
+group = "slow"
+table = "input_register"
+address = 0
+type = "int16"
+scale = 0.1
+
+[[plc.tags]]
+name = "plc.serial_number"
+group = "slow"
+table = "input_register"
+address = 10
+type = "uint32"
+"""
+
+FAULTY_TAGS = """
+[[plc.tags]]
+name = "line1.missing"
+group = "slow"
+table = "holding_register"
+address = 5000
+
+[[plc.tags]]
+name = "line1.unset"
+group = "slow"
+table = "holding_register"
+address = 6
+type = "float32"
+"""
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """Poll predicate until it returns a true value; fail naming what was awaited."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def write_config(base: Path, plc_port: int, plc_keys: str = "", tags: str = SIMULATOR_TAGS) -> Path:
+    path = base / "plcbridge.toml"
+    path.write_text(f"""
+[gateway]
+state_dir = "{base}/state"
+runtime_dir = "{base}/run"
+log_dir = "{base}/log"
+log_level = "INFO"
+
+[plc]
+host = "127.0.0.1"
+port = {plc_port}
+timeout_s = 0.3
+reconnect_min_s = 0.1
+reconnect_max_s = 0.4
+{plc_keys}
+
+[[plc.tag_groups]]
+name = "fast"
+poll_interval_ms = 10
+
+[[plc.tag_groups]]
+name = "slow"
+poll_interval_ms = 100
+{tags}
+
+[uplink]
+mode = "mqtt"
+
+[uplink.broker]
+host = "127.0.0.1"
+client_id = "plc-reader-test"
+
+[credentials]
+ca_file = "{base}/ca.pem"
+""")
+    return path
+
+
+class StandInBuffer:
+    """The buffer's ingest ROUTER, run by a thread: stores batches in order and acks them.
+
+    committed maps each epoch to the last batch_seq stored, and is handed to the next
+    stand-in to play a buffer restart that kept its store. With acking off, batches are
+    received and discarded, as by a buffer that dies before it commits.
+    """
+
+    def __init__(self, endpoint: str, committed: dict[int, int] | None = None) -> None:
+        self.endpoint = endpoint
+        self.committed: dict[int, int] = committed if committed is not None else {}
+        self.samples: list[dict[str, Any]] = []
+        self.stored_batches: list[tuple[int, int]] = []
+        self.acking = True
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._bound = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stand-in-buffer", daemon=True)
+
+    def start(self) -> StandInBuffer:
+        self._thread.start()
+        assert self._bound.wait(5), f"stand-in buffer did not bind {self.endpoint}"
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.samples)
+
+    def _run(self) -> None:
+        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        sock = wire.make_socket(context, zmq.ROUTER, wire.DATA_HWM, linger_ms=0)
+        sock.bind(self.endpoint)
+        self._bound.set()
+        try:
+            while not self._stop.is_set():
+                if sock.poll(20):
+                    self._handle(sock, sock.recv_multipart())
+        finally:
+            sock.close(linger=0)
+
+    def _handle(self, sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
+        routing_id, message = frames[0], wire.decode(frames[1:])
+        assert message.kind == wire.BATCH
+        if not self.acking:
+            return
+        epoch = message.header["epoch"]
+        batch_seq = message.header["batch_seq"]
+        last = self.committed.get(epoch, -1)
+        if batch_seq == last + 1:
+            samples = json.loads(message.payload or b"[]")
+            assert len(samples) == message.header["count"]
+            with self._lock:
+                self.samples.extend(samples)
+                self.stored_batches.append((epoch, batch_seq))
+            self.committed[epoch] = batch_seq
+        elif batch_seq > last + 1:
+            return  # an earlier batch is missing; the reader resends from it
+        header = {"epoch": epoch, "batch_seq": self.committed[epoch]}
+        sock.send_multipart([routing_id, *wire.encode(wire.ACK, header)])
+
+
+class TapWatcher:
+    """Subscribes to the reader's tap and keeps the latest counters and every event kind."""
+
+    def __init__(self, runtime_dir: Path) -> None:
+        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self._socket = context.socket(zmq.SUB)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.SUBSCRIBE, b"plc_reader")
+        self._socket.connect(wire.tap_endpoint(runtime_dir, "plc_reader"))
+        self.counters: dict[str, Any] = {}
+        self.events: list[dict[str, Any]] = []
+
+    def drain(self) -> TapWatcher:
+        while self._socket.poll(0):
+            _topic, body = self._socket.recv_multipart()
+            message = json.loads(body)
+            if message["kind"] == "counters":
+                self.counters = message
+            else:
+                self.events.append(message)
+        return self
+
+    def counter(self, name: str) -> Any:
+        return self.drain().counters.get(name)
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+
+class SilentPlc:
+    """A TCP server that accepts connections and reads requests but never responds."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self.port: int = self._listener.getsockname()[1]
+        self.connections: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="silent-plc", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _address = self._listener.accept()
+            except TimeoutError:
+                continue
+            self.connections.append(connection)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for connection in self.connections:
+            connection.close()
+        self._listener.close()
+
+
+class ReaderProcess:
+    """python -m processes.plc_reader with its output in reader.log."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.log_file = config.parent / "reader.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ReaderProcess:
+        with self.log_file.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "processes.plc_reader", "--config", str(self.config)],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def terminate(self, timeout_s: float = 5.0) -> tuple[int | None, float]:
+        """SIGTERM the reader, and return its exit code (None if it hung) and the seconds taken."""
+        assert self.process is not None
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code: int | None = self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            code = None
+        return code, time.monotonic() - started
+
+    def kill(self) -> None:
+        if self.running():
+            assert self.process is not None
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+
+@pytest.fixture
+def base() -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="pb-", dir="/tmp"))
+    (folder / "run").mkdir()
+    return folder
+
+
+@pytest.fixture
+def simulator(base: Path) -> Iterator[PlcSimulator]:
+    plc = PlcSimulator(base, bench_registers=10)
+    plc.start()
+    try:
+        yield plc
+    finally:
+        plc.stop()
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[Callable[[], None]]]:
+    """Collect stop functions of readers, buffers and taps, and run them even when a test fails."""
+    actions: list[Callable[[], None]] = []
+    try:
+        yield actions
+    finally:
+        for action in reversed(actions):
+            action()
+
+
+def start_reader(config: Path, cleanup: list[Callable[[], None]]) -> ReaderProcess:
+    reader = ReaderProcess(config).start()
+    cleanup.append(reader.kill)
+    return reader
+
+
+def start_buffer(
+    base: Path, cleanup: list[Callable[[], None]], committed: dict[int, int] | None = None
+) -> StandInBuffer:
+    buffer = StandInBuffer(wire.endpoint(base / "run", wire.INGEST), committed).start()
+    cleanup.append(buffer.stop)
+    return buffer
+
+
+def watch_tap(base: Path, cleanup: list[Callable[[], None]]) -> TapWatcher:
+    tap = TapWatcher(base / "run")
+    cleanup.append(tap.close)
+    return tap
+
+
+def by_name(samples: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [sample for sample in samples if sample["name"] == name]
+
+
+def as_float32(value: float) -> float:
+    result: float = struct.unpack(">f", struct.pack(">f", value))[0]
+    return result
+
+
+def caught_up(counters: dict[str, Any]) -> dict[str, Any] | None:
+    if counters.get("unacked_batches") == 0 and counters.get("pending_samples", 10**9) < 60:
+        return counters
+    return None
+
+
+def seqs_of(samples: list[dict[str, Any]]) -> list[int]:
+    return [sample["seq"] for sample in samples]
+
+
+def dumps(sample: dict[str, Any]) -> bytes:
+    return json.dumps(sample, separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [True, False, 0, -5, 65535, 2**63 - 1, -(2**63), 1.5, -0.0, 1e-7, 1e22, 21.900000000000002,
+     -1234.5625, 3.4028234663852886e38],
+)
+def test_sample_encoder_good_matches_json_dumps(value: bool | int | float) -> None:
+    encoded = SampleEncoder(7).good("line1.speed", value, 1764806400123, 41)
+
+    expected = {"name": "line1.speed", "value": value, "quality": "good",
+                "ts_ms": 1764806400123, "epoch": 7, "seq": 41}
+    assert encoded == dumps(expected)
+
+
+def test_sample_encoder_bad_matches_json_dumps() -> None:
+    encoded = SampleEncoder(2).bad('tank "A"/level °C', "modbus exception 2", 1, 0)
+
+    expected = {"name": 'tank "A"/level °C', "value": None, "quality": "bad",
+                "reason": "modbus exception 2", "ts_ms": 1, "epoch": 2, "seq": 0}
+    assert encoded == dumps(expected)
+
+
+def test_sample_encoder_batch_is_json_array() -> None:
+    encoder = SampleEncoder(1)
+    samples = [encoder.good("a", 1, 10, 0), encoder.bad("b", "timeout", 10, 1)]
+
+    decoded = json.loads(encode_batch(samples))
+
+    assert [sample["seq"] for sample in decoded] == [0, 1]
+    assert json.loads(encode_batch([])) == []
+
+
+def test_group_schedule_on_time_advances_one_interval() -> None:
+    schedule = GroupSchedule("fast", 0.01, 100.0, [])
+
+    assert schedule.advance(100.004) == 0
+    assert schedule.next_due == pytest.approx(100.01)
+
+
+def test_group_schedule_late_poll_skips_missed_cycles() -> None:
+    schedule = GroupSchedule("fast", 0.01, 100.0, [])
+
+    # A poll that ended 0.305 s after it was due missed the cycles due at 100.01 to 100.30.
+    assert schedule.advance(100.305) == 30
+    assert schedule.next_due == pytest.approx(100.31)
+    assert schedule.advance(100.311) == 0
+    assert schedule.next_due == pytest.approx(100.32)
+
+
+def test_plc_reader_values_match_simulator(
+    base: Path, simulator: PlcSimulator, cleanup: list[Callable[[], None]]
+) -> None:
+    buffer = start_buffer(base, cleanup)
+    reader = start_reader(write_config(base, simulator.port, tags=SIMULATOR_TAGS + FAULTY_TAGS),
+                          cleanup)
+
+    wait_until(
+        lambda: len(by_name(buffer.snapshot(), "line1.counter")) >= 50
+        and len(by_name(buffer.snapshot(), "line1.missing")) >= 2,
+        10,
+        "50 counter samples and 2 samples of the missing tag",
+    )
+    samples = buffer.snapshot()
+    by_seq = {sample["seq"]: sample for sample in samples}
+
+    # line1.counter, line1.sine and line1.check come from one read, in address order.
+    counters = [s for s in by_name(samples, "line1.counter") if s["quality"] == "good"]
+    assert len(counters) >= 50
+    for counter in counters:
+        sine = by_seq[counter["seq"] + 1]
+        check = by_seq[counter["seq"] + 2]
+        assert sine["name"] == "line1.sine"
+        assert check["name"] == "line1.check"
+        assert sine["ts_ms"] == counter["ts_ms"]
+        assert isinstance(counter["value"], int)
+        assert sine["value"] == as_float32(math.sin(counter["value"] / 100))
+        assert check["value"] == (counter["value"] & 0xFFFF) ^ 0xA5A5
+
+    values = [counter["value"] for counter in counters]
+    assert values == sorted(values)
+    assert values[-1] > values[0]
+
+    serials = by_name(samples, "plc.serial_number")
+    assert serials
+    assert all(sample["value"] == SERIAL_NUMBER for sample in serials)
+    temperatures = by_name(samples, "line1.temperature_c")
+    assert temperatures
+    assert all(15.0 <= sample["value"] <= 25.0 for sample in temperatures)
+    assert all(isinstance(s["value"], bool) for s in by_name(samples, "line1.running"))
+    assert all(isinstance(s["value"], bool) for s in by_name(samples, "line1.stopped"))
+
+    missing = by_name(samples, "line1.missing")
+    assert all(sample["quality"] == "bad" for sample in missing)
+    assert all(sample["reason"] == "modbus exception 2" for sample in missing)
+    assert all(sample["value"] is None for sample in missing)
+    log = reader.log()
+    assert "address 5000" in log
+    assert log.count("read_failed") == 1, log
+
+    unset = by_name(samples, "line1.unset")
+    assert unset
+    assert all(sample["quality"] == "bad" for sample in unset)
+    assert all(sample["reason"] == "value is nan" for sample in unset)
+    assert log.count("value_invalid") == 1, log
+
+
+def test_plc_reader_seq_gapless_and_epoch_grows(
+    base: Path, simulator: PlcSimulator, cleanup: list[Callable[[], None]]
+) -> None:
+    config = write_config(base, simulator.port)
+    buffer = start_buffer(base, cleanup)
+    reader = start_reader(config, cleanup)
+    wait_until(lambda: len(buffer.snapshot()) >= 500, 10, "500 stored samples")
+
+    code, elapsed_s = reader.terminate()
+    assert code == 0, reader.log()
+    assert elapsed_s < 5
+    first_run = buffer.snapshot()
+    first_epoch = first_run[0]["epoch"]
+    assert {sample["epoch"] for sample in first_run} == {first_epoch}
+    assert seqs_of(first_run) == list(range(len(first_run)))
+    assert all(sample["quality"] == "good" for sample in first_run)
+
+    start_reader(config, cleanup)
+    wait_until(
+        lambda: len(buffer.snapshot()) >= len(first_run) + 100, 10, "100 samples after restart"
+    )
+    second_run = buffer.snapshot()[len(first_run):]
+    second_epoch = second_run[0]["epoch"]
+    assert second_epoch > first_epoch
+    assert {sample["epoch"] for sample in second_run} == {second_epoch}
+    assert seqs_of(second_run) == list(range(len(second_run)))
+    assert (base / "state" / "reader-epoch").read_text().strip() == str(second_epoch)
+
+
+def test_plc_reader_buffer_away_drops_oldest_then_resends(
+    base: Path, simulator: PlcSimulator, cleanup: list[Callable[[], None]]
+) -> None:
+    queue_max = 300
+    max_unacked = 4
+    config = write_config(
+        base,
+        simulator.port,
+        plc_keys=f"""
+batch_max_samples = 20
+queue_max_samples = {queue_max}
+max_unacked_batches = {max_unacked}
+ack_timeout_s = 0.3
+""",
+    )
+    buffer = start_buffer(base, cleanup)
+    reader = start_reader(config, cleanup)
+    tap = watch_tap(base, cleanup)
+    wait_until(lambda: len(buffer.snapshot()) >= 100, 10, "100 stored samples")
+
+    # The buffer takes batches but never commits them, then goes away with them.
+    buffer.acking = False
+    wait_until(
+        lambda: tap.counter("unacked_batches") == max_unacked, 10, "a full unacked window"
+    )
+    buffer.stop()
+    stored_before = buffer.snapshot()
+    wait_until(lambda: (tap.counter("dropped_samples") or 0) > 0, 10, "dropped samples")
+
+    # Polling goes on with the queue bounded while the buffer is away.
+    polls = tap.counter("polls")
+    wait_until(lambda: tap.counter("polls") > polls + 50, 10, "50 more polls")
+    assert tap.counter("pending_samples") <= queue_max
+    assert reader.running()
+
+    # Drops happen only while the queue is full, so once a counters message shows a short
+    # queue, its dropped_samples is final.
+    returned = start_buffer(base, cleanup, committed=buffer.committed)
+    counters = wait_until(
+        lambda: caught_up(tap.drain().counters), 10, "the backlog delivered to the buffer"
+    )
+    dropped = counters["dropped_samples"]
+    code, _elapsed_s = reader.terminate()
+    assert code == 0, reader.log()
+
+    stored = stored_before + returned.snapshot()
+    seqs = seqs_of(stored)
+    assert seqs == sorted(set(seqs))
+    gaps = [(before, after) for before, after in itertools.pairwise(seqs) if after != before + 1]
+    assert seqs[0] == 0
+    assert len(gaps) == 1, gaps
+    drop_start, drop_end = gaps[0]
+    assert drop_start >= stored_before[-1]["seq"] + max_unacked
+    assert drop_end - drop_start - 1 == dropped
+    batch_seqs = [batch_seq for _epoch, batch_seq in buffer.stored_batches
+                  + returned.stored_batches]
+    assert batch_seqs == list(range(len(batch_seqs)))
+    assert "queue_full_dropped_oldest" in reader.log()
+    assert "ingest_resend" in reader.log()
+
+
+def test_plc_reader_plc_killed_reads_bad_then_recovers(
+    base: Path, simulator: PlcSimulator, cleanup: list[Callable[[], None]]
+) -> None:
+    buffer = start_buffer(base, cleanup)
+    reader = start_reader(write_config(base, simulator.port), cleanup)
+    tap = watch_tap(base, cleanup)
+    wait_until(lambda: len(buffer.snapshot()) >= 100, 10, "100 stored samples")
+
+    simulator.kill()
+    killed_at = len(buffer.snapshot())
+    wait_until(
+        lambda: sum(s["quality"] == "bad" for s in buffer.snapshot()[killed_at:]) >= 50,
+        10,
+        "50 bad samples after the PLC was killed",
+    )
+    assert reader.running()
+    bad = [s for s in buffer.snapshot()[killed_at:] if s["quality"] == "bad"]
+    assert {s["reason"] for s in bad} <= {"connection failed", "timeout"}
+    assert all(s["value"] is None for s in bad)
+
+    simulator.start()
+    recovered_at = len(buffer.snapshot())
+    wait_until(
+        lambda: sum(s["quality"] == "good" for s in buffer.snapshot()[recovered_at:]) >= 50,
+        10,
+        "50 good samples after the PLC came back",
+    )
+    assert reader.running()
+    assert seqs_of(buffer.snapshot()) == list(range(len(buffer.snapshot())))
+    kinds = [event["kind"] for event in tap.drain().events]
+    assert "plc_disconnected" in kinds
+    assert "plc_connected" in kinds
+    log = reader.log()
+    assert log.count("plc_disconnected") == 1, log
+    assert "plc_reconnected" in log
+
+
+def test_plc_reader_silent_plc_reads_timeout(
+    base: Path, cleanup: list[Callable[[], None]]
+) -> None:
+    plc = SilentPlc()
+    cleanup.append(plc.close)
+    buffer = start_buffer(base, cleanup)
+    reader = start_reader(write_config(base, plc.port), cleanup)
+    tap = watch_tap(base, cleanup)
+
+    wait_until(lambda: len(plc.connections) >= 3, 10, "3 connect attempts")
+    wait_until(
+        lambda: sum(s["reason"] == "timeout" for s in buffer.snapshot()) >= 8,
+        10,
+        "8 samples that timed out",
+    )
+    wait_until(lambda: (tap.counter("overruns") or 0) > 0, 5, "overruns counted")
+    assert reader.running()
+
+    samples = buffer.snapshot()
+    assert all(sample["quality"] == "bad" for sample in samples)
+    assert {sample["reason"] for sample in samples} <= {"timeout", "connection failed"}
+    log = reader.log()
+    assert "timed out after 0.3 s" in log
+    assert log.count("plc_unreachable") == 1, log
+    assert "plc_disconnected" not in log
+    assert "plc_connected" not in log
+
+
+def test_plc_reader_sigterm_with_buffer_away_exits_zero(
+    base: Path, simulator: PlcSimulator, cleanup: list[Callable[[], None]]
+) -> None:
+    reader = start_reader(write_config(base, simulator.port), cleanup)
+    tap = watch_tap(base, cleanup)
+    wait_until(lambda: (tap.counter("pending_samples") or 0) > 100, 10, "pending samples")
+
+    code, elapsed_s = reader.terminate()
+
+    assert code == 0, reader.log()
+    assert elapsed_s < 5
+    assert "ingest_flush_incomplete" in reader.log()
+
+
+def test_plc_reader_bad_config_exits_two(base: Path) -> None:
+    config = write_config(base, 1502, plc_keys="poll_interval_s = 1")
+    result = subprocess.run(
+        [sys.executable, "-m", "processes.plc_reader", "--config", str(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "plc.poll_interval_s" in result.stderr
