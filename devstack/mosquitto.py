@@ -43,13 +43,16 @@ def write_config(
     workdir: Path,
     require_certificate: bool = False,
     allow_anonymous: bool = True,
+    persistence: bool = False,
 ) -> Path:
     """Write mosquitto.conf for a TLS listener on 127.0.0.1:port and return its path.
 
     The broker accepts any client and keeps nothing on disk. Its log goes to mosquitto.log
     in workdir. With require_certificate the listener also demands a client certificate
     signed by the development CA, for X.509 tests. With allow_anonymous false and no
-    password file, mosquitto refuses every client with CONNACK 5, for refusal tests.
+    password file, mosquitto refuses every client with CONNACK 5, for refusal tests. With
+    persistence, sessions and their queued QoS 1 messages survive a restart of the broker,
+    so a subscriber misses nothing that was published while it reconnected.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     certs = dev_cert_paths(certs_dir.resolve())
@@ -62,7 +65,10 @@ def write_config(
         "user root" if os.geteuid() == 0 else "",
         "per_listener_settings false",
         f"allow_anonymous {'true' if allow_anonymous else 'false'}",
-        "persistence false",
+        f"persistence {'true' if persistence else 'false'}",
+        f"persistence_location {workdir.resolve()}/",
+        # Queue without limit for a persistent subscriber that is offline (0 = no limit).
+        "max_queued_messages 0",
         f"log_dest file {log_file}",
         "log_type error",
         "log_type warning",

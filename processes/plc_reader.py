@@ -393,7 +393,20 @@ def run_reader(config: Config, logger: logging.Logger, stop: threading.Event) ->
             ),
         )
         sender.flush(FLUSH_TIMEOUT_S)
-        tap.publish("stop", **reader.counters())
+
+        # The totals let an operator, or a test, tell whether the epoch's tail reached the buffer.
+        counters = reader.counters()
+        logger.info(
+            "reader_stopped %s",
+            fields(
+                epoch=epoch,
+                samples=counters["samples"],
+                dropped_samples=counters["dropped_samples"],
+                unsent_samples=counters["pending_samples"],
+                unacked_batches=counters["unacked_batches"],
+            ),
+        )
+        tap.publish("stop", **counters)
     finally:
         connection.close()
         if sender is not None:

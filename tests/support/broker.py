@@ -44,8 +44,10 @@ class Broker:
         workdir: Path,
         port: int | None = None,
         allow_anonymous: bool = True,
+        persistence: bool = False,
     ) -> None:
         self.certs_dir = certs_dir
+        self.persistence = persistence
         self.allow_anonymous = allow_anonymous
         self.workdir = workdir
         self.port = port or free_port()
@@ -61,7 +63,11 @@ class Broker:
 
     def start(self, timeout_s: float = 10.0) -> None:
         config = write_config(
-            self.port, self.certs_dir, self.workdir, allow_anonymous=self.allow_anonymous
+            self.port,
+            self.certs_dir,
+            self.workdir,
+            allow_anonymous=self.allow_anonymous,
+            persistence=self.persistence,
         )
         self.process = subprocess.Popen(
             [find_mosquitto(), "-c", str(config)],
@@ -138,10 +144,14 @@ class SilentServer:
 class Subscriber:
     """A paho client that subscribes with QoS 1 over TLS and records (topic, payload) pairs.
 
-    The subscription is renewed in on_connect, so it survives a broker restart.
+    The subscription is renewed in on_connect, so it survives a broker restart. With
+    persistent_session, the broker keeps the session and queues messages while the
+    subscriber is away, so nothing published during a reconnect is missed.
     """
 
-    def __init__(self, port: int, ca_file: Path, topic_filter: str) -> None:
+    def __init__(
+        self, port: int, ca_file: Path, topic_filter: str, persistent_session: bool = False
+    ) -> None:
         self.topic_filter = topic_filter
         self._messages: list[tuple[str, bytes]] = []
         self._condition = threading.Condition()
@@ -150,7 +160,10 @@ class Subscriber:
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=f"test-subscriber-{port}",
             protocol=mqtt.MQTTv311,
+            clean_session=not persistent_session,
         )
+        # Reconnect quickly after a broker restart instead of paho's default of up to 120 s.
+        self.client.reconnect_delay_set(min_delay=0.1, max_delay=0.5)
         self.client.tls_set_context(client_tls_context(ca_file))
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe

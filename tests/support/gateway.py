@@ -182,9 +182,10 @@ class Gateway:
     def supervisorctl(
         self, *args: str, timeout_s: float = 60.0
     ) -> subprocess.CompletedProcess[str]:
-        server = f"unix://{self.socket}"
+        """Run supervisorctl through `plcbridge ctl`, as the README tells operators to."""
         return subprocess.run(
-            [sys.executable, "-m", "supervisor.supervisorctl", "-s", server, *args],
+            [sys.executable, "-m", "cli.main", "ctl", "--config", str(self.config), *args],
+            cwd=ROOT,
             capture_output=True,
             text=True,
             timeout=timeout_s,
