@@ -49,6 +49,7 @@ from common.config import BufferSettings, Config
 from common.errors import PlcBridgeError, StoreError
 from common.lifecycle import run_process
 from common.logs import fields
+from common.ratelimit import RateLimit
 from common.tap import Tap
 
 STORE_FORMAT = b"1"
@@ -627,23 +628,6 @@ class Delivery:
         self.in_flight.difference_update(page_seqs)
 
 
-class Throttle:
-    """Lets one message per key through every interval and counts the suppressed ones."""
-
-    def __init__(self, interval_s: float) -> None:
-        self.interval_s = interval_s
-        self._next: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def allow(self, key: str, now: float) -> tuple[bool, int]:
-        """Return whether to log now, and how many messages were suppressed before this one."""
-        if now < self._next.get(key, 0.0):
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
-            return False, 0
-        self._next[key] = now + self.interval_s
-        return True, self._suppressed.pop(key, 0)
-
-
 class BufferCore:
     """Group commits, page sealing, the disk bound and delivery state, without any socket."""
 
@@ -653,7 +637,7 @@ class BufferCore:
         self.logger = logger
         self.tap = tap
         self.delivery = Delivery()
-        self.throttle = Throttle(WARNING_INTERVAL_S)
+        self.warning_limits: dict[str, RateLimit] = {}
         self.counters = dict.fromkeys(
             ("batches_committed", "samples_committed", "duplicates", "pages_sent",
              "pages_acked", "commits"), 0
@@ -814,8 +798,9 @@ class BufferCore:
                              total_samples=state.dropped_samples)
 
     def warn(self, key: str, detail: str, now: float) -> None:
-        allowed, suppressed = self.throttle.allow(key, now)
-        if not allowed:
+        limit = self.warning_limits.setdefault(key, RateLimit(WARNING_INTERVAL_S))
+        suppressed = limit.allow(now)
+        if suppressed is None:
             return
         message = WARNINGS[key]
         self.logger.warning("%s %s suppressed=%d: %s", key, detail, suppressed, message)

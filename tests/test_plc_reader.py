@@ -26,8 +26,8 @@ import pytest
 import zmq
 
 from common import wire
-from processes.plc_reader import GroupSchedule
-from processes.plc_samples import SampleEncoder, encode_batch
+from processes.plc_reader.reader import GroupSchedule
+from processes.plc_reader.samples import SampleEncoder, encode_batch
 from tests.support.plc import ROOT, PlcSimulator
 
 pytestmark = pytest.mark.integration

@@ -22,10 +22,10 @@ from common import wire
 from common.config import PlcSettings
 from common.errors import PlcBridgeError
 from common.logs import fields
-from processes.plc_ratelimit import RateLimit
-from processes.plc_samples import encode_batch
+from common.ratelimit import RateLimit
+from processes.plc_reader.samples import encode_batch
 
-# One sample encoded as a JSON object by processes.plc_samples.
+# One sample encoded as a JSON object by processes.plc_reader.samples.
 Sample = bytes
 
 WARNING_INTERVAL_S = 10.0

@@ -1,4 +1,4 @@
-"""Rate limiting for the reader's repeated log lines and tap events."""
+"""Rate limiting for repeated log lines and tap events."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ class RateLimit:
         self._next_allowed = 0.0
         self._suppressed = 0
 
-    def allow(self) -> int | None:
-        """Return how many events were suppressed since the last allowed one, or None to skip."""
-        now = time.monotonic()
+    def allow(self, now: float | None = None) -> int | None:
+        """Return how many events were suppressed since the last allowed one, or None to skip.
+
+        now is a time.monotonic() reading; the current one is taken when it is None.
+        """
+        now = time.monotonic() if now is None else now
         if now < self._next_allowed:
             self._suppressed += 1
             return None

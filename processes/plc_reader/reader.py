@@ -6,13 +6,12 @@ Each tag group is polled every poll_interval_ms on the monotonic clock. A poll t
 after the next due time skips the missed cycles instead of catching up in a burst, and
 counts them as overruns. Every tag of every due poll yields one sample: good with its
 value, or bad with a reason when the read failed or the PLC is unreachable. Samples go to
-the buffer through processes.plc_sender, whose sends never block the polls.
+the buffer through processes.plc_reader.sender, whose sends never block the polls.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -27,12 +26,12 @@ from common.errors import ConfigError, PlcBridgeError
 from common.lifecycle import run_process
 from common.logs import fields
 from common.modbus_tags import ReadRequest, decode_tag, invalid_value_reason, plan_requests
+from common.ratelimit import RateLimit
 from common.tap import Tap
-from processes.plc_client import PlcConnection, PlcReadError
-from processes.plc_epoch import advance_epoch
-from processes.plc_ratelimit import RateLimit
-from processes.plc_samples import SampleEncoder
-from processes.plc_sender import IngestSender, Sample
+from processes.plc_reader.client import PlcConnection, PlcReadError
+from processes.plc_reader.epoch import advance_epoch
+from processes.plc_reader.samples import SampleEncoder
+from processes.plc_reader.sender import IngestSender, Sample
 
 PROCESS = "plc_reader"
 
@@ -418,6 +417,3 @@ def run_reader(config: Config, logger: logging.Logger, stop: threading.Event) ->
 def main() -> int:
     return run_process(PROCESS, run_reader)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from processes.plc_reader.reader import main
+
+sys.exit(main())
