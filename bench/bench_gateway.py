@@ -28,8 +28,12 @@ import zmq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_paho import make_page, run_once  # noqa: E402
+
 from common import wire  # noqa: E402
 from tests.support.gateway import Gateway, wait_until  # noqa: E402
+
+PAGE_SAMPLES = 1000
 
 
 def free_port() -> int:
@@ -66,7 +70,7 @@ poll_interval_ms = {interval_ms}
 
 [buffer]
 max_bytes = 1073741824
-page_max_samples = 1000
+page_max_samples = {PAGE_SAMPLES}
 page_max_bytes = 131072
 page_max_age_ms = 200
 sync = true
@@ -162,6 +166,11 @@ def one_run(args: argparse.Namespace, certs: Path) -> dict[str, Any]:
         result["drain_samples"] = backlog["samples_committed"] - start_count
         result["drain_samples_per_s"] = result["drain_samples"] / drain_s
         buffer_tap.close()
+
+        # paho's own ceiling against the same broker, with pages of the gateway's size, while
+        # the gateway is idle: the reader is stopped and the backlog is drained.
+        ceiling = run_once(broker_port, certs / "ca.pem", make_page(1, PAGE_SAMPLES), 2000, 0)
+        result["paho_ceiling_samples_per_s"] = ceiling.messages_per_s * PAGE_SAMPLES
     finally:
         gateway.stop()
         for helper in helpers:
@@ -190,8 +199,12 @@ def main() -> int:
         return statistics.median(run[key] for run in runs)
 
     total_rss = statistics.median(sum(run["rss_mib"].values()) for run in runs)
-    print(f"end-to-end samples/s (median): {median('end_to_end_samples_per_s'):,.0f}")
-    print(f"drain samples/s (median): {median('drain_samples_per_s'):,.0f}")
+    ceiling = median("paho_ceiling_samples_per_s")
+    end_to_end = median("end_to_end_samples_per_s")
+    drain = median("drain_samples_per_s")
+    print(f"paho ceiling samples/s, {PAGE_SAMPLES}-sample pages (median): {ceiling:,.0f}")
+    print(f"end-to-end samples/s (median): {end_to_end:,.0f}, {end_to_end / ceiling:.1%} of paho")
+    print(f"drain samples/s (median): {drain:,.0f}, {drain / ceiling:.1%} of paho")
     for name in runs[0]["rss_mib"]:
         print(f"rss {name} MiB (median): "
               f"{statistics.median(run['rss_mib'][name] for run in runs):.1f}")
