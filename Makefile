@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CERTS := var/dev-certs
 
-.PHONY: run test check lint typecheck venv deps certs bench clean
+.PHONY: run test lint typecheck venv deps-run deps-test certs bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,27 +15,36 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# Debian's mosquitto is the broker of the demo and the tests; socat and faketime serve the
-# serial-line and clock tests. Installed only when missing and when running as root.
-deps:
+# Debian packages, installed only when missing and only as root: mosquitto is the broker
+# of the demo and the tests; socat and faketime serve the serial-line and clock tests.
+RUN_TOOLS := /usr/sbin/mosquitto:mosquitto /usr/bin/mosquitto_sub:mosquitto-clients
+TEST_TOOLS := $(RUN_TOOLS) /usr/bin/socat:socat /usr/bin/faketime:faketime
+
+define install_missing
 	@missing=""; \
-	for tool in /usr/sbin/mosquitto /usr/bin/mosquitto_sub /usr/bin/socat /usr/bin/faketime; do \
-		[ -x "$$tool" ] || missing="$$missing $$tool"; \
+	for entry in $(1); do \
+		[ -x "$${entry%%:*}" ] || missing="$$missing $${entry##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-				mosquitto mosquitto-clients socat faketime >/dev/null; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 		else \
-			echo "missing:$$missing; run: sudo apt-get install mosquitto mosquitto-clients socat faketime" >&2; \
+			echo "missing Debian packages:$$missing; run: sudo apt-get install$$missing" >&2; \
 			exit 1; \
 		fi; \
 	fi
+endef
+
+deps-run:
+	$(call install_missing,$(RUN_TOOLS))
+
+deps-test:
+	$(call install_missing,$(TEST_TOOLS))
 
 certs: venv
 	$(PY) -m devstack.dev_certs $(CERTS)
 
-run: venv deps certs
+run: venv deps-run certs
 	$(PY) -m devstack.demo
 
 lint: venv
@@ -44,10 +53,10 @@ lint: venv
 typecheck: venv
 	$(PY) -m mypy
 
-test: venv deps certs lint typecheck
+test: venv deps-test certs lint typecheck
 	$(PY) -m pytest -q
 
-bench: venv deps certs
+bench: venv deps-run certs
 	$(PY) bench/run_all.py
 
 clean:

@@ -21,6 +21,9 @@ from common.errors import CredentialError, PlcBridgeError
 # The repository root, where supervisord.conf lives next to the cli package.
 DEFAULT_SUPERVISORD_CONF = Path(__file__).resolve().parent.parent / "supervisord.conf"
 
+# supervisorctl's own exit code when it cannot reach supervisord.
+EXIT_NOT_RUNNING = 4
+
 
 class LaunchError(PlcBridgeError):
     """The gateway could not be started: a missing tool, file or folder."""
@@ -45,6 +48,11 @@ def ctl(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     conf = _supervisord_conf(args.supervisord_conf)
     supervisorctl = find_tool("supervisorctl")
+    if not config.supervisor_socket.exists():
+        print(f"plcbridge ctl: supervisord is not running: no control socket at "
+              f"{config.supervisor_socket}; start the gateway with "
+              f"`plcbridge run --config {config.path}`", file=sys.stderr)
+        return EXIT_NOT_RUNNING
 
     # Without -c, supervisorctl reads the first supervisord.conf it finds from the current
     # folder, so name ours explicitly with the environment its %(ENV_...)s values need.

@@ -21,7 +21,8 @@ exit codes:
      or `tap --count N` got fewer than N messages
   2  invalid configuration or credential file, or invalid command-line arguments
   3  check-credentials: the SAS token has expired
-  run and ctl exit with supervisord's or supervisorctl's own code.
+  4  ctl: supervisord is not running
+  run and ctl otherwise exit with supervisord's or supervisorctl's own code.
 """
 
 

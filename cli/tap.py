@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import socket
 import sys
 import time
 from datetime import datetime
@@ -26,6 +28,10 @@ def tap(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     processes = args.processes or list(wire.PROCESS_NAMES)
     _warn_about_missing_sockets(config.gateway.runtime_dir, processes)
+
+    # A shell that started us in the background may have set SIGINT to be ignored; Ctrl-C
+    # or kill -INT must still end the tap.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     sock = wire.make_socket(context, zmq.SUB, wire.TAP_HWM, linger_ms=0)
@@ -112,10 +118,24 @@ def _render(key: str, value: Any) -> str:
 
 
 def _warn_about_missing_sockets(runtime_dir: Path, processes: list[str]) -> None:
-    # ZeroMQ connects to an ipc:// path that does not exist yet and waits for it silently,
-    # so warn about each process that has no tap socket yet.
+    # ZeroMQ connects to an ipc:// path that does not exist yet, or that a stopped process
+    # left behind, and waits for it silently, so warn about each process that is not there.
     for process in processes:
         path = Path(wire.tap_endpoint(runtime_dir, process).removeprefix("ipc://"))
         if not path.exists():
             print(f"plcbridge tap: no tap socket at {path} yet; is {process} running? "
                   "Waiting for it.", file=sys.stderr)
+        elif not _listening(path):
+            print(f"plcbridge tap: nothing listens on {path}; {process} is not running. "
+                  "Waiting for it.", file=sys.stderr)
+
+
+def _listening(path: Path) -> bool:
+    """Return whether a process accepts connections on the Unix socket at path."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True

@@ -347,7 +347,7 @@ def _parse_plc(table: _Table) -> PlcSettings:
         ),
         max_gap_registers=table.integer("max_gap_registers", 8, 0, MAX_REGISTERS_PER_READ),
         batch_max_samples=table.integer("batch_max_samples", 2000, 1, 100_000),
-        queue_max_samples=table.integer("queue_max_samples", 1_000_000, 1, 100_000_000),
+        queue_max_samples=table.integer("queue_max_samples", 200_000, 1, 100_000_000),
         max_unacked_batches=table.integer("max_unacked_batches", 16, 1, 1000),
         ack_timeout_s=table.number("ack_timeout_s", 2.0, 0.1, 600.0),
         tag_groups=groups,

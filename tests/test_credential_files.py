@@ -6,6 +6,9 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from common.config import load_config
 from common.credential_files import (
@@ -49,6 +52,8 @@ def test_credential_files_valid_set_loaded(tmp_path: Path) -> None:
     assert loaded.ca_certificate_count == 2
     assert loaded.client_certificate is not None
     assert loaded.client_certificate.subject == f"CN={DEVICE}"
+    expected = x509.load_pem_x509_certificate((tmp_path / "client.pem").read_bytes())
+    assert loaded.client_certificate.not_after == expected.not_valid_after_utc
 
 
 def test_credential_files_ca_folder_rejected(tmp_path: Path) -> None:
@@ -100,6 +105,76 @@ def test_credential_files_garbled_key_rejected(tmp_path: Path) -> None:
 
     assert error.path == tmp_path / "client.key"
     assert error.reason.startswith("client key file is not a valid PEM private key")
+
+
+def test_credential_files_key_without_pem_block(tmp_path: Path) -> None:
+    files = gateway(tmp_path, PAIR)
+    write_client_pair(tmp_path / "client.pem", tmp_path / "client.key")
+    (tmp_path / "client.key").write_text("paste the key here\n")
+
+    error = validation_error(files)
+
+    assert error.path == tmp_path / "client.key"
+    assert error.reason.startswith("client key file is not a valid PEM private key")
+    assert "contains no -----BEGIN PRIVATE KEY----- block" in error.reason
+
+
+def test_credential_files_encrypted_key_rejected(tmp_path: Path) -> None:
+    files = gateway(tmp_path, PAIR)
+    write_client_pair(tmp_path / "client.pem", tmp_path / "client.key")
+    key = serialization.load_pem_private_key((tmp_path / "client.key").read_bytes(), None)
+    (tmp_path / "client.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"passphrase"),
+    ))
+
+    # Without its password callback, the check would prompt for a passphrase instead.
+    error = validation_error(files)
+
+    assert error.path == tmp_path / "client.key"
+    assert error.reason == "client key is encrypted; the uplink needs an unencrypted PEM key"
+
+
+def test_credential_files_key_type_mismatch(tmp_path: Path) -> None:
+    files = gateway(tmp_path, PAIR)
+    write_client_pair(tmp_path / "client.pem", tmp_path / "client.key")
+    rsa_key = rsa.generate_private_key(65537, 2048)
+    (tmp_path / "client.key").write_bytes(rsa_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    ))
+
+    error = validation_error(files)
+
+    assert error.path == tmp_path / "client.key"
+    assert "does not match the client certificate" in error.reason
+
+
+def test_credential_files_bundle_names_bad_line(tmp_path: Path) -> None:
+    files = gateway(tmp_path)
+    good = files.ca.read_text()
+    bad = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n"
+    files.ca.write_text(good + "# second root\n" + bad)
+    bad_line = good.count("\n") + 2
+
+    error = validation_error(files)
+
+    assert error.path == files.ca
+    assert error.reason.startswith(
+        f"CA file contains an invalid PEM certificate: the certificate at line {bad_line} "
+        "is not a valid X.509 certificate (OpenSSL: "
+    )
+
+
+def test_credential_files_ca_bad_base64_named(tmp_path: Path) -> None:
+    files = gateway(tmp_path)
+    files.ca.write_text("-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n")
+
+    error = validation_error(files)
+
+    assert "the certificate at line 1 is not valid base64" in error.reason
 
 
 def test_credential_files_x509_needs_client_pair(tmp_path: Path) -> None:

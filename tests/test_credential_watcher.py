@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import subprocess
 import sys
@@ -11,9 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from common.supervisor_rpc import SupervisorClient, SupervisorUnavailableError
 from tests.gateway_files import (
+    DEVICE,
     REPO,
     GatewayFiles,
     device_key_string,
@@ -22,6 +28,7 @@ from tests.gateway_files import (
     sas_token_string,
     stop_process,
     wait_for,
+    write_client_pair,
     write_gateway,
 )
 
@@ -125,6 +132,16 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
             for process in (gateway.watcher, gateway.supervisord):
                 if process is not None:
                     stop_process(process)
+
+
+@pytest.fixture
+def paired(gateway: Gateway) -> Gateway:
+    """The gateway with a device certificate and key in its [credentials] section."""
+    # write_gateway ends the configuration with [credentials], so the keys land there.
+    with gateway.files.config.open("a") as config:
+        config.write('client_cert_file = "client.pem"\nclient_key_file = "client.key"\n')
+    write_client_pair(gateway.files.root / "client.pem", gateway.files.root / "client.key")
+    return gateway
 
 
 @pytest.fixture
@@ -281,3 +298,63 @@ def test_watcher_unknown_program_logged(gateway: Gateway) -> None:
     assert "BAD_NAME: plcbridge:uplnk" in gateway.output()
     assert "check supervisor.group and supervisor.uplink_program" in gateway.output()
     assert gateway.uplink_pid() == pid
+
+
+def write_expired_pair(cert_path: Path, key_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, DEVICE)])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC))
+        .not_valid_after(datetime.datetime(2021, 6, 30, 12, 0, tzinfo=datetime.UTC))
+        .sign(key, hashes.SHA256())
+    )
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ))
+
+
+def test_watcher_expired_client_certificate_warned(paired: Gateway) -> None:
+    write_expired_pair(paired.files.root / "client.pem", paired.files.root / "client.key")
+
+    paired.start_watcher(ready_line="client_certificate_expired")
+
+    output = paired.output()
+    assert f"client_certificate=CN={DEVICE}" in output
+    assert "not_after=2021-06-30T12:00:00Z" in output
+    warnings = [line for line in output.splitlines() if "client_certificate_expired" in line]
+    assert " WARNING " in warnings[0]
+
+
+def test_watcher_imports_no_heavy_modules(paired: Gateway) -> None:
+    # Validate a set with a client pair and call a supervisord that is not there, so that
+    # every code path of a check runs, then list what the watcher process would hold.
+    # cryptography may load only for the client certificate, never at import.
+    script = f"""
+import sys
+from pathlib import Path
+from common.config import load_config
+from common.credential_files import validate_credential_files
+from common.supervisor_rpc import SupervisorClient, SupervisorUnavailableError
+import processes.credential_watcher
+
+at_import = sorted(name for name in sys.modules if name.startswith("cryptography"))
+validate_credential_files(load_config({str(paired.files.config)!r}).credentials)
+try:
+    SupervisorClient(Path({str(paired.files.runtime_dir / "none.sock")!r})).process_info("x")
+except SupervisorUnavailableError:
+    pass
+heavy = ("importlib.metadata", "supervisor", "pymodbus", "paho", "lmdb")
+print(at_import, sorted(name for name in sys.modules if name.startswith(heavy)))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                            text=True, timeout=30, check=True)
+
+    assert result.stdout.strip() == "[] []"

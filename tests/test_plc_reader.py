@@ -671,3 +671,17 @@ def test_plc_reader_bad_config_exits_two(base: Path) -> None:
     )
     assert result.returncode == 2
     assert "plc.poll_interval_s" in result.stderr
+
+
+def test_plc_reader_imports_no_heavy_modules() -> None:
+    # The reader needs none of these: importlib.metadata alone adds about 3 MiB of resident
+    # memory, and the others belong to the CLI or to other processes.
+    script = (
+        "import sys, processes.plc_reader.reader\n"
+        "heavy = ('importlib.metadata', 'cryptography', 'supervisor', 'paho', 'lmdb')\n"
+        "print(sorted(name for name in sys.modules if name.startswith(heavy)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=30, check=True)
+
+    assert result.stdout.strip() == "[]"
