@@ -53,7 +53,7 @@ def _summary_lines(config: Config, credentials: CredentialSet) -> list[str]:
         f"tags: {len(plc.tags)} in {len(plc.tag_groups)} groups: {groups}",
         f"uplink: {_uplink(config, credentials)}",
         f"credentials: {_scheme(config, credentials)}; CA file {config.credentials.ca_file} "
-        f"({credentials.ca_certificate_count} certificates)",
+        f"(certificates: {credentials.ca_certificate_count})",
     ]
     if credentials.client_certificate is not None:
         certificate = credentials.client_certificate

@@ -141,7 +141,10 @@ def decode_tag(tag: Tag, values: Sequence[int] | Sequence[bool], start: int) -> 
 
     if tag.scale == 1.0 and tag.offset == 0.0:
         return raw
-    return raw * tag.scale + tag.offset
+
+    # 227 * 0.1 is 22.700000000000003 in binary floating point; 15 significant digits, the
+    # precision a double always keeps, give the 22.7 an engineer expects on a dashboard.
+    return float(f"{raw * tag.scale + tag.offset:.15g}")
 
 
 def invalid_value_reason(value: TagValue) -> str | None:

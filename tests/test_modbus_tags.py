@@ -258,6 +258,14 @@ def test_decode_tag_scale_and_offset() -> None:
     assert isinstance(value, float)
 
 
+def test_decode_tag_scale_has_no_binary_noise() -> None:
+    value = decode_tag(make_tag("t", 0, "int16", scale=0.1), registers_of(">h", 227), 0)
+
+    # The plain product is 22.700000000000003.
+    assert value == 22.7
+    assert repr(value) == "22.7"
+
+
 def test_decode_tag_offset_only_becomes_float() -> None:
     value = decode_tag(make_tag("t", 0, "uint16", offset=1.0), [41], 0)
 
