@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import zmq
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,6 +113,12 @@ class TapReader:
         self.socket.close()
 
 
+def stored_pages(store: lmdb.Environment, pages_db: Any) -> int:
+    with store.begin() as txn:
+        entries: int = txn.stat(pages_db)["entries"]
+        return entries
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -158,11 +165,26 @@ def one_run(args: argparse.Namespace, certs: Path) -> dict[str, Any]:
                    600, "backlog built", step_s=0.5)
         gateway.supervisorctl("stop", "plcbridge:plc_reader")
         backlog = buffer_tap.latest()
+
+        # The drain is timed from the uplink's "connected" log line to an empty store, read
+        # from LMDB every 2 ms: supervisord's startsecs and the tap's 1 s counters would
+        # otherwise be most of a one-second drain.
+        store = lmdb.open(str(base / "state" / "buffer"), readonly=True, lock=True, max_dbs=8)
+        pages_db = store.open_db(b"pages", create=False)
+        uplink_log = base / "log" / "uplink.log"
+        connects_before = uplink_log.read_text().count(" connected endpoint=")
+        subprocess.Popen(  # returns after startsecs; the drain is timed from the log instead
+            [python, "-m", "cli.main", "ctl", "--config", str(gateway.config), "start",
+             "plcbridge:uplink"], cwd=ROOT, stdout=subprocess.DEVNULL)
+        wait_until(
+            lambda: uplink_log.read_text().count(" connected endpoint=") > connects_before,
+            30, "the uplink's connected line", step_s=0.002,
+        )
         began = time.monotonic()
-        gateway.supervisorctl("start", "plcbridge:uplink")
-        wait_until(lambda: buffer_tap.latest()["pages"] == 0, 600, "backlog drained",
-                   step_s=0.2)
+        wait_until(lambda: stored_pages(store, pages_db) == 0, 600, "backlog drained",
+                   step_s=0.002)
         drain_s = time.monotonic() - began
+        store.close()
         result["drain_samples"] = backlog["samples_committed"] - start_count
         result["drain_samples_per_s"] = result["drain_samples"] / drain_s
         buffer_tap.close()

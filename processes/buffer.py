@@ -24,6 +24,7 @@ B-tree overhead and is bounded by the LMDB map size, about twice buffer.max_byte
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import fcntl
 import itertools
@@ -34,7 +35,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Container, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -82,8 +83,13 @@ MAP_FULL_ATTEMPTS = 6
 MAP_GROWTH_FACTOR = 1.5
 
 MAX_DELIVERY_MESSAGES_PER_PASS = 1000
-MAX_PAGES_PER_READ = 64
 MAX_POLL_MS = 1000
+
+# A commit that only deletes acknowledged pages waits this long for more pubacks. A drain
+# then costs one durable commit every 50 ms instead of one every loop pass, and a crash in
+# between makes the uplink resend at most the pages acknowledged in those 50 ms.
+PUBACK_COMMIT_DELAY_S = 0.05
+
 SEND_RETRY_MS = 10
 SOCKET_LINGER_MS = 200
 WARNING_INTERVAL_S = 10.0
@@ -292,22 +298,30 @@ class PageStore:
             raise StoreError(f"write to the LMDB store {self.path} failed: {exc}") from exc
         self.state = work.state
 
-    def read_pages(self, after_seq: int, limit: int) -> list[tuple[int, int, bytes]]:
-        """Return up to limit pages above after_seq, oldest first, as (page_seq, count, JSON)."""
-        pages: list[tuple[int, int, bytes]] = []
+    def iter_pages(
+        self, after_seq: int, skip: Container[int]
+    ) -> Generator[tuple[int, int, memoryview], None, None]:
+        """Yield the pages above after_seq that are not in skip, oldest first, as
+        (page_seq, count, JSON).
+
+        All pages come from one read transaction, and each JSON buffer points into the LMDB
+        map, so it is valid only until the next page is requested. Close the generator, for
+        example with contextlib.closing, to end the transaction.
+        """
         try:
-            with self.env.begin() as txn:
+            with self.env.begin(buffers=True) as txn:
                 cursor = txn.cursor(db=self.index)
                 positioned = cursor.set_range(SEQ.pack(after_seq + 1))
-                while positioned and len(pages) < limit:
-                    key, value = cursor.item()
-                    page = txn.get(key, db=self.pages)
-                    if page is not None:
-                        pages.append((SEQ.unpack(key)[0], INDEX.unpack(value)[0], page))
+                while positioned:
+                    seq: int = SEQ.unpack(cursor.key())[0]
+                    if seq not in skip:
+                        count: int = INDEX.unpack(cursor.value())[0]
+                        page = txn.get(SEQ.pack(seq), db=self.pages)
+                        if page is not None:
+                            yield seq, count, page
                     positioned = cursor.next()
         except lmdb.Error as exc:
             raise StoreError(f"read from the LMDB store {self.path} failed: {exc}") from exc
-        return pages
 
     def grow_map(self) -> None:
         """Enlarge the map by half. Call it only while no transaction is open."""
@@ -345,6 +359,7 @@ class StoreTransaction:
         self.max_samples = store.settings.page_max_samples
         self.max_bytes = store.settings.page_max_bytes
         self.opened_page = False  # an empty open page received its first samples
+        self.sealed_pages = 0
 
     def add_batch(self, count: int, array: bytes) -> int:
         """Add a batch's samples to the open page, sealing each page that fills up.
@@ -438,6 +453,7 @@ class StoreTransaction:
 
         state.next_page_seq += 1
         state.page_count += 1
+        self.sealed_pages += 1
         state.stored_bytes += len(page) - state.open_array_bytes
         state.open_chunks = []
         state.open_samples = 0
@@ -570,13 +586,15 @@ class PassOutcome:
     notes: list[tuple[str, str]] = field(default_factory=list)  # (warning key, detail)
     epoch_changes: list[tuple[int, int]] = field(default_factory=list)
     opened_page: bool = False
+    sealed_pages: int = 0
 
 
 class Delivery:
     """The uplink's link state, credit and the pages handed out but not yet acknowledged.
 
-    Pages go out in page_seq order, so every page above `cursor` is eligible and every
-    page at or below it is either in flight or deleted.
+    Pages go out in page_seq order, so every page above `cursor` is eligible unless its
+    delete is pending (BufferCore.pending_deletes), and every page at or below it is in
+    flight, acknowledged or deleted.
     """
 
     def __init__(self) -> None:
@@ -643,6 +661,12 @@ class BufferCore:
              "pages_acked", "commits"), 0
         )
         self.open_deadline = self._initial_open_deadline(time.monotonic())
+
+        # Pages whose puback arrived but whose deletion is not committed yet. They are not
+        # handed out again, and the next commit deletes them, at the latest at
+        # deletes_deadline.
+        self.pending_deletes: set[int] = set()
+        self.deletes_deadline: float | None = None
         self._unreported_drops = [0, 0]  # pages, samples
         self._next_drop_report = 0.0
 
@@ -655,20 +679,34 @@ class BufferCore:
         max_age_s = self.settings.page_max_age_ms / 1000
         return now + max(0.0, max_age_s - age_s)
 
-    def commit(self, batches: list[Batch], pubacks: list[int], now: float) -> PassOutcome:
+    def add_pubacks(self, page_seqs: list[int], now: float) -> None:
+        """Note pages that the broker acknowledged, for a commit within PUBACK_COMMIT_DELAY_S."""
+        if not page_seqs:
+            return
+        if not self.pending_deletes:
+            self.deletes_deadline = now + PUBACK_COMMIT_DELAY_S
+        self.pending_deletes.update(page_seqs)
+
+    def commit(self, batches: list[Batch], now: float, flush_deletes: bool = False) -> PassOutcome:
         """Store batches, seal due pages and delete acknowledged ones in one transaction.
 
-        A full map leads to deleting the oldest pages and trying again.
+        Pending deletes alone lead to a commit only at deletes_deadline, or with
+        flush_deletes, but they join every other commit. A full map leads to deleting the
+        oldest pages and trying again.
         """
         seal_due = self.open_deadline is not None and now >= self.open_deadline
-        if not batches and not pubacks and not seal_due:
+        deletes_due = bool(self.pending_deletes) and (
+            flush_deletes or (self.deletes_deadline is not None and now >= self.deletes_deadline))
+        if not batches and not seal_due and not deletes_due:
             return PassOutcome()
 
+        deletes = sorted(self.pending_deletes)
         for attempt in range(1, MAP_FULL_ATTEMPTS + 1):
             try:
                 with self.store.transaction() as txn:
-                    outcome = self._apply(txn, batches, pubacks, seal_due)
+                    outcome = self._apply(txn, batches, deletes, seal_due)
                 outcome.opened_page = txn.opened_page
+                outcome.sealed_pages = txn.sealed_pages
                 break
             except StoreFull as exc:
                 if attempt == MAP_FULL_ATTEMPTS:
@@ -676,11 +714,13 @@ class BufferCore:
                                      "help, so check the free disk space") from exc
                 self._make_room(attempt, batches, exc)
 
+        self.pending_deletes.clear()
+        self.deletes_deadline = None
         self._after_commit(outcome, now)
         return outcome
 
     def _apply(
-        self, txn: StoreTransaction, batches: list[Batch], pubacks: list[int], seal_due: bool
+        self, txn: StoreTransaction, batches: list[Batch], deletes: list[int], seal_due: bool
     ) -> PassOutcome:
         outcome = PassOutcome()
         if seal_due:
@@ -688,7 +728,7 @@ class BufferCore:
 
         for batch in batches:
             self._ingest(txn, batch, outcome)
-        for page_seq in pubacks:
+        for page_seq in deletes:
             outcome.acked_pages += txn.delete_page(page_seq)
 
         excess = txn.state.stored_bytes - self.settings.max_bytes
@@ -736,15 +776,24 @@ class BufferCore:
         incoming = sum(len(batch.array) for batch in batches)
         bytes_to_free = (incoming + self.settings.page_max_bytes) * 2**attempt
 
+        deleted: list[int] = []
         dropped: list[tuple[int, int]] = []
         try:
             with self.store.transaction() as txn:
-                dropped = txn.drop_oldest(bytes_to_free, self.delivery.in_flight)
+                # Acknowledged pages go first, because deleting them loses no data.
+                stored_bytes = txn.state.stored_bytes
+                deleted = [seq for seq in sorted(self.pending_deletes) if txn.delete_page(seq)]
+                bytes_to_free -= stored_bytes - txn.state.stored_bytes
+                if bytes_to_free > 0:
+                    dropped = txn.drop_oldest(bytes_to_free, self.delivery.in_flight)
         except StoreFull:
-            dropped = []
+            deleted, dropped = [], []
+        if deleted:
+            self.counters["pages_acked"] += len(deleted)
+            self.pending_deletes.difference_update(deleted)
         self._record_drops(dropped)
 
-        if not dropped or attempt >= MAP_FULL_ATTEMPTS // 2:
+        if not (deleted or dropped) or attempt >= MAP_FULL_ATTEMPTS // 2:
             self.store.grow_map()
 
     def _after_commit(self, outcome: PassOutcome, now: float) -> None:
@@ -806,13 +855,6 @@ class BufferCore:
         self.logger.warning("%s %s suppressed=%d: %s", key, detail, suppressed, message)
         if self.tap:
             self.tap.publish("error", error=key, detail=detail, message=message)
-
-    def pages_to_send(self) -> list[tuple[int, int, bytes]]:
-        delivery = self.delivery
-        if not delivery.up or delivery.credit <= 0:
-            return []
-        limit = min(delivery.credit, MAX_PAGES_PER_READ)
-        return self.store.read_pages(delivery.cursor, limit)
 
     def tap_counters(self) -> dict[str, Any]:
         state = self.store.state
@@ -929,6 +971,8 @@ class BufferProcess:
         while not stop.is_set():
             self._run_pass()
 
+        # Deleting the acknowledged pages now spares the next start from resending them.
+        self.core.commit([], time.monotonic(), flush_deletes=True)
         self.core.report_drops(time.monotonic(), force=True)
         self.tap.publish("stop", **self.core.tap_counters())
 
@@ -936,12 +980,19 @@ class BufferProcess:
         ready = dict(self.poller.poll(self._poll_timeout_ms()))
 
         batches = self._receive_batches() if self.ingest in ready else []
-        pubacks = self._receive_delivery() if self.delivery in ready else []
         now = time.monotonic()
-        outcome = self.core.commit(batches, pubacks, now)
-        self._send_acks(outcome.acks)
+        if self.delivery in ready:
+            self.core.add_pubacks(self._receive_delivery(), now)
 
+        # The credit that the pubacks returned is spent before the commit, so the uplink
+        # gets its next pages without waiting for the disk. Pages come only from earlier
+        # commits, and a page whose delete is pending is not handed out.
         self._hand_out_pages()
+        outcome = self.core.commit(batches, now)
+        self._send_acks(outcome.acks)
+        if outcome.sealed_pages:
+            self._hand_out_pages()
+
         self.core.report_drops(now)
         self.tap.counters = self.core.tap_counters()
         self.tap.publish_counters_if_due()
@@ -950,9 +1001,10 @@ class BufferProcess:
         if self.send_blocked:
             return SEND_RETRY_MS
         timeout_ms = MAX_POLL_MS
-        deadline = self.core.open_deadline
-        if deadline is not None:
-            timeout_ms = min(timeout_ms, int((deadline - time.monotonic()) * 1000) + 1)
+        now = time.monotonic()
+        for deadline in (self.core.open_deadline, self.core.deletes_deadline):
+            if deadline is not None:
+                timeout_ms = min(timeout_ms, int((deadline - now) * 1000) + 1)
         return max(0, timeout_ms)
 
     def _receive_batches(self) -> list[Batch]:
@@ -1020,21 +1072,25 @@ class BufferProcess:
                                                             error=exc))
 
     def _hand_out_pages(self) -> None:
+        """Send the oldest eligible pages within the credit, straight from the LMDB map."""
         self.send_blocked = False
         delivery = self.core.delivery
-        while True:
-            pages = self.core.pages_to_send()
-            if not pages:
-                return
+        if not delivery.up or delivery.credit <= 0:
+            return
+        pages = self.core.store.iter_pages(delivery.cursor, self.core.pending_deletes)
+        with contextlib.closing(pages):
             for page_seq, count, page in pages:
-                if not self._send_page(delivery, page_seq, count, page):
+                if not self._send_page(delivery, page_seq, count, page) or delivery.credit <= 0:
                     return
 
-    def _send_page(self, delivery: Delivery, page_seq: int, count: int, page: bytes) -> bool:
+    def _send_page(
+        self, delivery: Delivery, page_seq: int, count: int, page: memoryview
+    ) -> bool:
         assert delivery.identity is not None  # the link is up, so a link message named it
-        frames = wire.encode(wire.PAGE, {"page_seq": page_seq, "count": count}, page)
+        header = wire.encode(wire.PAGE, {"page_seq": page_seq, "count": count})
         try:
-            self.delivery.send_multipart([delivery.identity, *frames], zmq.NOBLOCK)
+            # With copy=True, pyzmq copies the page out of the LMDB map before it returns.
+            self.delivery.send_multipart([delivery.identity, *header, page], zmq.NOBLOCK)
         except zmq.Again:
             self.send_blocked = True  # the uplink's queue is full, so retry soon
             return False

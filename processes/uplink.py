@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -351,26 +352,37 @@ def _load_client_certificate(context: ssl.SSLContext, credentials: CredentialSet
 
 
 class Wakeup:
-    """A socketpair that one thread writes a byte to, so the other's poll returns."""
+    """A socketpair that one thread writes a byte to, so the other's poll returns.
+
+    The reading thread calls drain() before it empties the queue that goes with this
+    wake-up. Until then a byte is unread, which is enough, so notify() makes no system
+    call. Only one thread notifies each Wakeup, so the flag needs no lock.
+    """
 
     def __init__(self) -> None:
         self._reader, self._writer = socket.socketpair()
         self._reader.setblocking(False)
         self._writer.setblocking(False)
+        self._unread = False
 
     def fileno(self) -> int:
         return self._reader.fileno()
 
     def notify(self) -> None:
+        if self._unread:
+            return
+        self._unread = True
         # A full pipe already contains a pending wake-up, which is all the reader needs, and
         # a closed one means the reading thread has ended.
         with contextlib.suppress(OSError):
             self._writer.send(b"\0")
 
     def drain(self) -> None:
+        # The byte is read before the flag is cleared. A notify() in between writes no byte,
+        # but its item is already in the queue that the caller empties next.
         with contextlib.suppress(BlockingIOError):
-            while self._reader.recv(4096):
-                pass
+            self._reader.recv(4096)
+        self._unread = False
 
     def close(self) -> None:
         self._reader.close()
@@ -451,6 +463,7 @@ class MqttLink(threading.Thread):
         self._events_wakeup = events_wakeup
         self._requests: queue.Queue[PublishRequest] = queue.Queue()
         self._wakeup = Wakeup()
+        self._events_posted = False  # events queued by paho callbacks, not yet announced
         self._stop_requested = threading.Event()
 
         # Written only by this thread and read by the main thread for its counters.
@@ -460,8 +473,9 @@ class MqttLink(threading.Thread):
 
     # -- called from the main thread ----------------------------------------------------
 
-    def request_publish(self, request: PublishRequest) -> None:
-        self._requests.put(request)
+    def request_publish(self, requests: list[PublishRequest]) -> None:
+        for request in requests:
+            self._requests.put(request)
         self._wakeup.notify()
 
     def stop(self) -> None:
@@ -711,7 +725,16 @@ class MqttLink(threading.Thread):
         if rc != mqtt.MQTT_ERR_SUCCESS and connection.closed:
             connection.close_reason = self._describe_loss(connection.close_reason, rc)
 
+        # One wake-up for all the events of this pass, so the main thread does not compete
+        # for the GIL while paho is still reading the rest of the PUBACKs.
+        self._announce_events()
         self._publish_requested(connection)
+        self._announce_events()
+
+    def _announce_events(self) -> None:
+        if self._events_posted:
+            self._events_posted = False
+            self._events_wakeup.notify()
 
     @staticmethod
     def _describe_loss(reason: str, rc: mqtt.MQTTErrorCode) -> str:
@@ -784,6 +807,12 @@ class MqttLink(threading.Thread):
         self._events.put(event)
         self._events_wakeup.notify()
 
+    def _post_from_callback(self, event: LinkEvent) -> None:
+        """Queue an event from a paho callback. Callbacks run inside _pump, which wakes the
+        main thread once at its end."""
+        self._events.put(event)
+        self._events_posted = True
+
     # -- paho callbacks, on this thread ---------------------------------------------------
     #
     # Reason codes are paho ReasonCode objects. Only str() and is_failure are used on
@@ -811,7 +840,7 @@ class MqttLink(threading.Thread):
     ) -> None:
         page_seq = connection.mid_to_page.pop(mid, None)
         if page_seq is not None:
-            self._post(LinkEvent("puback", connection.number, page_seq=page_seq))
+            self._post_from_callback(LinkEvent("puback", connection.number, page_seq=page_seq))
 
     def _on_subscribe(
         self, _client: mqtt.Client, _connection: Connection, _mid: int, reason_codes: Any,
@@ -841,7 +870,8 @@ class MqttLink(threading.Thread):
                 payload=excerpt + ("..." if len(payload) > C2D_LOG_BYTES else ""),
             ),
         )
-        self._post(LinkEvent("c2d", connection.number, topic=message.topic, size=len(payload)))
+        self._post_from_callback(
+            LinkEvent("c2d", connection.number, topic=message.topic, size=len(payload)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -868,6 +898,15 @@ class Uplink:
 
         self._events: queue.Queue[LinkEvent] = queue.Queue()
         self._events_wakeup = Wakeup()
+        self._event_handlers: dict[str, Callable[[LinkEvent], None]] = {
+            "connecting": self._on_connecting,
+            "connected": self._on_connected,
+            "connect_failed": self._on_connect_failed,
+            "disconnected": self._on_disconnected,
+            "puback": self._on_puback,
+            "c2d": self._on_c2d,
+            "fatal": self._on_fatal,
+        }
         self._link = MqttLink(
             identity, config.uplink, config.credentials, logger, self._events,
             self._events_wakeup,
@@ -948,14 +987,20 @@ class Uplink:
     # -- pages from the buffer ------------------------------------------------------------
 
     def _receive_pages(self) -> None:
+        """Hand every page that arrived to the network thread, with a single wake-up."""
+        requests = []
         while True:
             try:
                 frames = self._dealer.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
-            self._handle_buffer_message(frames)
+                break
+            request = self._handle_buffer_message(frames)
+            if request is not None:
+                requests.append(request)
+        if requests:
+            self._link.request_publish(requests)
 
-    def _handle_buffer_message(self, frames: list[bytes]) -> None:
+    def _handle_buffer_message(self, frames: list[bytes]) -> PublishRequest | None:
         try:
             message = wire.decode(frames)
             if message.kind != wire.PAGE or message.payload is None:
@@ -969,15 +1014,15 @@ class Uplink:
                 fields(error=exc, consequence="message ignored"),
             )
             self._tap.publish("error", message=f"invalid message from the buffer: {exc}")
-            return
+            return None
 
         # The buffer redelivers every unacknowledged page in the next session.
         if not self._link_up:
             self._pages_not_sent += 1
             self._logger.debug("page_held %s", fields(page_seq=page_seq, reason="link down"))
-            return
+            return None
         self._outstanding.add(page_seq)
-        self._link.request_publish(PublishRequest(self._connection, page_seq, message.payload))
+        return PublishRequest(self._connection, page_seq, message.payload)
 
     # -- events from the network thread ---------------------------------------------------
 
@@ -990,16 +1035,7 @@ class Uplink:
             self._handle_event(event)
 
     def _handle_event(self, event: LinkEvent) -> None:
-        handlers = {
-            "connecting": self._on_connecting,
-            "connected": self._on_connected,
-            "connect_failed": self._on_connect_failed,
-            "disconnected": self._on_disconnected,
-            "puback": self._on_puback,
-            "c2d": self._on_c2d,
-            "fatal": self._on_fatal,
-        }
-        handlers[event.kind](event)
+        self._event_handlers[event.kind](event)
 
     def _on_connecting(self, event: LinkEvent) -> None:
         self._tap.publish("connecting", endpoint=event.reason, attempt=event.connection)

@@ -27,7 +27,7 @@ import zmq
 
 from common import payload, wire
 from common.config import BufferSettings
-from processes.buffer import Batch, BufferCore, PageStore
+from processes.buffer import PUBACK_COMMIT_DELAY_S, Batch, BufferCore, PageStore
 from tests.support.zmq_peers import ReaderPeer, UplinkPeer, make_samples
 
 REPO = Path(__file__).resolve().parent.parent
@@ -416,6 +416,94 @@ def test_buffer_delivers_oldest_first_and_redelivers(make_buffer, context) -> No
     assert uplink.receive_page(0.2) is None
 
 
+def test_buffer_acked_page_not_resent_before_delete(make_buffer, context) -> None:
+    run = make_buffer(page_max_samples=10, page_max_age_ms=60_000)
+    run.start()
+    reader = ReaderPeer(context, run.runtime_dir)
+    uplink = UplinkPeer(context, run.runtime_dir)
+    # Pages 0 and 1 are sealed, and the third batch stays in the open page.
+    send_and_ack(reader, 1, [make_samples(1, seq * 10, 10) for seq in range(3)])
+
+    uplink.link("s1", free=2)
+    first = uplink.receive_page(5.0)
+    second = uplink.receive_page(5.0)
+    assert first is not None and second is not None
+    assert (first[0], second[0]) == (0, 1)
+
+    # The puback and the new session arrive well within the delete's commit delay, so page
+    # 0 is still stored when page 1 becomes eligible again. Page 0 must not come back.
+    uplink.puback("s1", 0)
+    uplink.link("s2", free=10)
+    resent = []
+    while (page := uplink.receive_page(0.5)) is not None:
+        resent.append(page[0])
+    assert resent == [1]
+    wait_until(lambda: sorted(read_store(run.store_dir).pages) == [1], 5.0, "page 0 deleted")
+
+
+def test_buffer_deletes_committed_after_delay(tmp_path) -> None:
+    settings = BufferSettings(max_bytes=1 << 30, page_max_samples=10, page_max_bytes=65_536,
+                              page_max_age_ms=60_000, commit_max_batches=64, sync=True)
+    logger = logging.getLogger("test.buffer")
+    store = PageStore(tmp_path / "buffer", settings, logger)
+    try:
+        core = BufferCore(store, logger)
+
+        def batch(batch_seq: int, count: int) -> Batch:
+            samples = make_samples(1, batch_seq * 10, count)
+            return Batch(b"reader", 1, batch_seq, count, payload.encode_samples(samples))
+
+        # Pages 0 and 1 are sealed, and the third batch stays in the open page.
+        batches = [batch(batch_seq, 10) for batch_seq in range(3)]
+        now = time.monotonic()
+        core.commit(batches, now)
+        assert store.state.page_count == 2
+        commits = core.counters["commits"]
+
+        # Pubacks alone wait for the delay, then go in one transaction.
+        core.add_pubacks([0], now)
+        core.add_pubacks([1], now + PUBACK_COMMIT_DELAY_S / 2)
+        assert core.commit([], now + PUBACK_COMMIT_DELAY_S / 2).acked_pages == 0
+        assert core.counters["commits"] == commits
+        assert store.state.page_count == 2
+        assert core.commit([], now + PUBACK_COMMIT_DELAY_S).acked_pages == 2
+        assert core.counters["commits"] == commits + 1
+        assert store.state.page_count == 0
+        assert core.deletes_deadline is None
+
+        # A batch takes pending deletes along at once, even of an unknown page, and
+        # flush_deletes forces a commit.
+        core.add_pubacks([7], now)
+        outcome = core.commit([batch(3, 1)], now)
+        assert outcome.stored_batches == 1
+        assert not core.pending_deletes
+        assert store.state.page_count == 1  # the batch sealed page 2 and stays open itself
+        core.add_pubacks([2], now)
+        assert core.commit([], now, flush_deletes=True).acked_pages == 1
+        assert not core.pending_deletes
+    finally:
+        store.close()
+    assert read_store(tmp_path / "buffer").pages == {}
+
+
+def test_buffer_sigterm_commits_pending_deletes(make_buffer, context) -> None:
+    run = make_buffer(page_max_samples=10, page_max_age_ms=60_000)
+    run.start()
+    reader = ReaderPeer(context, run.runtime_dir)
+    uplink = UplinkPeer(context, run.runtime_dir)
+    send_and_ack(reader, 1, [make_samples(1, seq * 10, 10) for seq in range(3)])
+
+    uplink.link("s1", free=2)
+    pages = [uplink.receive_page(5.0) for _ in range(2)]
+    assert [page[0] for page in pages if page is not None] == [0, 1]
+    uplink.puback("s1", 0)
+    uplink.puback("s1", 1)
+
+    # The buffer may stop before the delete's commit delay has passed, and still deletes.
+    assert run.terminate() == 0
+    assert read_store(run.store_dir).pages == {}
+
+
 def test_buffer_page_bounds_count_and_bytes(make_buffer, context) -> None:
     run = make_buffer(page_max_samples=50, page_max_bytes=2048, page_max_age_ms=50)
     run.start()
@@ -553,7 +641,7 @@ def test_buffer_map_full_drops_and_retries(tmp_path) -> None:
                 array = payload.encode_samples(samples)
                 batches.append(Batch(b"reader", 1, batch_seq, samples_per_batch, array))
                 batch_seq += 1
-            outcome = core.commit(batches, [], time.monotonic())
+            outcome = core.commit(batches, time.monotonic())
             assert outcome.acks == {b"reader": (1, batch_seq - 1)}
         state = store.state
         assert state.dropped_pages > 0

@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from common import wire
 from common.credentials import mint_sas_token
 from common.payload import build_page
 from devstack.dev_certs import ensure_dev_certs
+from processes.uplink import Wakeup
 from tests.support.broker import Broker, SilentServer, Subscriber
 
 pytestmark = pytest.mark.integration
@@ -315,6 +317,59 @@ def test_uplink_pages_flow(
     code, _elapsed = uplink.terminate(10)
     assert code == 0
     assert "Traceback" not in uplink.log()
+
+
+def test_uplink_pages_flow_sustained(
+    base: Path, broker: Broker, buffer: StandInBuffer, subscriber: Subscriber, uplinks: Any
+) -> None:
+    """Keep the credit window full, as the buffer does in a drain, and check every page."""
+    write_connection_string(base)
+    uplink = uplinks(base, azure_config(base, broker.port, broker.ca_file,
+                                        "max_inflight_pages = 20"))
+    link = buffer.wait_link("up", 15)
+    total = 600
+    next_seq = 0
+    while next_seq < link["free"]:
+        buffer.send_page(next_seq, sample_page(next_seq))
+        next_seq += 1
+
+    # Each puback frees one slot, which the next page takes at once.
+    deadline = time.monotonic() + 30
+    while len(buffer.pubacks) < total:
+        assert time.monotonic() < deadline, f"only {len(buffer.pubacks)} of {total} pubacks"
+        buffer.pump(0.1)
+        while next_seq < min(total, len(buffer.pubacks) + link["free"]):
+            buffer.send_page(next_seq, sample_page(next_seq))
+            next_seq += 1
+
+    assert sorted(ack["page_seq"] for ack in buffer.pubacks) == list(range(total))
+    assert {ack["session"] for ack in buffer.pubacks} == {link["session"]}
+    received = subscriber.wait_for(lambda messages: len(messages) >= total and messages, 10,
+                                   f"{total} pages at the broker")
+    assert sorted(topic for topic, _payload in received) == sorted(
+        telemetry_topic(seq) for seq in range(total))
+    code, _elapsed = uplink.terminate(10)
+    assert code == 0
+
+
+def test_uplink_wakeup_coalesces_notifies() -> None:
+    wakeup = Wakeup()
+    try:
+        # Until the reader drains, further notifies write nothing.
+        for _ in range(3):
+            wakeup.notify()
+        assert select.select([wakeup], [], [], 0)[0] == [wakeup]
+        assert os.read(wakeup.fileno(), 16) == b"\0"
+        assert select.select([wakeup], [], [], 0)[0] == []
+
+        # After a drain, the next notify wakes the reader again.
+        wakeup.drain()
+        wakeup.notify()
+        assert select.select([wakeup], [], [], 1.0)[0] == [wakeup]
+        wakeup.drain()
+        assert select.select([wakeup], [], [], 0)[0] == []
+    finally:
+        wakeup.close()
 
 
 def test_uplink_mqtt_mode_topic_template(

@@ -194,7 +194,9 @@ class Gateway:
 
     def kill9(self, program: str, timeout_s: float = 30.0) -> None:
         """SIGKILL a program and wait until supervisord has it running again."""
-        old_pid = self.pid(program)
+        # supervisord reports pid 0 for a program between runs, and kill(0) would signal
+        # this test's own process group, so wait for a real pid first.
+        old_pid = wait_until(lambda: self.pid(program), timeout_s, f"{program} running")
         os.kill(old_pid, signal.SIGKILL)
         wait_until(
             lambda: self.state(program) == "RUNNING" and self.pid(program) != old_pid,
