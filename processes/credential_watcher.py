@@ -10,18 +10,26 @@ A valid new set restarts only the uplink program, through supervisord's XML-RPC 
 invalid set is logged once and the running uplink is left alone. When supervisord cannot be
 reached, the restart is retried on every check until it succeeds.
 
+After each restart the watcher stores the SHA-256 of every file in
+<state_dir>/credentials-applied.json, so that a restarted watcher can tell which set the
+uplink was started with. At start, files that differ from that record are a change like
+any other, unless the uplink provably read them: see CredentialWatcher._find_running_set.
+
 Run it with `python -m processes.credential_watcher --config FILE`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import zmq
@@ -51,6 +59,23 @@ UNREACHABLE_LOG_INTERVAL_S = 60.0
 
 # The content state of one file: its SHA-256, or why it could not be read.
 Digests = tuple[str, ...]
+
+# The state of a file that could not be read starts with this, so it differs from any digest.
+UNREADABLE = "unreadable: "
+
+APPLIED_RECORD_FILE = "credentials-applied.json"
+APPLIED_RECORD_VERSION = 1
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+# Content states that stand in for a file's recorded digest when the record has none for it.
+NOT_RECORDED = "not in the applied record"
+UNREADABLE_WHEN_RECORDED = "unreadable when the applied record was written"
+
+# supervisord reports a program's start in whole seconds, rounded down, and the kernel stamps a
+# file's ctime from a clock that can lag time.time() by a tick. A file changed less than this
+# before the uplink's reported start may have been read in its old form, so it does not count
+# as read.
+START_MARGIN_S = 1.0
 
 
 @dataclass
@@ -105,7 +130,136 @@ def _hash_file(path: Path) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError as exc:
         # Validation reports the full reason, so this state only has to differ from any digest.
-        return f"unreadable: {exc.strerror}"
+        return f"{UNREADABLE}{exc.strerror}"
+
+
+def _last_change_s(paths: tuple[Path, ...]) -> float | None:
+    """Return the newest ctime of the files and their last path components, or None if unknown.
+
+    On Linux's common filesystems the ctime moves on every write, rename and chmod, and unlike
+    the mtime no copy tool can set it back. A file whose ctime is older than a moment therefore
+    had the same content at that moment.
+    """
+    newest = 0.0
+    for path in paths:
+        try:
+            # lstat covers a symbolic link re-pointed at a file that is older than the link.
+            newest = max(newest, os.stat(path).st_ctime, os.lstat(path).st_ctime)
+        except OSError:
+            return None
+    return newest
+
+
+def _format_time(timestamp_s: float) -> str:
+    return f"{datetime.fromtimestamp(timestamp_s, UTC):%Y-%m-%dT%H:%M:%SZ}"
+
+
+class AppliedRecord:
+    """The record of the credential set the uplink was last started with.
+
+    <state_dir>/credentials-applied.json maps each file's path to its SHA-256, or to null for a
+    file that could not be read, and never contains file content. It is replaced atomically
+    with mode 0600. A record that cannot be read or parsed is logged and treated as missing.
+    """
+
+    def __init__(self, state_dir: Path, logger: logging.Logger) -> None:
+        self.path = state_dir / APPLIED_RECORD_FILE
+        self.logger = logger
+
+    def read(self) -> dict[str, str | None] | None:
+        """Return the recorded digest of each path, or None when there is no usable record."""
+        try:
+            return _parse_record(self.path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+        except ValueError as exc:
+            reason = f"invalid content: {exc}"
+
+        self.logger.warning(
+            "applied_record_invalid %s; ignoring it, so the current files count as the set "
+            "the uplink runs with, and a rotation made while the watcher was down reaches the "
+            "uplink only at its next restart",
+            fields(file=self.path, reason=reason),
+        )
+        return None
+
+    def write(self, paths: tuple[Path, ...], digests: Digests) -> None:
+        """Store digests as the set the uplink runs with. A failure is logged, not raised."""
+        files = {str(path): _recorded_digest(digest)
+                 for path, digest in zip(paths, digests, strict=True)}
+        document = {"version": APPLIED_RECORD_VERSION, "files": files}
+        data = (json.dumps(document, indent=2) + "\n").encode()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomically(self.path, data)
+        except OSError as exc:
+            self.logger.warning(
+                "applied_record_write_failed %s; until it is written, a watcher restart may "
+                "restart the uplink needlessly or miss a rotation; check gateway.state_dir",
+                fields(file=self.path, reason=exc.strerror or exc),
+            )
+            return
+        self.logger.debug("applied_record_written %s", fields(file=self.path))
+
+
+def _recorded_digest(digest: str) -> str | None:
+    return None if digest.startswith(UNREADABLE) else digest
+
+
+def _parse_record(data: bytes) -> dict[str, str | None]:
+    """Parse the record's JSON and raise ValueError, naming what is wrong, on any other shape."""
+    # json.loads raises JSONDecodeError and UnicodeDecodeError, both ValueErrors.
+    document = json.loads(data)
+    if not isinstance(document, dict) or document.get("version") != APPLIED_RECORD_VERSION:
+        raise ValueError(f"expected a JSON object with version {APPLIED_RECORD_VERSION}")
+
+    files = document.get("files")
+    if not isinstance(files, dict):
+        raise ValueError("expected a files object")
+    for path, digest in files.items():
+        if digest is not None and not (isinstance(digest, str) and SHA256_HEX.fullmatch(digest)):
+            raise ValueError(f"the digest of {path} is neither a SHA-256 hex string nor null")
+    return files
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write a temporary file with mode 0600, fsync it, rename it over path, fsync the folder."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(descriptor, "wb") as stream:
+        # A temporary file left by a killed watcher keeps its old mode through O_CREAT.
+        os.fchmod(stream.fileno(), 0o600)
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+
+    # The rename is durable only once the folder's entry is on disk.
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def _running_from_record(record: dict[str, str | None], paths: tuple[Path, ...],
+                         current: Digests) -> Digests:
+    """Rebuild the content state of the recorded set, in the order of paths.
+
+    A file whose recorded digest matches keeps its current state, so equal sets compare equal.
+    Paths in the record that the configuration no longer names are ignored, because a new list
+    of files reaches the uplink only with a new configuration, which needs its own restart.
+    """
+    running = []
+    for path, digest in zip(paths, current, strict=True):
+        recorded = record.get(str(path), NOT_RECORDED)
+        if recorded == _recorded_digest(digest):
+            running.append(digest)
+        else:
+            running.append(recorded or UNREADABLE_WHEN_RECORDED)
+    return tuple(running)
 
 
 class CredentialWatcher:
@@ -120,8 +274,9 @@ class CredentialWatcher:
         self.program = f"{config.supervisor.group}:{config.supervisor.uplink_program}"
         self.paths = config.credentials.watched_files()
         self.hasher = FileHasher(self.paths, config.credentials.rehash_interval_s, logger)
+        self.record = AppliedRecord(config.gateway.state_dir, logger)
 
-        # running: the content the uplink was last started with, the baseline at first.
+        # running: the content the uplink was last started with; load_baseline sets it.
         # previous: the content at the last check, so a new set acts only once it is stable.
         # rejected: the last invalid set, reported once and not again.
         # accepted: the last valid set, kept while its restart waits for supervisord.
@@ -137,13 +292,89 @@ class CredentialWatcher:
         tap.counters.update(checks=0, changes=0, restarts=0, invalid=0)
 
     def load_baseline(self) -> None:
-        """Validate the files found at start as the baseline, without restarting anything."""
+        """Find the set the uplink runs with, validate the files, and act on a missed change."""
         self.logger.info(
             "watching %s", fields(files=",".join(str(path) for path in self.paths),
                                   uplink=self.program, socket=self.supervisor.socket_path)
         )
+        current = self.hasher.digests()
+        self.running = self._find_running_set(current)
+        if current == self.running:
+            if not self._validate():
+                self.rejected = current
+            return
+
+        # The files changed while no watcher ran. A set whose last change is a check interval
+        # old is as stable as one seen twice, so it is acted on now. A newer one waits for the
+        # first check, which finds it stable or reports the next change.
+        self._report_change(current)
         if not self._validate():
-            self.rejected = self.running
+            self.rejected = current
+            return
+        self.accepted = current
+        changed_s = _last_change_s(self.paths)
+        interval_s = self.config.credentials.check_interval_s
+        if changed_s is not None and time.time() - changed_s >= interval_s:
+            self._apply(current)
+
+    def _find_running_set(self, current: Digests) -> Digests:
+        """Return the content state of the set the uplink runs with, from the applied record.
+
+        Without a record (first start, or one that cannot be read) the current files are that
+        set, and a new record stores them. A record that matches them changes nothing. With
+        one that differs, the uplink runs with the current files only when it provably read
+        them, because it is RUNNING or STARTING and started after their last change. That
+        spares a restart after a gateway start with files rotated while it was down. An uplink
+        start after the record was written is no proof, because a rotation may have followed
+        that start. In every other case the uplink is restarted, which costs one reconnect.
+        The record written after that restart matches the files, so the next watcher start
+        restarts nothing unless the record could not be written.
+        """
+        record = self.record.read()
+        if record is None:
+            self.logger.info("applied_record_created %s; the uplink is taken to run with the "
+                             "current files", fields(file=self.record.path))
+            self.record.write(self.paths, current)
+            return current
+
+        running = _running_from_record(record, self.paths, current)
+        if running == current:
+            self.logger.info("applied_record_matches %s", fields(file=self.record.path))
+            return current
+        if self._uplink_read_current_files():
+            self.record.write(self.paths, current)
+            return current
+        return running
+
+    def _uplink_read_current_files(self) -> bool:
+        """Return True when supervisord reports the uplink started after the files last changed."""
+        try:
+            info = self.supervisor.process_info(self.program)
+        except (SupervisorUnavailableError, RestartError) as exc:
+            self.logger.info("uplink_start_unknown %s; the files are applied as a change",
+                             fields(program=self.program, reason=exc))
+            return False
+
+        state = info["statename"]
+        started_s: int = info["start"]
+        changed_s = _last_change_s(self.paths)
+        details = fields(program=self.program, state=state, uplink_started=_format_time(started_s),
+                         files_changed="unknown" if changed_s is None else _format_time(changed_s))
+        # A STARTING uplink has been spawned and reads the files after its start, as a RUNNING
+        # one did. At a gateway start the watcher usually finds the uplink still STARTING.
+        # A start later than supervisord's own clock means the clock was set back since, and
+        # then the two times cannot be compared.
+        read_them = (state in ("RUNNING", "STARTING") and changed_s is not None
+                     and changed_s + START_MARGIN_S < started_s <= info["now"])
+        if read_them:
+            self.logger.info("uplink_runs_current_files %s; the files differ from the applied "
+                             "record but changed before the uplink started, so it is not "
+                             "restarted", details)
+        else:
+            self.logger.info("uplink_runs_recorded_files %s; the uplink is not running or did not "
+                             "start clearly after the files last changed, so they are applied "
+                             "as a change", details)
+        return read_them
 
     def check(self) -> None:
         """Look at the files once and act on a new, stable set of content."""
@@ -170,9 +401,14 @@ class CredentialWatcher:
                 self.rejected = digests
                 return
             self.accepted = digests
+        self._apply(digests)
+
+    def _apply(self, digests: Digests) -> None:
+        """Restart the uplink with a validated set and record the set once it is applied."""
         if self._restart_uplink():
             self.running = digests
             self.accepted = None
+            self.record.write(self.paths, digests)
 
     def _report_change(self, digests: Digests) -> None:
         changed = [str(path) for path, old, new in zip(self.paths, self.running, digests,

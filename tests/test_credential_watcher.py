@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import os
+import signal
+import stat
 import subprocess
 import sys
 import time
@@ -35,6 +39,7 @@ from tests.gateway_files import (
 pytestmark = pytest.mark.integration
 
 UPLINK = "plcbridge:uplink"
+WATCHER = "plcbridge:credential_watcher"
 SUPERVISORD = Path(sys.executable).parent / "supervisord"
 
 # The stand-in uplink prints its pid and sleeps; a restart gives it a new pid.
@@ -56,7 +61,7 @@ supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 serverurl=unix://{runtime}/supervisord.sock
 
 [group:plcbridge]
-programs=uplink
+programs={programs}
 
 [program:uplink]
 command=/bin/sh -c 'echo "pid $$"; exec sleep 3600'
@@ -65,6 +70,19 @@ autorestart=true
 stopsignal=TERM
 stopwaitsecs=5
 stdout_logfile={runtime}/uplink.log
+"""
+
+# The real watcher as a supervisord program, so that supervisord restarts it after a kill.
+WATCHER_PROGRAM = """
+[program:credential_watcher]
+command={python} -m processes.credential_watcher --config {config}
+directory={repo}
+startsecs=0
+autorestart=true
+stopsignal=TERM
+stopwaitsecs=5
+redirect_stderr=true
+stdout_logfile={log}
 """
 
 
@@ -90,9 +108,29 @@ class Gateway:
         info = self.client.process_info(UPLINK)
         return info["statename"] == "RUNNING" and info["pid"] != old_pid
 
-    def start_supervisord(self) -> None:
+    def watcher_restarted(self, old_pid: int) -> bool:
+        """Return True once supervisord runs the watcher again with another pid than old_pid."""
+        info = self.client.process_info(WATCHER)
+        return info["statename"] == "RUNNING" and info["pid"] != old_pid
+
+    @property
+    def record(self) -> Path:
+        return self.files.root / "state" / "credentials-applied.json"
+
+    def recorded_files(self) -> dict[str, str | None]:
+        files: dict[str, str | None] = json.loads(self.record.read_text())["files"]
+        return files
+
+    def start_supervisord(self, with_watcher: bool = False) -> None:
+        """Start supervisord with the stand-in uplink and, if asked, the real watcher."""
         conf = self.files.root / "supervisord.conf"
-        conf.write_text(SUPERVISORD_CONF.format(runtime=self.files.runtime_dir))
+        text = SUPERVISORD_CONF.format(runtime=self.files.runtime_dir,
+                                       programs="uplink,credential_watcher" if with_watcher
+                                       else "uplink")
+        if with_watcher:
+            text += WATCHER_PROGRAM.format(python=sys.executable, config=self.files.config,
+                                           repo=REPO, log=self.log)
+        conf.write_text(text)
         self.supervisord = subprocess.Popen(
             [str(SUPERVISORD), "-n", "-c", str(conf)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -100,12 +138,19 @@ class Gateway:
         wait_for(self._uplink_running, 10, "supervisord to start the stand-in uplink")
 
     def start_watcher(self, ready_line: str = "credentials_loaded") -> None:
+        seen = self.output().count(ready_line) if self.log.exists() else 0
         self.watcher = subprocess.Popen(
             [sys.executable, "-m", "processes.credential_watcher",
              "--config", str(self.files.config)],
             stdout=self.log.open("ab"), stderr=subprocess.STDOUT, cwd=REPO,
         )
-        wait_for(lambda: ready_line in self.output(), 10, f"watcher log line {ready_line!r}")
+        wait_for(lambda: self.output().count(ready_line) > seen, 10,
+                 f"watcher log line {ready_line!r}")
+
+    def stop_watcher(self) -> None:
+        assert self.watcher is not None
+        stop_process(self.watcher)
+        assert self.watcher.returncode == 0
 
     def _uplink_running(self) -> bool:
         try:
@@ -358,3 +403,139 @@ print(at_import, sorted(name for name in sys.modules if name.startswith(heavy)))
                             text=True, timeout=30, check=True)
 
     assert result.stdout.strip() == "[] []"
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def set_check_interval(files: GatewayFiles, interval_s: float) -> None:
+    text = files.config.read_text()
+    assert "check_interval_s = 0.1\n" in text
+    files.config.write_text(text.replace("check_interval_s = 0.1\n",
+                                         f"check_interval_s = {interval_s}\n"))
+
+
+def kill_watcher(gateway: Gateway) -> int:
+    """SIGKILL the supervised watcher and return its pid."""
+    pid: int = gateway.client.process_info(WATCHER)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def test_watcher_first_start_writes_private_record(running: Gateway) -> None:
+    files = running.files
+
+    wait_for(running.record.exists, 5, "the applied record")
+
+    assert stat.S_IMODE(running.record.stat().st_mode) == 0o600
+    assert running.recorded_files() == {
+        str(files.connection_string): sha256_of(files.connection_string),
+        str(files.ca): sha256_of(files.ca),
+    }
+    assert "applied_record_created" in running.output()
+    text = running.record.read_text()
+    for secret in files.secrets:
+        assert secret not in text
+
+
+def test_watcher_killed_before_acting_applies_rotation(gateway: Gateway) -> None:
+    # Two checks 2 s apart must see the new string before the watcher acts on it, so a kill
+    # right after the write lands before the restart.
+    set_check_interval(gateway.files, 2.0)
+    gateway.start_supervisord(with_watcher=True)
+    wait_for(lambda: "applied_record_created" in gateway.output(), 10, "the first record")
+    pid = gateway.uplink_pid()
+    path = gateway.files.connection_string
+
+    rewrite(path, device_key_string(gateway.files.secrets) + "\n")
+    watcher_pid = kill_watcher(gateway)
+
+    assert gateway.uplink_pid() == pid
+    assert "uplink_restarted" not in gateway.output()
+    wait_for(lambda: gateway.watcher_restarted(watcher_pid), 10, "a new watcher")
+    wait_for(lambda: gateway.uplink_restarted(pid), 10, "the uplink to get a new pid")
+    wait_for(lambda: gateway.recorded_files()[str(path)] == sha256_of(path), 5,
+             "the record of the new string")
+    output = gateway.output()
+    assert "uplink_runs_recorded_files" in output
+    assert f"credentials_changed files={path}" in output
+    gateway.assert_no_secret_in_output()
+
+
+def test_watcher_restart_without_change_restarts_nothing(gateway: Gateway) -> None:
+    gateway.start_supervisord(with_watcher=True)
+    wait_for(lambda: "applied_record_created" in gateway.output(), 10, "the first record")
+    pid = gateway.uplink_pid()
+    path = gateway.files.connection_string
+
+    watcher_pid = kill_watcher(gateway)
+    wait_for(lambda: gateway.watcher_restarted(watcher_pid), 10, "a new watcher")
+    wait_for(lambda: "applied_record_matches" in gateway.output(), 10, "the record check")
+    # A touch that the new watcher reports proves that its checks run.
+    rewrite(path, path.read_text())
+    wait_for(lambda: f"file_touched content unchanged file={path}" in gateway.output(), 5,
+             "the new watcher to notice the new mtime")
+
+    assert gateway.uplink_pid() == pid
+    assert "credentials_changed" not in gateway.output()
+    assert "uplink_restarted" not in gateway.output()
+
+
+def test_watcher_uplink_started_after_rotation_not_restarted(gateway: Gateway) -> None:
+    gateway.start_supervisord()
+    gateway.start_watcher()
+    gateway.stop_watcher()
+    path = gateway.files.connection_string
+    rewrite(path, device_key_string(gateway.files.secrets) + "\n")
+
+    # supervisord reports the start in whole seconds, and the watcher wants the uplink's start
+    # a second clear of the file's last change.
+    changed_s = path.stat().st_ctime
+    wait_for(lambda: time.time() >= changed_s + 2.0, 5, "two seconds after the rotation")
+    pid = gateway.client.restart(UPLINK).pid_after
+    gateway.start_watcher(ready_line="uplink_runs_current_files")
+
+    wait_for(lambda: gateway.recorded_files()[str(path)] == sha256_of(path), 5,
+             "the record of the new string")
+    assert gateway.uplink_pid() == pid
+    assert "uplink_restarted" not in gateway.output()
+
+
+def test_watcher_rotation_after_uplink_start_restarts(gateway: Gateway) -> None:
+    gateway.start_supervisord()
+    gateway.start_watcher()
+    gateway.stop_watcher()
+
+    # The uplink starts after the record was written but before the rotation, so it still
+    # runs with the recorded string.
+    written_s = gateway.record.stat().st_mtime
+    wait_for(lambda: time.time() >= written_s + 1.5, 5, "a second after the record")
+    pid = gateway.client.restart(UPLINK).pid_after
+    rewrite(gateway.files.connection_string, device_key_string(gateway.files.secrets) + "\n")
+    gateway.start_watcher(ready_line="uplink_runs_recorded_files")
+
+    wait_for(lambda: gateway.uplink_restarted(pid), 10, "the uplink to get a new pid")
+
+
+@pytest.mark.parametrize("content", [
+    pytest.param(b'{"version": 1, "files": {', id="truncated"),
+    pytest.param(b"\xff\xfe", id="not_utf8"),
+    pytest.param(b'{"version": 1, "files": {"/x": "abc"}}', id="short_digest"),
+    pytest.param(b'{"files": {}}', id="no_version"),
+])
+def test_watcher_corrupt_record_warned_and_replaced(gateway: Gateway, content: bytes) -> None:
+    gateway.record.parent.mkdir()
+    gateway.record.write_bytes(content)
+
+    gateway.start_watcher()
+
+    output = gateway.output()
+    warnings = [line for line in output.splitlines() if "applied_record_invalid" in line]
+    assert len(warnings) == 1
+    assert " WARNING " in warnings[0]
+    assert f"file={gateway.record}" in warnings[0]
+    assert "applied_record_created" in output
+    assert gateway.recorded_files()[str(gateway.files.ca)] == sha256_of(gateway.files.ca)
+    # A set that the watcher takes as changed is logged before credentials_loaded.
+    assert "credentials_changed" not in output
