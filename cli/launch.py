@@ -1,7 +1,9 @@
 """`plcbridge run` and `plcbridge ctl`: supervisord and supervisorctl with the gateway's settings.
 
 supervisord.conf takes its folders and the configuration path from PLCBRIDGE_* environment
-variables, which both commands set from the configuration file.
+variables, which both commands set from the configuration file. `run` rejects an invalid
+file and saves a valid one as the last good copy. `ctl` runs on that copy when the file is
+invalid, so that the operator can still see and control a running gateway.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import NoReturn
 from common.config import Config, load_config
 from common.credential_files import validate_credential_files
 from common.errors import CredentialError, PlcBridgeError
+from common.last_good import last_good_path, load_config_or_last_good, save_last_good
 
 # The repository root, where supervisord.conf lives next to the cli package.
 DEFAULT_SUPERVISORD_CONF = Path(__file__).resolve().parent.parent / "supervisord.conf"
@@ -37,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     _reject_running_supervisord(config)
     _prepare_folders(config)
     _warn_if_credentials_invalid(config)
+    _save_last_good(config)
 
     command = [supervisord, "-n", "-c", str(conf)]
     print(f"plcbridge run: starting {' '.join(command)}", file=sys.stderr, flush=True)
@@ -45,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
 def ctl(args: argparse.Namespace) -> int:
     """Replace this process with supervisorctl, connected to the gateway's supervisord socket."""
-    config = load_config(args.config)
+    config = load_config_for_operator(args.config, "ctl")
     conf = _supervisord_conf(args.supervisord_conf)
     supervisorctl = find_tool("supervisorctl")
     if not config.supervisor_socket.exists():
@@ -59,6 +63,21 @@ def ctl(args: argparse.Namespace) -> int:
     command = [supervisorctl, "-c", str(conf), "-s", f"unix://{config.supervisor_socket}",
                *args.supervisorctl_args]
     _exec(command, gateway_environment(config))
+
+
+def load_config_for_operator(path: str, command: str) -> Config:
+    """Load the configuration, or its last good copy after printing why the file was rejected.
+
+    For commands that watch or control a running gateway: a mistake in the file must not
+    keep the operator from seeing or stopping the gateway.
+    """
+    config, rejected = load_config_or_last_good(path)
+    if rejected is not None:
+        print(f"plcbridge {command}: {rejected}", file=sys.stderr)
+        print(f"plcbridge {command}: warning: using the last good configuration "
+              f"{last_good_path(config.path)} instead; fix the file and check it with "
+              f"`plcbridge check-config --config {config.path}`", file=sys.stderr, flush=True)
+    return config
 
 
 def _exec(command: list[str], environment: dict[str, str]) -> NoReturn:
@@ -135,6 +154,15 @@ def _prepare_folders(config: Config) -> None:
         raise LaunchError(
             f"{gateway.runtime_dir}: cannot set mode 0700 on the runtime folder: {exc.strerror}"
         ) from exc
+
+
+def _save_last_good(config: Config) -> None:
+    try:
+        save_last_good(config)
+    except PlcBridgeError as exc:
+        print(f"plcbridge run: warning: {exc}; if the file is later saved with a mistake, a "
+              "restarted program exits instead of running on this configuration",
+              file=sys.stderr)
 
 
 def _warn_if_credentials_invalid(config: Config) -> None:

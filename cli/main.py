@@ -23,6 +23,7 @@ exit codes:
   3  check-credentials: the SAS token has expired
   4  ctl: supervisord is not running
   run and ctl otherwise exit with supervisord's or supervisorctl's own code.
+  ctl and tap use the last good copy of an invalid configuration file, when there is one.
 """
 
 

@@ -15,8 +15,8 @@ from typing import Any, TextIO
 
 import zmq
 
+from cli.launch import load_config_for_operator
 from common import wire
-from common.config import load_config
 from common.logs import fields
 
 EXIT_OK = 0
@@ -25,7 +25,7 @@ EXIT_TOO_FEW = 1
 
 def tap(args: argparse.Namespace) -> int:
     """Subscribe to the chosen processes' taps and print messages until a limit or Ctrl-C."""
-    config = load_config(args.config)
+    config = load_config_for_operator(args.config, "tap")
     processes = args.processes or list(wire.PROCESS_NAMES)
     _warn_about_missing_sockets(config.gateway.runtime_dir, processes)
 

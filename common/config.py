@@ -7,12 +7,16 @@ expected. Relative paths are resolved against the configuration file's folder.
 
 from __future__ import annotations
 
+import codecs
 import math
+import os
+import string
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import wire
 from common.errors import ConfigError
 
 # Modbus allows at most 125 holding or input registers, and 2,000 coils, in one read.
@@ -21,6 +25,25 @@ MAX_BITS_PER_READ = 2000
 
 # Azure IoT Hub rejects device-to-cloud messages above 256 KB.
 MAX_PAGE_BYTES = 262_144
+
+# A real configuration is a few kilobytes, even with thousands of tags. The bound keeps a
+# wrong --config, such as /dev/zero, from filling memory.
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+# Linux's sockaddr_un has 108 bytes for the path, the terminating NUL included.
+MAX_UNIX_SOCKET_PATH_BYTES = 107
+
+# MQTT 3.1.1 encodes a topic name with a 16-bit length, and a topic name that a client
+# publishes to must not contain the wildcards + and # or the NUL character.
+MAX_TOPIC_BYTES = 65_535
+TOPIC_FORBIDDEN = ("+", "#", "\0")
+TOPIC_FIELDS = ("client_id", "page_seq")
+
+# The buffer stores page_seq as an unsigned 64-bit key, so this sample has the most digits.
+SAMPLE_PAGE_SEQ = 2**64 - 1
+
+# Error messages show at most this many characters of a bad value.
+MAX_SHOWN_VALUE_CHARS = 200
 
 TABLES = ("holding_register", "input_register", "coil", "discrete_input")
 BIT_TABLES = ("coil", "discrete_input")
@@ -164,6 +187,8 @@ class Config:
     uplink: UplinkSettings
     credentials: CredentialSettings
     supervisor: SupervisorSettings
+    # The TOML text that was parsed, without a byte-order mark, for the last good copy.
+    source_text: str = field(default="", repr=False, compare=False)
 
     @property
     def supervisor_socket(self) -> Path:
@@ -188,7 +213,7 @@ class _Table:
     def error(self, key: str, value: Any, expected: str) -> ConfigError:
         where = self.key_path(key) if key else self.prefix or "top level"
         return ConfigError(
-            f"{self.source}: invalid value for {where}: {value!r}; expected {expected}"
+            f"{self.source}: invalid value for {where}: {_shown(value)}; expected {expected}"
         )
 
     def get(self, key: str, kinds: type | tuple[type, ...], default: Any, expected: str) -> Any:
@@ -240,9 +265,13 @@ class _Table:
         if value is None:
             return None
         resolved = Path(value)
-        if not resolved.is_absolute():
-            resolved = (self.source.parent / resolved).resolve()
-        return resolved
+        if resolved.is_absolute():
+            return resolved
+        try:
+            return (self.source.parent / resolved).resolve()
+        except (OSError, RuntimeError) as exc:
+            # Python 3.11 raises RuntimeError for a symlink loop, newer versions OSError.
+            raise self.error(key, value, f"a path that can be resolved ({exc})") from exc
 
     def table(self, key: str, required: bool = False) -> _Table:
         self.used.add(key)
@@ -278,12 +307,32 @@ def _as_tuple(kinds: type | tuple[type, ...]) -> tuple[type, ...]:
     return kinds if isinstance(kinds, tuple) else (kinds,)
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate the configuration file; raise ConfigError naming the bad key."""
-    source = Path(path).resolve()
+def _shown(value: Any) -> str:
+    """Return repr(value), shortened so that an error message stays one readable line."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return "<a value nested too deeply to show>"
+    if len(text) > MAX_SHOWN_VALUE_CHARS:
+        return text[:MAX_SHOWN_VALUE_CHARS] + f"... ({len(text)} characters)"
+    return text
+
+
+def config_source(path: str | Path) -> Path:
+    """Return the absolute path that load_config reads path from, with symlinks resolved."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):
+        # A symlink loop: Python 3.11 raises RuntimeError, newer versions OSError. Reading
+        # the unresolved path then fails with ELOOP, which read_config_text reports.
+        return Path(os.path.abspath(path))
+
+
+def read_config_text(source: Path) -> str:
+    """Read a TOML file as text, without a byte-order mark; raise ConfigError naming it."""
     try:
         with source.open("rb") as stream:
-            data = tomllib.load(stream)
+            data = stream.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError as exc:
         raise ConfigError(f"{source}: configuration file not found") from exc
     except PermissionError as exc:
@@ -292,12 +341,47 @@ def load_config(path: str | Path) -> Config:
         ) from exc
     except IsADirectoryError as exc:
         raise ConfigError(f"{source}: is a folder; expected a TOML file") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    except OSError as exc:
+        # For example a symlink loop, a name too long, or /proc/self/mem (EIO).
+        raise ConfigError(
+            f"{source}: cannot read the configuration file: {exc.strerror or exc}; "
+            "check the path given with --config"
+        ) from exc
+
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{source}: larger than {MAX_CONFIG_BYTES} bytes; expected a TOML configuration file"
+        )
+
+    # Windows editors start a UTF-8 file with a byte-order mark, which TOML does not allow.
+    skipped = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[skipped:].decode("utf-8")
     except UnicodeDecodeError as exc:
         # TOML requires UTF-8, so a file saved in a legacy code page, such as Windows-1252, fails.
         raise ConfigError(
-            f"{source}: not UTF-8 text at byte {exc.start}; save the file as UTF-8"
+            f"{source}: not UTF-8 text at byte {exc.start + skipped}; save the file as UTF-8"
+        ) from exc
+
+
+def load_config(path: str | Path, text: str | None = None) -> Config:
+    """Read and validate the configuration file; raise ConfigError naming the bad key.
+
+    With text, parse that instead of the file's content, as if the file contained it:
+    relative paths are resolved against path's folder, and errors name path.
+    """
+    source = config_source(path)
+    if text is None:
+        text = read_config_text(source)
+    text = text.removeprefix("\ufeff")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    except RecursionError as exc:
+        # tomllib parses nested arrays and inline tables recursively, about 500 levels deep.
+        raise ConfigError(
+            f"{source}: not valid TOML: arrays or inline tables nested too deeply"
         ) from exc
 
     top = _Table(source, "", data)
@@ -309,6 +393,7 @@ def load_config(path: str | Path) -> Config:
         uplink=_parse_uplink(top.table("uplink", required=True)),
         credentials=_parse_credentials(top.table("credentials", required=True)),
         supervisor=_parse_supervisor(top.table("supervisor")),
+        source_text=text,
     )
     top.reject_unknown()
     _check_cross_references(source, config)
@@ -324,12 +409,27 @@ def _parse_gateway(table: _Table) -> GatewaySettings:
     )
     table.reject_unknown()
 
-    # A Unix socket path is limited to 107 bytes, and ipc:// endpoints live in runtime_dir.
-    if len(str(settings.runtime_dir)) > 80:
+    longest = _longest_socket_name()
+    max_bytes = MAX_UNIX_SOCKET_PATH_BYTES - len(os.fsencode(f"/{longest}"))
+    if len(os.fsencode(settings.runtime_dir)) > max_bytes:
         raise table.error(
-            "runtime_dir", str(settings.runtime_dir), "a path of at most 80 characters"
+            "runtime_dir", str(settings.runtime_dir),
+            f"a path of at most {max_bytes} bytes, so that its longest socket, {longest}, "
+            f"fits in the {MAX_UNIX_SOCKET_PATH_BYTES}-byte limit of a Unix socket path",
         )
     return settings
+
+
+def _longest_socket_name() -> str:
+    """Return the file name of the longest Unix socket that the gateway opens in runtime_dir."""
+    folder = Path("/runtime")
+    endpoints = [wire.endpoint(folder, wire.INGEST), wire.endpoint(folder, wire.DELIVERY)]
+    endpoints.extend(wire.tap_endpoint(folder, process) for process in wire.PROCESS_NAMES)
+    names = [endpoint.removeprefix(f"ipc://{folder}/") for endpoint in endpoints]
+
+    # supervisord's control socket is not a ZeroMQ endpoint; Config.supervisor_socket names it.
+    names.append("supervisord.sock")
+    return max(names, key=lambda name: len(os.fsencode(name)))
 
 
 def _parse_plc(table: _Table) -> PlcSettings:
@@ -363,7 +463,22 @@ def _parse_plc(table: _Table) -> PlcSettings:
         raise ConfigError(f"{table.source}: missing [[plc.tag_groups]]; define at least one")
     if not tags:
         raise ConfigError(f"{table.source}: missing [[plc.tags]]; define at least one")
+    _check_tags_fit_one_read(table, settings)
     return settings
+
+
+def _check_tags_fit_one_read(table: _Table, settings: PlcSettings) -> None:
+    # The reader never splits one value across two requests, so each register tag must
+    # fit in the largest request. Bit tables take one bit per tag and always fit.
+    limit = settings.max_registers_per_read
+    for index, tag in enumerate(settings.tags):
+        if tag.table in BIT_TABLES or tag.register_count <= limit:
+            continue
+        raise table.error(
+            "max_registers_per_read", limit,
+            f"at least {tag.register_count}, because plc.tags[{index}] {tag.name!r} of type "
+            f"{tag.type} needs {tag.register_count} registers in one read",
+        )
 
 
 def _parse_group(table: _Table) -> TagGroup:
@@ -449,14 +564,70 @@ def _parse_broker(table: _Table) -> BrokerSettings:
         tls=table.flag("tls", True),
     )
     table.reject_unknown()
-    try:
-        broker.topic_template.format(client_id=broker.client_id, page_seq=0)
-    except (KeyError, IndexError, ValueError) as exc:
-        raise table.error(
-            "topic_template", broker.topic_template,
-            "a topic with only {client_id} and {page_seq} as placeholders",
-        ) from exc
+
+    # The client id is usually part of the topic, and paho raises on every publish to a
+    # topic with a wildcard, so the uplink would crash in a loop.
+    problem = _topic_problem(broker.client_id)
+    if problem:
+        raise table.error("client_id", broker.client_id,
+                          f"a client id that can be part of an MQTT topic, but {problem}")
+    _check_topic_template(table, broker)
     return broker
+
+
+def _check_topic_template(table: _Table, broker: BrokerSettings) -> None:
+    template = broker.topic_template
+    placeholders = "a topic whose only placeholders are the bare {client_id} and {page_seq}"
+
+    # A conversion, attribute, index or format spec would be evaluated in every process on
+    # each page: {client_id.real} raises, and {page_seq:>99999999999} exhausts memory.
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise table.error("topic_template", template, f"{placeholders} ({exc})") from exc
+    for _literal, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if name not in TOPIC_FIELDS or spec or conversion is not None:
+            raise table.error(
+                "topic_template", template,
+                f"{placeholders}, without conversion, attribute, index or format spec; "
+                f"found {_format_field(name, conversion, spec)}",
+            )
+
+    topic = template.format(client_id=broker.client_id, page_seq=SAMPLE_PAGE_SEQ)
+    problem = _topic_problem(topic)
+    if problem:
+        raise table.error(
+            "topic_template", template,
+            f"a valid MQTT topic name when filled in with client_id {broker.client_id!r} "
+            f"and page_seq {SAMPLE_PAGE_SEQ}, but {problem}",
+        )
+
+
+def _format_field(name: str, conversion: str | None, spec: str | None) -> str:
+    """Rebuild a replacement field, such as {page_seq!r:>8}, as the template wrote it."""
+    text = name
+    if conversion:
+        text += f"!{conversion}"
+    if spec:
+        text += f":{spec}"
+    return "{" + text + "}"
+
+
+def _topic_problem(text: str) -> str:
+    """Return why text cannot be part of an MQTT topic name, or "" when it can."""
+    forbidden = [char for char in TOPIC_FORBIDDEN if char in text]
+    if forbidden:
+        shown = " and ".join(repr(char) for char in forbidden)
+        return f"it contains {shown}; MQTT topic names exclude the wildcards + and # and NUL"
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "it is not valid UTF-8"
+    if size > MAX_TOPIC_BYTES:
+        return f"it is {size} bytes in UTF-8, above the MQTT limit of {MAX_TOPIC_BYTES}"
+    return ""
 
 
 def _parse_credentials(table: _Table) -> CredentialSettings:

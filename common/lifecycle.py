@@ -2,7 +2,9 @@
 
 A process body runs until its stop event is set. Signal handlers only set that event, and
 the body's own loop does the shutdown work. A fatal error exits non-zero, so supervisord
-sees it and restarts the program.
+sees it and restarts the program. A configuration file that fails to load is replaced by its
+last good copy when there is one (see common.last_good), so a restart after a bad edit
+keeps the process running.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import threading
 from collections.abc import Callable, Sequence
 
 from common import __version__
-from common.config import Config, load_config
+from common.config import Config
 from common.errors import ConfigError, PlcBridgeError
-from common.logs import setup_logging
+from common.last_good import last_good_path, load_config_or_last_good, save_last_good
+from common.logs import fields, setup_logging
 
 Body = Callable[[Config, logging.Logger, threading.Event], None]
 
@@ -38,7 +41,7 @@ def run_process(process: str, body: Body, argv: Sequence[str] | None = None) -> 
     args = parser.parse_args(argv)
 
     try:
-        config = load_config(args.config)
+        config, rejected = load_config_or_last_good(args.config)
     except ConfigError as exc:
         print(f"plcbridge {process}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -53,6 +56,14 @@ def run_process(process: str, body: Body, argv: Sequence[str] | None = None) -> 
     signal.signal(signal.SIGINT, request_stop)
 
     logger.info("start version=%s config=%s", gateway_version(), config.path)
+    if rejected is None:
+        _save_last_good(config, logger)
+    else:
+        logger.error(
+            "config_rejected %s; this process runs on the last good configuration %s until "
+            "the file is fixed and the process restarted",
+            fields(error=rejected), last_good_path(config.path),
+        )
     try:
         body(config, logger, stop)
     except PlcBridgeError as exc:
@@ -60,3 +71,17 @@ def run_process(process: str, body: Body, argv: Sequence[str] | None = None) -> 
         return EXIT_FAILURE
     logger.info("stop version=%s", gateway_version())
     return 0
+
+
+def _save_last_good(config: Config, logger: logging.Logger) -> None:
+    try:
+        saved = save_last_good(config)
+    except PlcBridgeError as exc:
+        logger.warning(
+            "last_good_not_saved %s; if the file is later saved with a mistake, a restarted "
+            "process exits instead of running on this configuration",
+            fields(reason=exc),
+        )
+        return
+    if saved:
+        logger.info("last_good_saved %s", fields(path=last_good_path(config.path)))

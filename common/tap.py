@@ -15,6 +15,7 @@ from typing import Any
 import zmq
 
 from common import wire
+from common.errors import PlcBridgeError
 from common.logs import redact
 
 
@@ -27,7 +28,17 @@ class Tap:
         self.process = process
         self.counters: dict[str, Any] = {}
         self._socket = wire.make_socket(context, zmq.PUB, wire.TAP_HWM, linger_ms=0)
-        self._socket.bind(wire.tap_endpoint(runtime_dir, process))
+        endpoint = wire.tap_endpoint(runtime_dir, process)
+        try:
+            self._socket.bind(endpoint)
+        except zmq.ZMQError as exc:
+            # An open socket makes context.term() wait forever, so close it before raising.
+            self._socket.close(linger=0)
+            reason = zmq.strerror(exc.errno) if exc.errno else str(exc)
+            raise PlcBridgeError(
+                f"cannot bind the {process} tap to {endpoint}: {reason}; check that "
+                "gateway.runtime_dir exists and is writable by the gateway's user"
+            ) from exc
         self._next_counters = time.monotonic()
 
     def publish(self, kind: str, **values: Any) -> None:

@@ -91,6 +91,11 @@ MAX_POLL_MS = 1000
 PUBACK_COMMIT_DELAY_S = 0.05
 
 SEND_RETRY_MS = 10
+# After a stop request the buffer still commits the reader's last batches: it stays until
+# no batch has come for STOP_QUIET_S, and at most STOP_GRACE_S, well within stopwaitsecs.
+STOP_QUIET_S = 0.3
+STOP_GRACE_S = 3.0
+
 SOCKET_LINGER_MS = 200
 WARNING_INTERVAL_S = 10.0
 
@@ -970,13 +975,30 @@ class BufferProcess:
 
         while not stop.is_set():
             self._run_pass()
+        self._drain_ingest()
 
         # Deleting the acknowledged pages now spares the next start from resending them.
         self.core.commit([], time.monotonic(), flush_deletes=True)
         self.core.report_drops(time.monotonic(), force=True)
         self.tap.publish("stop", **self.core.tap_counters())
 
-    def _run_pass(self) -> None:
+    def _drain_ingest(self) -> None:
+        """Keep committing batches after a stop request while the reader is still flushing.
+
+        supervisord signals all four programs at once when the whole gateway stops, so the
+        reader's last batches can arrive after the buffer was told to stop. The buffer
+        stays until no batch has come for STOP_QUIET_S, at most STOP_GRACE_S.
+        """
+        began = last_batch = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now - last_batch >= STOP_QUIET_S or now - began >= STOP_GRACE_S:
+                return
+            if self._run_pass():
+                last_batch = time.monotonic()
+
+    def _run_pass(self) -> bool:
+        """Serve the sockets once and return whether any batch arrived."""
         ready = dict(self.poller.poll(self._poll_timeout_ms()))
 
         batches = self._receive_batches() if self.ingest in ready else []
@@ -996,6 +1018,7 @@ class BufferProcess:
         self.core.report_drops(now)
         self.tap.counters = self.core.tap_counters()
         self.tap.publish_counters_if_due()
+        return bool(batches)
 
     def _poll_timeout_ms(self) -> int:
         if self.send_blocked:
@@ -1128,7 +1151,10 @@ def run_buffer(config: Config, logger: logging.Logger, stop: threading.Event) ->
             process.close()
     finally:
         store.close()
-        context.term()
+
+        # destroy() also closes a socket that a failed start left open, where term() would
+        # wait for it forever.
+        context.destroy(linger=0)
 
 
 def main() -> int:

@@ -52,7 +52,7 @@ from common.credentials import (
     mint_sas_token,
     read_connection_string,
 )
-from common.errors import CredentialError, UplinkError
+from common.errors import CredentialError, PlcBridgeError, UplinkError
 from common.lifecycle import gateway_version, run_process
 from common.logs import fields
 from common.payload import CONTENT_ENCODING, CONTENT_TYPE
@@ -933,7 +933,7 @@ class Uplink:
         try:
             runtime_dir.mkdir(parents=True, exist_ok=True)
             self._dealer, self._tap = self._open_sockets()
-        except (OSError, zmq.ZMQError) as exc:
+        except (OSError, zmq.ZMQError, PlcBridgeError) as exc:
             self._context.destroy(linger=0)
             self._events_wakeup.close()
             raise UplinkError(

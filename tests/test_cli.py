@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from cli.tap import format_human
+from common.config import load_config
+from common.last_good import save_last_good
 from tests.gateway_files import (
     REPO,
     GatewayFiles,
@@ -27,6 +29,7 @@ from tests.gateway_files import (
 )
 
 PLCBRIDGE = Path(sys.executable).parent / "plcbridge"
+TYPO = "colour = 'red'\n"  # appended to [credentials], the last table of the file
 PROGRAMS = ("plcbridge:buffer", "plcbridge:plc_reader", "plcbridge:uplink",
             "plcbridge:credential_watcher")
 
@@ -254,10 +257,24 @@ def test_run_starts_supervisord_with_four_programs(tmp_path: Path, loopback_list
             supervisord_pid = int((runtime / "supervisord.pid").read_text())
             runtime_mode = stat.S_IMODE(runtime.stat().st_mode)
             second_run = plcbridge("run", "--config", config)
+
+            # A mistake saved in the file must not hide the running gateway from ctl.
+            good_text = gateway.config.read_text()
+            with gateway.config.open("a") as stream:
+                stream.write(TYPO)
+            status_after_typo = plcbridge("ctl", "--config", config, "status")
         finally:
             stop_process(launcher, timeout_s=20)
 
     assert all(program in str(status) for program in PROGRAMS)
+    copy = tmp_path / ".config.toml.last-good"
+    assert copy.read_text() == good_text
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o600
+    assert all(program in status_after_typo.stdout for program in PROGRAMS)
+    assert f"plcbridge ctl: {config}: unknown key credentials.colour" in status_after_typo.stderr
+    assert f"warning: using the last good configuration {copy} instead" in (
+        status_after_typo.stderr
+    )
     assert supervisord_pid == launcher.pid  # run replaced itself with supervisord
     assert launcher.returncode == 0
     assert runtime_mode == 0o700
@@ -297,3 +314,93 @@ def test_ctl_without_supervisord(files: GatewayFiles) -> None:
 
     assert result.returncode != 0
     assert str(files.runtime_dir / "supervisord.sock") in result.stdout + result.stderr
+
+
+def test_ctl_bad_config_without_copy(files: GatewayFiles) -> None:
+    with files.config.open("a") as config:
+        config.write(TYPO)
+
+    result = plcbridge("ctl", "--config", str(files.config), "status")
+
+    assert_clean_failure(result, f"{files.config}: unknown key credentials.colour")
+    assert "last good" not in result.stderr
+
+
+def test_tap_bad_config_uses_last_good(files: GatewayFiles) -> None:
+    save_last_good(load_config(files.config))
+    with files.config.open("a") as config:
+        config.write(TYPO)
+
+    result = plcbridge("tap", "--config", str(files.config), "buffer", "--count", "1",
+                       "--timeout-s", "0.3")
+
+    assert result.returncode == 1
+    assert f"plcbridge tap: {files.config}: unknown key credentials.colour" in result.stderr
+    assert "using the last good configuration" in result.stderr
+    assert "received 0 of 1 messages in 0.3 s" in result.stderr
+
+
+def test_run_and_checks_ignore_last_good(files: GatewayFiles) -> None:
+    save_last_good(load_config(files.config))
+    with files.config.open("a") as config:
+        config.write(TYPO)
+
+    for command in ("run", "check-config", "check-credentials"):
+        result = plcbridge(command, "--config", str(files.config))
+
+        assert_clean_failure(result, f"{files.config}: unknown key credentials.colour")
+        assert "last good" not in result.stderr
+
+
+def start_watcher(files: GatewayFiles, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as output:
+        return subprocess.Popen(
+            [sys.executable, "-m", "processes.credential_watcher", "--config", str(files.config)],
+            stdout=output, stderr=subprocess.STDOUT, cwd=REPO,
+        )
+
+
+def test_process_restart_after_typo_runs_last_good(files: GatewayFiles, tmp_path: Path) -> None:
+    log = tmp_path / "watcher.log"
+    copy = tmp_path / ".config.toml.last-good"
+    good_text = files.config.read_text()
+    watcher = start_watcher(files, log)
+    try:
+        wait_for(lambda: "credentials_loaded" in log.read_text(), 10, "the watcher to start")
+        stop_process(watcher)
+        first_exit = watcher.returncode
+
+        with files.config.open("a") as config:
+            config.write(TYPO)
+        watcher = start_watcher(files, log)
+        wait_for(lambda: log.read_text().count("credentials_loaded") == 2, 10,
+                 "the restarted watcher to load the credentials")
+        running_after_typo = watcher.poll() is None
+    finally:
+        stop_process(watcher)
+
+    output = log.read_text()
+    rejected = [line for line in output.splitlines() if "config_rejected" in line]
+    assert first_exit == 0
+    assert running_after_typo
+    assert watcher.returncode == 0
+    assert copy.read_text() == good_text
+    assert output.count("last_good_saved") == 1
+    assert len(rejected) == 1
+    assert " ERROR " in rejected[0]
+    assert f"{files.config}: unknown key credentials.colour" in rejected[0]
+    assert f"runs on the last good configuration {copy}" in rejected[0]
+
+
+def test_process_bad_config_without_copy_exits_2(files: GatewayFiles) -> None:
+    with files.config.open("a") as config:
+        config.write(TYPO)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "processes.credential_watcher", "--config", str(files.config)],
+        capture_output=True, text=True, timeout=20, cwd=REPO, check=False,
+    )
+
+    assert_clean_failure(result, f"plcbridge credential_watcher: {files.config}: unknown key "
+                                 "credentials.colour")
+    assert not (files.root / ".config.toml.last-good").exists()

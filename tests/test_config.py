@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,23 @@ mode = "azure"
 connection_string_file = "connection-string.txt"
 ca_file = "ca.pem"
 """
+
+
+COIL_TAG = """
+[[plc.tags]]
+name = "line1.running"
+group = "fast"
+table = "coil"
+address = 0
+"""
+
+
+def mqtt_config(client_id: str, topic_template: str) -> str:
+    """Return MINIMAL in mqtt mode; both values are TOML basic strings, escapes included."""
+    text = replace_once(MINIMAL, 'mode = "azure"', 'mode = "mqtt"\n[uplink.broker]\n'
+                        f'host = "b"\nclient_id = "{client_id}"\n'
+                        f'topic_template = "{topic_template}"\n')
+    return replace_once(text, 'connection_string_file = "connection-string.txt"\n', "")
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -217,11 +235,66 @@ def test_config_cert_without_key_rejected(tmp_path: Path) -> None:
 
 
 def test_config_long_runtime_dir_rejected(tmp_path: Path) -> None:
-    long_dir = "/tmp/" + "r" * 90
+    # 80 bytes plus "/tap-credential_watcher.sock" is 108, one above the Unix limit of 107.
+    long_dir = "/tmp/" + "r" * 75
     text = replace_once(MINIMAL, 'runtime_dir = "run"', f'runtime_dir = "{long_dir}"')
     path = write(tmp_path, text)
 
-    assert f"gateway.runtime_dir: '{long_dir}'; expected a path of at most 80" in config_error(path)
+    message = config_error(path)
+
+    assert f"gateway.runtime_dir: '{long_dir}'; expected a path of at most 79 bytes" in message
+    assert "its longest socket, tap-credential_watcher.sock, fits in the 107-byte limit" in (
+        message
+    )
+
+
+def test_config_runtime_dir_of_max_length_accepted(tmp_path: Path) -> None:
+    # tests/test_tap.py binds a real tap in a folder of this length.
+    longest_dir = "/tmp/" + "r" * 74
+    text = replace_once(MINIMAL, 'runtime_dir = "run"', f'runtime_dir = "{longest_dir}"')
+
+    config = load_config(write(tmp_path, text))
+
+    assert str(config.gateway.runtime_dir) == longest_dir
+
+
+def test_config_runtime_dir_limit_counts_bytes(tmp_path: Path) -> None:
+    # 40 two-byte characters: 80 bytes in UTF-8, though only 45 characters.
+    long_dir = "/tmp/" + "\u00e9" * 40
+    text = replace_once(MINIMAL, 'runtime_dir = "run"', f'runtime_dir = "{long_dir}"')
+
+    assert "expected a path of at most 79 bytes" in config_error(write(tmp_path, text))
+
+
+def test_config_register_tag_wider_than_read_rejected(tmp_path: Path) -> None:
+    text = replace_once(MINIMAL, 'host = "127.0.0.1"',
+                        'host = "127.0.0.1"\nmax_registers_per_read = 1')
+    path = write(tmp_path, text)
+
+    message = config_error(path)
+
+    assert "invalid value for plc.max_registers_per_read: 1; expected at least 2" in message
+    assert "plc.tags[0] 'line1.counter' of type uint32 needs 2 registers" in message
+
+
+def test_config_register_tag_fitting_read_accepted(tmp_path: Path) -> None:
+    text = replace_once(MINIMAL, 'host = "127.0.0.1"',
+                        'host = "127.0.0.1"\nmax_registers_per_read = 2')
+    text += COIL_TAG
+
+    config = load_config(write(tmp_path, text))
+
+    assert config.plc.max_registers_per_read == 2
+
+
+def test_config_bit_tag_fits_one_register_read(tmp_path: Path) -> None:
+    text = replace_once(MINIMAL, 'host = "127.0.0.1"',
+                        'host = "127.0.0.1"\nmax_registers_per_read = 1')
+    text = replace_once(text, 'type = "uint32"', 'type = "uint16"') + COIL_TAG
+
+    config = load_config(write(tmp_path, text))
+
+    assert [tag.table for tag in config.plc.tags] == ["holding_register", "coil"]
 
 
 def test_config_mqtt_mode_reads_broker(tmp_path: Path) -> None:
@@ -238,11 +311,88 @@ def test_config_mqtt_mode_reads_broker(tmp_path: Path) -> None:
 
 
 def test_config_bad_topic_placeholder_rejected(tmp_path: Path) -> None:
-    text = replace_once(MINIMAL, 'mode = "azure"', 'mode = "mqtt"\n[uplink.broker]\n'
-                        'host = "b"\nclient_id = "gw1"\ntopic_template = "t/{device}"\n')
-    path = write(tmp_path, text)
+    path = write(tmp_path, mqtt_config("gw1", "t/{device}"))
 
     assert "uplink.broker.topic_template: 't/{device}'" in config_error(path)
+
+
+@pytest.mark.parametrize(
+    ("template", "found"),
+    [
+        ("a/{client_id.real}", "found {client_id.real}"),
+        ("a/{client_id.upper}", "found {client_id.upper}"),
+        ("a/{page_seq[0]}", "found {page_seq[0]}"),
+        ("a/{page_seq:>99999999999}", "found {page_seq:>99999999999}"),
+        ("a/{client_id!r}", "found {client_id!r}"),
+        ("a/{page_seq:}/{}", "found {}"),
+        ("a/{0}", "found {0}"),
+        ("a/{client_id", "expected '}' before end of string"),
+        ("a/}", "Single '}' encountered"),
+    ],
+)
+def test_config_topic_template_field_rejected(tmp_path: Path, template: str, found: str) -> None:
+    path = write(tmp_path, mqtt_config("gw1", template))
+
+    message = config_error(path)
+
+    assert message.startswith(f"{path}: invalid value for uplink.broker.topic_template: ")
+    assert repr(template) in message
+    assert "only placeholders are the bare {client_id} and {page_seq}" in message
+    assert found in message
+
+
+@pytest.mark.parametrize(
+    ("template", "found"),
+    [
+        ("plcbridge/#/{page_seq}", "it contains '#'"),
+        ("plcbridge/+/{client_id}", "it contains '+'"),
+        ("plcbridge/\\u0000/{client_id}", "it contains '\\x00'"),
+        ("t/{client_id}/" + "x" * 65_535, "it is 65541 bytes in UTF-8, above the MQTT limit"),
+        ("t/" + "\u00e9" * 32_760 + "/{page_seq}", "it is 65543 bytes in UTF-8"),
+    ],
+)
+def test_config_topic_template_invalid_topic(tmp_path: Path, template: str, found: str) -> None:
+    path = write(tmp_path, mqtt_config("gw1", template))
+
+    message = config_error(path)
+
+    assert "invalid value for uplink.broker.topic_template: " in message
+    assert "expected a valid MQTT topic name when filled in with client_id 'gw1' and page_seq " \
+        "18446744073709551615, but " in message
+    assert found in message
+    assert len(message) < 1000
+
+
+@pytest.mark.parametrize(
+    ("client_id", "found"),
+    [("line+1", "'+'"), ("line#1", "'#'"), ("a+b#c", "'+' and '#'"), ("gw\\u0000", "'\\x00'")],
+)
+def test_config_client_id_wildcard_rejected(tmp_path: Path, client_id: str, found: str) -> None:
+    path = write(tmp_path, mqtt_config(client_id, "plcbridge/pages"))
+
+    message = config_error(path)
+
+    assert "invalid value for uplink.broker.client_id: " in message
+    assert f"expected a client id that can be part of an MQTT topic, but it contains {found}" in (
+        message
+    )
+
+
+def test_config_topic_of_max_length_accepted(tmp_path: Path) -> None:
+    # 2 bytes of "t/", 20 digits of the largest page_seq, and the rest up to 65535.
+    template = "t/{page_seq}" + "x" * (65_535 - 22)
+
+    config = load_config(write(tmp_path, mqtt_config("gw1", template)))
+
+    assert config.uplink.broker is not None
+    assert config.uplink.broker.topic_template == template
+
+
+def test_config_topic_template_literal_braces(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, mqtt_config("gw1", "a/{{x}}/{client_id}/{page_seq}")))
+
+    assert config.uplink.broker is not None
+    assert config.uplink.broker.topic_template == "a/{{x}}/{client_id}/{page_seq}"
 
 
 def test_config_broker_in_azure_mode_rejected(tmp_path: Path) -> None:
@@ -277,3 +427,108 @@ def test_config_not_utf8(tmp_path: Path) -> None:
 
     assert message.startswith(f"{path}: not UTF-8 text at byte ")
     assert "save the file as UTF-8" in message
+
+
+def test_config_byte_order_mark_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "plcbridge.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + MINIMAL.encode())
+
+    config = load_config(path)
+
+    assert config.plc.host == "127.0.0.1"
+    assert config.source_text == MINIMAL
+
+
+def test_config_not_utf8_after_byte_order_mark(tmp_path: Path) -> None:
+    path = tmp_path / "plcbridge.toml"
+    path.write_bytes(b"\xef\xbb\xbf# \xb0C\n")
+
+    assert config_error(path) == (
+        f"{path}: not UTF-8 text at byte 5; save the file as UTF-8"
+    )
+
+
+def test_config_symlink_loop(tmp_path: Path) -> None:
+    loop = tmp_path / "loop.toml"
+    (tmp_path / "other.toml").symlink_to(loop)
+    loop.symlink_to(tmp_path / "other.toml")
+
+    assert config_error(loop) == (
+        f"{loop}: cannot read the configuration file: Too many levels of symbolic links; "
+        "check the path given with --config"
+    )
+
+
+def test_config_name_too_long(tmp_path: Path) -> None:
+    path = tmp_path / ("c" * 300 + ".toml")
+
+    assert config_error(path).endswith(
+        ": cannot read the configuration file: File name too long; "
+        "check the path given with --config"
+    )
+
+
+def test_config_unreadable_device_file() -> None:
+    # Reading /proc/self/mem at offset 0 fails with EIO: the address is not mapped.
+    message = config_error(Path("/proc/self/mem"))
+
+    assert message.endswith(": cannot read the configuration file: Input/output error; "
+                            "check the path given with --config")
+
+
+def test_config_endless_device_file() -> None:
+    message = config_error(Path("/dev/zero"))
+
+    assert message == "/dev/zero: larger than 16777216 bytes; expected a TOML configuration file"
+
+
+def test_config_path_key_symlink_loop(tmp_path: Path) -> None:
+    (tmp_path / "ca-a.pem").symlink_to(tmp_path / "ca-b.pem")
+    (tmp_path / "ca-b.pem").symlink_to(tmp_path / "ca-a.pem")
+    path = write(tmp_path, replace_once(MINIMAL, '"ca.pem"', '"ca-a.pem"'))
+
+    message = config_error(path)
+
+    assert message.startswith(f"{path}: invalid value for credentials.ca_file: 'ca-a.pem'; ")
+    assert "expected a path that can be resolved" in message
+
+
+def test_config_deep_nesting_rejected(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "x = " + "[" * 2000 + "]" * 2000 + "\n")
+
+    assert config_error(path) == (
+        f"{path}: not valid TOML: arrays or inline tables nested too deeply"
+    )
+
+
+def test_config_long_value_shortened_in_message(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "password_file = " + "[" * 400 + "]" * 400 + "\n")
+
+    message = config_error(path)
+
+    assert "invalid value for credentials.password_file: [[[[" in message
+    assert "... (800 characters); expected a non-empty string" in message
+
+
+def test_config_text_parsed_as_if_at_path(tmp_path: Path) -> None:
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    path = folder / "plcbridge.toml"  # never written: the text stands in for its content
+    text = replace_once(MINIMAL, 'host = "127.0.0.1"', 'host = "10.0.0.9"')
+
+    config = load_config(path, text=text)
+
+    assert config.path == path
+    assert config.plc.host == "10.0.0.9"
+    assert config.credentials.ca_file == folder / "ca.pem"
+    assert config.source_text == text
+
+
+def test_config_text_errors_name_path(tmp_path: Path) -> None:
+    path = tmp_path / "plcbridge.toml"
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, text=MINIMAL + "colour = 'red'\n")
+
+    assert str(caught.value).startswith(f"{path}: unknown key credentials.colour")
+    assert not os.path.exists(path)

@@ -337,3 +337,9 @@ def test_gateway_sigterm_stops_everything(stack: Stack) -> None:
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(
             f"/proc/{pid}/status").read_text().lower()
+
+    # supervisord signals all four at once; the buffer must still commit the reader's flush.
+    reader_log = stack.gateway.log("plc_reader")
+    assert "reader_stopped" in reader_log
+    assert "ingest_flush_incomplete" not in reader_log
+    assert "unacked_batches=0" in reader_log

@@ -7,9 +7,13 @@ cumulatively. A SUB socket on the reader's tap reads its counters.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import logging
 import math
+import os
+import shutil
 import signal
 import socket
 import struct
@@ -26,7 +30,10 @@ import pytest
 import zmq
 
 from common import wire
+from common.config import PlcSettings, load_config
+from processes.plc_reader.client import PlcConnection, PlcReadError
 from processes.plc_reader.reader import GroupSchedule
+from processes.plc_reader.resolver import Address, Resolve, literal_address
 from processes.plc_reader.samples import SampleEncoder, encode_batch
 from tests.support.plc import ROOT, PlcSimulator
 
@@ -112,7 +119,13 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any
         time.sleep(0.02)
 
 
-def write_config(base: Path, plc_port: int, plc_keys: str = "", tags: str = SIMULATOR_TAGS) -> Path:
+def write_config(
+    base: Path,
+    plc_port: int,
+    plc_keys: str = "",
+    tags: str = SIMULATOR_TAGS,
+    host: str = "127.0.0.1",
+) -> Path:
     path = base / "plcbridge.toml"
     path.write_text(f"""
 [gateway]
@@ -122,7 +135,7 @@ log_dir = "{base}/log"
 log_level = "INFO"
 
 [plc]
-host = "127.0.0.1"
+host = "{host}"
 port = {plc_port}
 timeout_s = 0.3
 reconnect_min_s = 0.1
@@ -274,17 +287,23 @@ class SilentPlc:
 
 
 class ReaderProcess:
-    """python -m processes.plc_reader with its output in reader.log."""
+    """python -m processes.plc_reader with its output in reader.log.
 
-    def __init__(self, config: Path) -> None:
+    argv replaces the command line, for a reader started through a wrapper.
+    """
+
+    def __init__(self, config: Path, argv: list[str] | None = None) -> None:
         self.config = config
+        self.argv = argv or [
+            sys.executable, "-m", "processes.plc_reader", "--config", str(config)
+        ]
         self.log_file = config.parent / "reader.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ReaderProcess:
         with self.log_file.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "processes.plc_reader", "--config", str(self.config)],
+                self.argv,
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -343,8 +362,10 @@ def cleanup() -> Iterator[list[Callable[[], None]]]:
             action()
 
 
-def start_reader(config: Path, cleanup: list[Callable[[], None]]) -> ReaderProcess:
-    reader = ReaderProcess(config).start()
+def start_reader(
+    config: Path, cleanup: list[Callable[[], None]], argv: list[str] | None = None
+) -> ReaderProcess:
+    reader = ReaderProcess(config, argv).start()
     cleanup.append(reader.kill)
     return reader
 
@@ -685,3 +706,339 @@ def test_plc_reader_imports_no_heavy_modules() -> None:
                             text=True, timeout=30, check=True)
 
     assert result.stdout.strip() == "[]"
+
+
+# Name resolution, tested at the PlcConnection level with a resolve function that the test
+# controls, against a real loopback listener, so the machine's resolver is never touched.
+
+RESOLVER_LOGGER = "plcbridge.test_plc_reader.resolver"
+
+
+@pytest.fixture
+def listener() -> Iterator[int]:
+    """A loopback TCP listener that takes connections into its backlog; yields its port."""
+    server = socket.create_server(("127.0.0.1", 0))
+    try:
+        port: int = server.getsockname()[1]
+        yield port
+    finally:
+        server.close()
+
+
+def plc_settings(base: Path, host: str, port: int, timeout_s: float = 0.2) -> PlcSettings:
+    config = load_config(write_config(base, port, host=host))
+    return dataclasses.replace(config.plc, timeout_s=timeout_s)
+
+
+def open_connection(
+    base: Path, host: str, port: int, resolve: Resolve, cleanup: list[Callable[[], None]]
+) -> PlcConnection:
+    connection = PlcConnection(
+        plc_settings(base, host, port), logging.getLogger(RESOLVER_LOGGER), resolve
+    )
+    cleanup.append(connection.close)
+    return connection
+
+
+def timed_connect(connection: PlcConnection) -> tuple[PlcReadError | None, float]:
+    """Connect, and return the PlcReadError raised (None on success) and the seconds taken."""
+    started = time.monotonic()
+    try:
+        connection.connect()
+    except PlcReadError as exc:
+        return exc, time.monotonic() - started
+    return None, time.monotonic() - started
+
+
+def connects(connection: PlcConnection) -> bool:
+    return timed_connect(connection)[0] is None
+
+
+def log_lines(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if record.getMessage().startswith(event)]
+
+
+def test_plc_connection_hung_lookup_bounded_by_timeout(
+    base: Path, listener: int, caplog: pytest.LogCaptureFixture,
+    cleanup: list[Callable[[], None]],
+) -> None:
+    caplog.set_level(logging.INFO, logger=RESOLVER_LOGGER)
+    release = threading.Event()
+    cleanup.append(release.set)
+    calls: list[str] = []
+
+    def resolve(host: str, port: int) -> list[Address]:
+        calls.append(host)
+        release.wait(10)
+        return [(socket.AF_INET, ("127.0.0.1", port))]
+
+    connection = open_connection(base, "plc.site.lan", listener, resolve, cleanup)
+
+    # The attempt that starts the lookup waits for it for timeout_s (0.2 s), no longer.
+    error, elapsed_s = timed_connect(connection)
+    assert error is not None
+    assert error.reason == "name resolution failed"
+    assert "plc.site.lan" in str(error)
+    assert 0.15 <= elapsed_s < 1.0
+
+    # While that lookup runs, an attempt neither waits nor starts another lookup.
+    error, elapsed_s = timed_connect(connection)
+    assert error is not None
+    assert error.reason == "name resolution failed"
+    assert elapsed_s < 0.05
+    assert calls == ["plc.site.lan"]
+
+    release.set()
+    wait_until(lambda: connects(connection), 5, "a connect after the lookup returned")
+    assert connection.connected
+    assert calls == ["plc.site.lan"]
+    assert len(log_lines(caplog, "name_resolution_failed")) == 1
+    assert len(log_lines(caplog, "name_resolution_recovered")) == 1
+
+
+def test_plc_connection_reuses_last_good_address(
+    base: Path, listener: int, caplog: pytest.LogCaptureFixture,
+    cleanup: list[Callable[[], None]],
+) -> None:
+    caplog.set_level(logging.INFO, logger=RESOLVER_LOGGER)
+    release = threading.Event()
+    cleanup.append(release.set)
+    calls: list[str] = []
+
+    def resolve(host: str, port: int) -> list[Address]:
+        # The first lookup returns at once, and every later one hangs until the test ends.
+        calls.append(host)
+        if len(calls) > 1:
+            release.wait(10)
+        return [(socket.AF_INET, ("127.0.0.1", port))]
+
+    connection = open_connection(base, "plc.site.lan", listener, resolve, cleanup)
+    assert timed_connect(connection)[0] is None
+
+    connection.close()
+    error, elapsed_s = timed_connect(connection)
+    assert error is None
+    assert connection.connected
+    assert elapsed_s < 1.0
+
+    connection.close()
+    error, elapsed_s = timed_connect(connection)
+    assert error is None
+    assert elapsed_s < 0.05
+    assert len(calls) == 2
+
+    warnings = log_lines(caplog, "name_resolution_failed")
+    assert len(warnings) == 1
+    assert "fallback=127.0.0.1" in warnings[0].getMessage()
+    assert warnings[0].levelno == logging.WARNING
+
+
+def test_plc_connection_failed_lookup_logged_once(
+    base: Path, listener: int, caplog: pytest.LogCaptureFixture,
+    cleanup: list[Callable[[], None]],
+) -> None:
+    caplog.set_level(logging.INFO, logger=RESOLVER_LOGGER)
+    failing = True
+    calls: list[str] = []
+
+    def resolve(host: str, port: int) -> list[Address]:
+        calls.append(host)
+        if failing:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, ("127.0.0.1", port))]
+
+    connection = open_connection(base, "plc.site.lan", listener, resolve, cleanup)
+    for _attempt in range(3):
+        error, _elapsed_s = timed_connect(connection)
+        assert error is not None
+        assert error.reason == "name resolution failed"
+        assert "Name or service not known" in str(error)
+    assert len(calls) == 3
+
+    failing = False
+    assert timed_connect(connection)[0] is None
+    assert len(log_lines(caplog, "name_resolution_failed")) == 1
+    assert len(log_lines(caplog, "name_resolution_recovered")) == 1
+
+
+def test_plc_connection_ip_literal_skips_resolver(
+    base: Path, listener: int, cleanup: list[Callable[[], None]]
+) -> None:
+    calls: list[str] = []
+
+    def resolve(host: str, port: int) -> list[Address]:
+        calls.append(host)
+        return []
+
+    connection = open_connection(base, "127.0.0.1", listener, resolve, cleanup)
+    assert timed_connect(connection)[0] is None
+    assert calls == []
+    assert literal_address("::1", 502) == (socket.AF_INET6, ("::1", 502))
+    assert literal_address("plc.site.lan", 502) is None
+
+
+@pytest.mark.parametrize("host", ["a..b", "x" * 64 + ".site.lan", ".plc"])
+def test_plc_connection_invalid_host_reads_bad(
+    base: Path, host: str, listener: int, caplog: pytest.LogCaptureFixture,
+    cleanup: list[Callable[[], None]],
+) -> None:
+    caplog.set_level(logging.INFO, logger=RESOLVER_LOGGER)
+    calls: list[str] = []
+
+    def resolve(name: str, port: int) -> list[Address]:
+        calls.append(name)
+        return []
+
+    connection = open_connection(base, host, listener, resolve, cleanup)
+    for _attempt in range(2):
+        error, _elapsed_s = timed_connect(connection)
+        assert error is not None
+        assert error.reason == "invalid host name"
+        assert "plc.host" in str(error)
+    assert calls == []
+
+    errors = [record for record in caplog.records if record.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "plc.host" in errors[0].getMessage()
+    assert host in errors[0].getMessage()
+
+
+def test_plc_reader_invalid_host_runs_with_bad_samples(
+    base: Path, cleanup: list[Callable[[], None]]
+) -> None:
+    buffer = start_buffer(base, cleanup)
+    reader = start_reader(write_config(base, 1502, host="a..b"), cleanup)
+
+    wait_until(lambda: len(buffer.snapshot()) >= 50, 10, "50 stored samples")
+    assert reader.running()
+    assert {s["reason"] for s in buffer.snapshot()} == {"invalid host name"}
+    code, _elapsed_s = reader.terminate()
+    assert code == 0, reader.log()
+
+    log = reader.log()
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, log
+    assert "plc.host" in errors[0]
+    assert "a..b" in errors[0]
+    assert "Traceback" not in log
+
+
+def namespace_support() -> str | None:
+    """Return why a private network and mount namespace cannot be used here, or None."""
+    if os.geteuid() != 0:
+        return "needs root for unshare --net --mount"
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return "needs unshare and ip"
+    probe = subprocess.run(
+        ["unshare", "--mount", "--net", "sh", "-c", "ip link set lo up"],
+        capture_output=True, text=True, timeout=10,
+    )
+    if probe.returncode != 0:
+        return f"unshare failed: {probe.stderr.strip()}"
+    return None
+
+
+# Binds the silent DNS server's UDP socket, keeps it open across exec, then becomes the reader.
+# Nothing ever reads the socket, so every query waits for the resolver's timeout.
+SILENT_DNS_THEN_READER = """
+import os, socket, sys
+dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+dns.bind(("127.0.0.1", 53))
+dns.set_inheritable(True)
+os.execv(sys.executable, [sys.executable, "-m", "processes.plc_reader", "--config", sys.argv[1]])
+"""
+
+
+def test_plc_reader_hung_dns_keeps_polling(base: Path, cleanup: list[Callable[[], None]]) -> None:
+    reason = namespace_support()
+    if reason is not None:
+        pytest.skip(reason)
+
+    # The reader runs in its own network namespace, where only lo exists, and its own mount
+    # namespace, where resolv.conf names the silent server. Both vanish with the reader.
+    # The ipc:// sockets are files, so the stand-in buffer and the tap still reach it.
+    resolv_conf = base / "resolv.conf"
+    resolv_conf.write_text("nameserver 127.0.0.1\noptions timeout:30 attempts:1\n")
+    config = write_config(base, 1502, host="plc.site.lan")
+    argv = [
+        "unshare", "--mount", "--net", "sh", "-c",
+        'ip link set lo up && mount --bind "$0" /etc/resolv.conf && exec "$1" -c "$2" "$3"',
+        str(resolv_conf), sys.executable, SILENT_DNS_THEN_READER, str(config),
+    ]
+    buffer = start_buffer(base, cleanup)
+    reader = start_reader(config, cleanup, argv)
+    tap = watch_tap(base, cleanup)
+
+    # With the lookup on the poll loop, a connect attempt would wait for the resolver's 30 s
+    # timeout, and 100 polls could not happen within 10 s.
+    wait_until(lambda: (tap.counter("polls") or 0) >= 100, 10, "100 polls")
+    wait_until(lambda: len(buffer.snapshot()) >= 200, 10, "200 stored samples")
+    assert reader.running()
+    assert {s["reason"] for s in buffer.snapshot()} == {"name resolution failed"}
+
+    # SIGTERM stops the reader while the lookup thread still waits for the silent server.
+    code, elapsed_s = reader.terminate()
+    assert code == 0, reader.log()
+    assert elapsed_s < 4
+    log = reader.log()
+    assert log.count("name_resolution_failed") == 1, log
+    assert "failed: timed out after 0.3 s" in log
+
+
+def test_plc_reader_second_instance_exits_one(
+    base: Path, simulator: PlcSimulator, cleanup: list[Callable[[], None]]
+) -> None:
+    config = write_config(base, simulator.port)
+    buffer = start_buffer(base, cleanup)
+    first = start_reader(config, cleanup)
+    wait_until(lambda: len(buffer.snapshot()) >= 100, 10, "100 stored samples")
+    epoch_file = base / "state" / "reader-epoch"
+    epoch = epoch_file.read_text().strip()
+
+    started = time.monotonic()
+    second = subprocess.run(
+        [sys.executable, "-m", "processes.plc_reader", "--config", str(config)],
+        cwd=ROOT, capture_output=True, text=True, timeout=30,
+    )
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert time.monotonic() - started < 10
+    assert str(base / "state" / "reader.lock") in second.stdout
+    assert first.process is not None
+    assert f"pid {first.process.pid}" in second.stdout
+    assert epoch_file.read_text().strip() == epoch
+
+    # The first reader keeps its epoch, its tap and its place in the buffer.
+    tap = watch_tap(base, cleanup)
+    stored = len(buffer.snapshot())
+    wait_until(lambda: len(buffer.snapshot()) >= stored + 100, 10, "100 more stored samples")
+    assert {s["epoch"] for s in buffer.snapshot()} == {int(epoch)}
+    assert wait_until(lambda: tap.counter("epoch"), 5, "counters on the tap") == int(epoch)
+    assert first.running()
+
+
+def first_line(log: str, event: str) -> str:
+    return next(line for line in log.splitlines() if f" {event} " in line)
+
+
+def test_plc_reader_buffer_unreachable_warns_then_recovers(
+    base: Path, simulator: PlcSimulator, cleanup: list[Callable[[], None]]
+) -> None:
+    # With ack_timeout_s = 2 the warning comes after max(2 * 2 s, 5 s) without an ack.
+    reader = start_reader(write_config(base, simulator.port, "ack_timeout_s = 2.0"), cleanup)
+    tap = watch_tap(base, cleanup)
+
+    wait_until(lambda: "buffer_unreachable" in reader.log(), 10, "buffer_unreachable logged")
+    warning = first_line(reader.log(), "buffer_unreachable")
+    assert " WARNING " in warning
+    assert "pending_samples=" in warning
+    events = {event["kind"]: event for event in tap.drain().events}
+    assert events["buffer_unreachable"]["pending_samples"] > 0
+    assert events["buffer_unreachable"]["no_ack_s"] >= 5
+
+    start_buffer(base, cleanup)
+    wait_until(lambda: "buffer_reachable" in reader.log(), 10, "buffer_reachable logged")
+    recovered = first_line(reader.log(), "buffer_reachable")
+    assert " INFO " in recovered
+    events = {event["kind"]: event for event in tap.drain().events}
+    assert "buffer_reachable" in events
+    assert reader.log().count("buffer_unreachable") == 1

@@ -7,6 +7,7 @@ samples report.
 
 from __future__ import annotations
 
+import logging
 import socket
 
 from pymodbus.client import ModbusTcpClient
@@ -16,6 +17,14 @@ from pymodbus.pdu import ModbusPDU
 from common.config import BIT_TABLES, PlcSettings
 from common.errors import PlcError
 from common.modbus_tags import ReadRequest
+from processes.plc_reader.resolver import (
+    Address,
+    HostResolver,
+    Resolve,
+    ResolveError,
+    format_address,
+    resolve_tcp,
+)
 
 # Modbus exception codes from the Modbus application protocol specification v1.1b3.
 EXCEPTION_NAMES = {
@@ -45,44 +54,76 @@ class PlcReadError(PlcError):
 
 
 class _TcpClient(ModbusTcpClient):
-    """ModbusTcpClient whose connect() raises the socket error instead of hiding it.
+    """ModbusTcpClient that connects to resolved addresses and raises the socket error.
 
-    pymodbus 3.16's connect() catches the OSError, logs it on the pymodbus logger and
-    returns False, so the cause (refused, unreachable, timed out) would be lost.
+    pymodbus 3.16's connect() calls socket.create_connection, whose getaddrinfo runs on the
+    caller's thread with no timeout, and it catches the OSError, logs it on the pymodbus
+    logger and returns False, so the cause (refused, unreachable, timed out) would be lost.
     """
+
+    def __init__(self, resolver: HostResolver, timeout_s: float) -> None:
+        # retries=0: a read without a response fails after timeout_s instead of waiting
+        # for pymodbus's own retries (3 by default), so the reader's schedule stays on time.
+        super().__init__(resolver.host, port=resolver.port, timeout=timeout_s, retries=0)
+        self._resolver = resolver
 
     def connect(self) -> bool:
         if self.socket:
             return True
         params = self.comm_params
         try:
-            self.socket = socket.create_connection(
-                (params.host, params.port),
-                timeout=params.timeout_connect,
-                source_address=params.source_address,
-            )
-        except OSError as exc:
-            raise PlcReadError(
-                f"connect to {params.host}:{params.port} failed: {exc}",
-                REASON_CONNECTION,
-                connection_lost=True,
-            ) from exc
-        return True
+            addresses = self._resolver.addresses()
+        except ResolveError as exc:
+            raise PlcReadError(str(exc), exc.reason, connection_lost=True) from exc
+
+        # Like socket.create_connection, try each address in turn and report the last error.
+        error: OSError | None = None
+        for address in addresses:
+            try:
+                self.socket = _open_socket(address, params.timeout_connect, params.source_address)
+            except OSError as exc:
+                error = exc
+                continue
+            return True
+
+        tried = ",".join(format_address(address) for address in addresses)
+        raise PlcReadError(
+            f"connect to {params.host}:{params.port} ({tried}) failed: {error}",
+            REASON_CONNECTION,
+            connection_lost=True,
+        ) from error
+
+
+def _open_socket(
+    address: Address, timeout_s: float | None, source_address: tuple[str, int] | None
+) -> socket.socket:
+    family, sockaddr = address
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout_s)
+        if source_address is not None:
+            sock.bind(source_address)
+        sock.connect(sockaddr)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class PlcConnection:
     """One Modbus TCP connection to the PLC, opened on request and closed on any failure."""
 
-    def __init__(self, settings: PlcSettings) -> None:
+    def __init__(
+        self, settings: PlcSettings, logger: logging.Logger, resolve: Resolve = resolve_tcp
+    ) -> None:
         self.endpoint = f"{settings.host}:{settings.port}"
         self.unit_id = settings.unit_id
         self.timeout_s = settings.timeout_s
 
-        # retries=0: a read without a response fails after timeout_s instead of waiting
-        # for pymodbus's own retries (3 by default), so the reader's schedule stays on time.
-        self._client = _TcpClient(
-            settings.host, port=settings.port, timeout=settings.timeout_s, retries=0
+        resolver = HostResolver(
+            settings.host, settings.port, settings.timeout_s, logger, resolve
         )
+        self._client = _TcpClient(resolver, settings.timeout_s)
         self._readers = {
             "holding_register": self._client.read_holding_registers,
             "input_register": self._client.read_input_registers,
@@ -95,7 +136,11 @@ class PlcConnection:
         return self._client.connected
 
     def connect(self) -> None:
-        """Open the TCP connection; raise PlcReadError naming the endpoint on failure."""
+        """Resolve plc.host and open the TCP connection.
+
+        Raises PlcReadError naming the endpoint on failure. Blocks for at most plc.timeout_s
+        for the lookup, when one is started, plus plc.timeout_s for each address tried.
+        """
         self._client.connect()
 
     def close(self) -> None:

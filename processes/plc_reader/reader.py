@@ -30,6 +30,7 @@ from common.ratelimit import RateLimit
 from common.tap import Tap
 from processes.plc_reader.client import PlcConnection, PlcReadError
 from processes.plc_reader.epoch import advance_epoch
+from processes.plc_reader.lock import ReaderLock
 from processes.plc_reader.samples import SampleEncoder
 from processes.plc_reader.sender import IngestSender, Sample
 
@@ -351,7 +352,25 @@ def open_tap(context: zmq.Context[zmq.Socket[bytes]], config: Config) -> Tap:
 def run_reader(config: Config, logger: logging.Logger, stop: threading.Event) -> None:
     """Poll the PLC and send samples to the buffer until stop is set."""
     schedules = build_schedules(config, time.monotonic())
-    epoch = advance_epoch(config.gateway.state_dir)
+
+    # The lock comes before the epoch, so a second reader started by hand fails without
+    # taking an epoch, which would make the buffer reject this reader's batches.
+    lock = ReaderLock.acquire(config.gateway.state_dir)
+    try:
+        epoch = advance_epoch(config.gateway.state_dir)
+        run_epoch(config, logger, stop, schedules, epoch)
+    finally:
+        lock.release()
+
+
+def run_epoch(
+    config: Config,
+    logger: logging.Logger,
+    stop: threading.Event,
+    schedules: list[GroupSchedule],
+    epoch: int,
+) -> None:
+    """Open the tap, the PLC connection and the ingest socket, and poll until stop is set."""
     try:
         config.gateway.runtime_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -362,10 +381,10 @@ def run_reader(config: Config, logger: logging.Logger, stop: threading.Event) ->
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     tap = open_tap(context, config)
     endpoint = wire.endpoint(config.gateway.runtime_dir, wire.INGEST)
-    connection = PlcConnection(config.plc)
+    connection = PlcConnection(config.plc, logger)
     sender: IngestSender | None = None
     try:
-        sender = IngestSender(context, endpoint, config.plc, epoch, logger)
+        sender = IngestSender(context, endpoint, config.plc, epoch, logger, tap)
         reader = PlcReader(config, logger, connection, sender, tap, epoch)
         request_count = sum(len(schedule.requests) for schedule in schedules)
         logger.info(

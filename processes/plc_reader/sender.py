@@ -5,6 +5,11 @@ sent, so the numbers have no gaps. At most plc.max_unacked_batches batches are o
 Acks are cumulative, and when none makes progress for plc.ack_timeout_s every unacknowledged
 batch is sent again, in order. Every send is non-blocking: when ZeroMQ has no room, the data
 stays in this process's queue and the PLC polls go on.
+
+While samples wait and no ack makes progress for max(2 * plc.ack_timeout_s, 5 s), for example
+because no buffer is connected, a buffer_unreachable WARNING is logged and published on the
+tap, and repeated every minute. A buffer_reachable INFO follows the first ack that makes
+progress again.
 """
 
 from __future__ import annotations
@@ -23,12 +28,17 @@ from common.config import PlcSettings
 from common.errors import PlcBridgeError
 from common.logs import fields
 from common.ratelimit import RateLimit
+from common.tap import Tap
 from processes.plc_reader.samples import encode_batch
 
 # One sample encoded as a JSON object by processes.plc_reader.samples.
 Sample = bytes
 
 WARNING_INTERVAL_S = 10.0
+
+# A buffer that commits slowly may leave the reader without an ack for a few seconds.
+UNREACHABLE_MIN_S = 5.0
+UNREACHABLE_REPEAT_S = 60.0
 
 
 @dataclass
@@ -48,12 +58,14 @@ class IngestSender:
         settings: PlcSettings,
         epoch: int,
         logger: logging.Logger,
+        tap: Tap,
     ) -> None:
         self.endpoint = endpoint
         self.epoch = epoch
         self.dropped_samples = 0
         self._settings = settings
         self._logger = logger
+        self._tap = tap
         self._pending: deque[Sample] = deque(maxlen=settings.queue_max_samples)
         self._unacked: deque[_Batch] = deque()
         self._next_batch_seq = 0
@@ -61,6 +73,13 @@ class IngestSender:
         self._drop_warning = RateLimit(WARNING_INTERVAL_S)
         self._resend_warning = RateLimit(WARNING_INTERVAL_S)
         self._bad_ack_warning = RateLimit(WARNING_INTERVAL_S)
+
+        # Reachability: the time of the last ack that made progress, or of the last moment
+        # with nothing to deliver, and whether buffer_unreachable was logged since then.
+        self._unreachable_after_s = max(2 * settings.ack_timeout_s, UNREACHABLE_MIN_S)
+        self._waiting_since = time.monotonic()
+        self._unreachable = False
+        self._next_unreachable_warning = 0.0
 
         # IMMEDIATE: with no buffer connected, a send fails at once instead of queueing in
         # a pipe that is discarded when the buffer comes up. The samples stay in _pending.
@@ -95,11 +114,15 @@ class IngestSender:
             self._warn_dropped()
 
     def pump(self) -> None:
-        """Resend after an ack timeout, then send new batches while the window allows."""
+        """Resend after an ack timeout and send new batches while the window allows.
+
+        Then log buffer_unreachable if the buffer has acknowledged nothing for a while.
+        """
         self._resend_if_due()
         while self._pending and len(self._unacked) < self._settings.max_unacked_batches:
             if not self._send_next_batch():
                 break
+        self._check_reachable()
 
     def wait_for_acks(self, timeout_s: float) -> None:
         """Wait up to timeout_s for a message from the buffer, then handle all that arrived."""
@@ -220,6 +243,61 @@ class IngestSender:
             progressed = True
         if progressed:
             self._last_progress = time.monotonic()
+            self._on_progress(self._last_progress)
+
+    def _check_reachable(self) -> None:
+        now = time.monotonic()
+        if self.idle:
+            self._waiting_since = now
+            return
+        waited_s = now - self._waiting_since
+        if waited_s < self._unreachable_after_s or now < self._next_unreachable_warning:
+            return
+
+        self._unreachable = True
+        self._next_unreachable_warning = now + UNREACHABLE_REPEAT_S
+        no_ack_s = round(waited_s, 1)
+        self._logger.warning(
+            "buffer_unreachable %s",
+            fields(
+                endpoint=self.endpoint,
+                pending_samples=len(self._pending),
+                unacked_batches=len(self._unacked),
+                no_ack_s=no_ack_s,
+                consequence="samples wait in memory, and the oldest drop once "
+                f"plc.queue_max_samples={self._settings.queue_max_samples} is reached",
+            ),
+        )
+        self._tap.publish(
+            "buffer_unreachable",
+            endpoint=self.endpoint,
+            pending_samples=len(self._pending),
+            unacked_batches=len(self._unacked),
+            no_ack_s=no_ack_s,
+        )
+
+    def _on_progress(self, now: float) -> None:
+        waited_s = round(now - self._waiting_since, 1)
+        self._waiting_since = now
+        if not self._unreachable:
+            return
+        self._unreachable = False
+        self._next_unreachable_warning = 0.0
+        self._logger.info(
+            "buffer_reachable %s",
+            fields(
+                endpoint=self.endpoint,
+                no_ack_s=waited_s,
+                pending_samples=len(self._pending),
+                dropped_samples_total=self.dropped_samples,
+            ),
+        )
+        self._tap.publish(
+            "buffer_reachable",
+            endpoint=self.endpoint,
+            no_ack_s=waited_s,
+            pending_samples=len(self._pending),
+        )
 
     def _warn_dropped(self) -> None:
         suppressed = self._drop_warning.allow()
