@@ -938,12 +938,7 @@ class BufferProcess:
         self.sockets: list[zmq.Socket[bytes]] = []
         self.ingest = self._bind(context, wire.endpoint(runtime_dir, wire.INGEST))
         self.delivery = self._bind(context, wire.endpoint(runtime_dir, wire.DELIVERY))
-        try:
-            self.tap = Tap(context, runtime_dir, "buffer")
-        except zmq.ZMQError as exc:
-            raise PlcBridgeError(
-                f"cannot bind the buffer's tap in {runtime_dir}: {exc}; check gateway.runtime_dir"
-            ) from exc
+        self.tap = Tap(context, runtime_dir, "buffer")
         self.core = BufferCore(store, logger, self.tap)
         self.poller = zmq.Poller()
         self.poller.register(self.ingest, zmq.POLLIN)

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import zmq
 
-from common import wire
 from common.config import Config
 from common.credential_files import (
     CredentialFileError,
@@ -43,7 +42,6 @@ from common.credential_files import (
     check_sas_expiry,
     validate_credential_files,
 )
-from common.errors import PlcBridgeError
 from common.lifecycle import gateway_version, run_process
 from common.logs import fields
 from common.supervisor_rpc import RestartError, SupervisorClient, SupervisorUnavailableError
@@ -525,21 +523,11 @@ class CredentialWatcher:
         )
 
 
-def open_tap(context: zmq.Context[zmq.Socket[bytes]], config: Config) -> Tap:
-    try:
-        return Tap(context, config.gateway.runtime_dir, PROCESS)
-    except zmq.ZMQError as exc:
-        endpoint = wire.tap_endpoint(config.gateway.runtime_dir, PROCESS)
-        raise PlcBridgeError(
-            f"cannot bind the tap to {endpoint}: {exc}; check that gateway.runtime_dir exists"
-        ) from exc
-
-
 def watch(config: Config, logger: logging.Logger, stop: threading.Event) -> None:
     """Run the watcher until stop is set: check the files, publish counters, sleep."""
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
-        tap = open_tap(context, config)
+        tap = Tap(context, config.gateway.runtime_dir, PROCESS)
         try:
             _run_loop(config, logger, stop, tap)
         finally:

@@ -338,17 +338,6 @@ class PlcReader:
             )
 
 
-def open_tap(context: zmq.Context[zmq.Socket[bytes]], config: Config) -> Tap:
-    try:
-        return Tap(context, config.gateway.runtime_dir, PROCESS)
-    except zmq.ZMQError as exc:
-        endpoint = wire.tap_endpoint(config.gateway.runtime_dir, PROCESS)
-        raise PlcBridgeError(
-            f"cannot bind tap endpoint {endpoint}: {exc}. Check that gateway.runtime_dir "
-            "is writable"
-        ) from exc
-
-
 def run_reader(config: Config, logger: logging.Logger, stop: threading.Event) -> None:
     """Poll the PLC and send samples to the buffer until stop is set."""
     schedules = build_schedules(config, time.monotonic())
@@ -379,7 +368,7 @@ def run_epoch(
         ) from exc
 
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    tap = open_tap(context, config)
+    tap = Tap(context, config.gateway.runtime_dir, PROCESS)
     endpoint = wire.endpoint(config.gateway.runtime_dir, wire.INGEST)
     connection = PlcConnection(config.plc, logger)
     sender: IngestSender | None = None
