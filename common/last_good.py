@@ -10,10 +10,10 @@ back: they reject a bad file, so the operator sees the error before a deploy.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
+from common.atomic_file import write_atomically
 from common.config import Config, config_source, load_config, read_config_text
 from common.errors import ConfigError, PlcBridgeError
 
@@ -37,16 +37,10 @@ def save_last_good(config: Config) -> bool:
     if _read_or_none(copy) == data:
         return False
 
-    # The four processes start together, so each writes its own temporary file, named by
-    # its process id. The last rename wins, and all of them write the same text.
-    temporary = copy.with_name(f"{copy.name}.{os.getpid()}.tmp")
+    # The four processes start together and write the same text: the last rename wins.
     try:
-        _write_synced(temporary, data)
-        os.replace(temporary, copy)
-        _sync_folder(copy.parent)
+        write_atomically(copy, data)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
         raise PlcBridgeError(
             f"{copy}: cannot save the last good configuration: {exc.strerror or exc}"
         ) from exc
@@ -84,24 +78,3 @@ def _read_or_none(path: Path) -> bytes | None:
         return None
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        # A leftover temporary file of a crashed writer keeps its old mode, so set it again.
-        os.fchmod(descriptor, 0o600)
-        view = memoryview(data)
-        while view:
-            written = os.write(descriptor, view)
-            view = view[written:]
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _sync_folder(folder: Path) -> None:
-    # Without this, a power cut soon after the rename can leave the old copy in place.
-    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

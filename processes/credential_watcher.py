@@ -34,6 +34,7 @@ from pathlib import Path
 
 import zmq
 
+from common.atomic_file import write_atomically
 from common.config import Config
 from common.credential_files import (
     CredentialFileError,
@@ -191,7 +192,7 @@ class AppliedRecord:
         data = (json.dumps(document, indent=2) + "\n").encode()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomically(self.path, data)
+            write_atomically(self.path, data)
         except OSError as exc:
             self.logger.warning(
                 "applied_record_write_failed %s; until it is written, a watcher restart may "
@@ -220,26 +221,6 @@ def _parse_record(data: bytes) -> dict[str, str | None]:
         if digest is not None and not (isinstance(digest, str) and SHA256_HEX.fullmatch(digest)):
             raise ValueError(f"the digest of {path} is neither a SHA-256 hex string nor null")
     return files
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write a temporary file with mode 0600, fsync it, rename it over path, fsync the folder."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with os.fdopen(descriptor, "wb") as stream:
-        # A temporary file left by a killed watcher keeps its old mode through O_CREAT.
-        os.fchmod(stream.fileno(), 0o600)
-        stream.write(data)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
-
-    # The rename is durable only once the folder's entry is on disk.
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 def _running_from_record(record: dict[str, str | None], paths: tuple[Path, ...],

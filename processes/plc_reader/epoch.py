@@ -7,9 +7,9 @@ reader rather than letting it guess a number that may already be taken.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from common.atomic_file import write_atomically
 from common.errors import PlcBridgeError
 
 EPOCH_FILE = "reader-epoch"
@@ -21,7 +21,7 @@ def advance_epoch(state_dir: Path) -> int:
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         epoch = _read_epoch(path) + 1
-        _write_atomically(path, f"{epoch}\n".encode())
+        write_atomically(path, f"{epoch}\n".encode())
     except OSError as exc:
         raise PlcBridgeError(
             f"{path}: cannot update the reader epoch: {exc}. Check that the folder "
@@ -50,18 +50,3 @@ def _corrupt(path: Path, content: str) -> PlcBridgeError:
     )
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write a temporary file, fsync it, rename it over path and fsync the folder."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with temporary.open("wb") as stream:
-        stream.write(data)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
-
-    # The rename is durable only once the folder's entry is on disk.
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
