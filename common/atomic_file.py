@@ -9,11 +9,12 @@ from pathlib import Path
 
 
 def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace path with data so that a reader, or a power cut, sees the old file or the new.
+    """Replace path with data, so that a reader finds the old file or the new one, even
+    after a power cut.
 
     The data goes to a temporary file in the same folder, named by the process id so that
-    processes writing the same file at once do not collide; it is fsynced, renamed over
-    path, and the folder is fsynced. Raises OSError, with the temporary file removed.
+    processes writing the same file at once do not collide. It is fsynced and renamed over
+    path, then the folder is fsynced. Raises OSError, with the temporary file removed.
     """
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

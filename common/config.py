@@ -125,7 +125,7 @@ class BufferSettings:
 
 @dataclass(frozen=True)
 class BrokerSettings:
-    """Where to connect in the generic MQTT mode, for brokers other than Azure IoT Hub."""
+    """Connection settings of the generic MQTT mode, for brokers other than Azure IoT Hub."""
 
     host: str
     client_id: str
@@ -507,7 +507,7 @@ def _parse_tag(table: _Table) -> Tag:
     table.reject_unknown()
 
     if tag.table in BIT_TABLES and tag.type != "bool":
-        raise table.error("type", tag.type, f"bool, because a {tag.table} holds one bit")
+        raise table.error("type", tag.type, f"bool, because a {tag.table} contains one bit")
     if tag.address + tag.register_count > 65536:
         raise table.error("address", tag.address, "an address whose last register is 65535")
     return tag

@@ -2,9 +2,9 @@
 
 A process body runs until its stop event is set. Signal handlers only set that event, and
 the body's own loop does the shutdown work. A fatal error exits non-zero, so supervisord
-sees it and restarts the program. A configuration file that fails to load is replaced by its
-last good copy when there is one (see common.last_good), so a restart after a bad edit
-keeps the process running.
+records the failure and restarts the program. A configuration file that fails to load is
+replaced by its last good copy when there is one (see common.last_good), so a restart after
+a bad edit keeps the process running.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ payload frame that is passed through unparsed.
         topic "<process>", then one JSON object with "ts_ms", "process", "kind" and fields.
 
 The reader numbers its batches from 0 in each epoch and resends every unacknowledged batch
-after plc.ack_timeout_s, so the buffer stores a batch only when its batch_seq is one above the
-last it committed for that epoch, and acknowledges a resent one without storing it again.
+after plc.ack_timeout_s. So the buffer stores a batch only when its batch_seq is one above
+the last it committed for that epoch, and acknowledges a resent one without storing it.
 
 The uplink opens a new session for every MQTT connection. A session starts with "free" pages
 of credit, each puback returns one, and the buffer hands out pages oldest first within that
@@ -50,8 +50,8 @@ PAGE = b"page"
 
 PROCESS_NAMES = ("plc_reader", "buffer", "uplink", "credential_watcher")
 
-# Batches and pages are large, so a few hundred queued ones are plenty; beyond that the
-# sender sees EAGAIN and keeps the data in its own bounded queue.
+# Batches and pages are large, so a few hundred queued ones are plenty. Beyond that the
+# sender gets EAGAIN and keeps the data in its own bounded queue.
 DATA_HWM = 200
 
 # A tap drops messages for a slow subscriber rather than slow down the gateway.

@@ -3,7 +3,7 @@
 Run it with ``python -m devstack.plc_simulator --host 127.0.0.1 --port 15020``. It responds
 to every unit id. A tick counter grows by one every 10 ms of the server's monotonic clock, and
 every value below is derived from that tick. Each table is written with one setValues call
-per tick, so one read request sees a consistent snapshot and a test can check every sample
+per tick, so one read request gets a consistent snapshot and a test can check every sample
 against the others read with it.
 
 Register map, with zero-based protocol addresses:

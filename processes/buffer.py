@@ -981,7 +981,7 @@ class BufferProcess:
         """Keep committing batches after a stop request while the reader is still flushing.
 
         supervisord signals all four programs at once when the whole gateway stops, so the
-        reader's last batches can arrive after the buffer was told to stop. The buffer
+        reader's last batches can arrive after the buffer got its stop request. The buffer
         stays until no batch has come for STOP_QUIET_S, at most STOP_GRACE_S.
         """
         began = last_batch = time.monotonic()

@@ -187,7 +187,7 @@ def test_config_wrong_type_named(tmp_path: Path, addition: str, expected: str) -
          "plc.tags[0].address: 65535; expected an address whose last register is 65535"),
         ('table = "holding_register"\naddress = 0\ntype = "uint32"',
          'table = "coil"\naddress = 0\ntype = "uint32"',
-         "plc.tags[0].type: 'uint32'; expected bool, because a coil holds one bit"),
+         "plc.tags[0].type: 'uint32'; expected bool, because a coil contains one bit"),
         ('host = "127.0.0.1"', 'host = "127.0.0.1"\nreconnect_min_s = 5.0\nreconnect_max_s = 1.0',
          "plc.reconnect_max_s: 1.0; expected a value not below plc.reconnect_min_s"),
     ],

@@ -64,7 +64,7 @@ class Stack:
     def drain_reader(self) -> dict[int, int]:
         """Stop the reader, wait until everything it read has arrived, return samples per epoch.
 
-        The reader logs its epoch's sample total when it stops, so the test knows how many
+        The reader logs its epoch's sample total when it stops, which gives the number of
         samples each epoch must deliver, the tail included.
         """
         result = self.gateway.supervisorctl("stop", "plcbridge:plc_reader")
@@ -297,10 +297,11 @@ def test_process_wrong_type_and_unreadable_ca(base: Path, certs: Path) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=30, check=False,
     )
     assert result.returncode == 2
-    assert "plc.port" in result.stderr and "'1502'" in result.stderr
+    assert "plc.port" in result.stderr
+    assert "'1502'" in result.stderr
     assert "Traceback" not in result.stderr
 
-    # Root reads any file whatever its mode, so a folder stands in for an unreadable CA file.
+    # Root reads any file whatever its mode, so a folder replaces an unreadable CA file.
     ca_folder = base / "ca-folder"
     ca_folder.mkdir()
     bad_ca = base / "bad-ca.toml"

@@ -191,7 +191,7 @@ class PlcConnection:
     def _io_error(self, where: str, exc: ModbusIOException) -> PlcReadError:
         # pymodbus 3.16 raises ModbusIOException both for a request without a response
         # within the timeout and for a response with the wrong transaction or device id.
-        # Only the message text tells them apart.
+        # Only the message text distinguishes them.
         if "No response received" in str(exc):
             return PlcReadError(
                 f"read from {where} timed out after {self.timeout_s:g} s",

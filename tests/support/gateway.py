@@ -182,7 +182,7 @@ class Gateway:
     def supervisorctl(
         self, *args: str, timeout_s: float = 60.0
     ) -> subprocess.CompletedProcess[str]:
-        """Run supervisorctl through `plcbridge ctl`, as the README tells operators to."""
+        """Run supervisorctl through `plcbridge ctl`, the command the README gives operators."""
         return subprocess.run(
             [sys.executable, "-m", "cli.main", "ctl", "--config", str(self.config), *args],
             cwd=ROOT,
