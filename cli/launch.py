@@ -20,6 +20,7 @@ from common.config import Config, load_config
 from common.credential_files import validate_credential_files
 from common.errors import CredentialError, PlcBridgeError
 from common.last_good import last_good_path, load_config_or_last_good, save_last_good
+from common.logs import redact
 
 # The repository root, where supervisord.conf lives next to the cli package.
 DEFAULT_SUPERVISORD_CONF = Path(__file__).resolve().parent.parent / "supervisord.conf"
@@ -73,7 +74,7 @@ def load_config_for_operator(path: str, command: str) -> Config:
     """
     config, rejected = load_config_or_last_good(path)
     if rejected is not None:
-        print(f"plcbridge {command}: {rejected}", file=sys.stderr)
+        print(redact(f"plcbridge {command}: {rejected}"), file=sys.stderr)
         print(f"plcbridge {command}: warning: using the last good configuration "
               f"{last_good_path(config.path)} instead; fix the file and check it with "
               f"`plcbridge check-config --config {config.path}`", file=sys.stderr, flush=True)

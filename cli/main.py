@@ -10,6 +10,7 @@ from cli import checks, launch
 from cli import tap as tap_command
 from common import wire
 from common.errors import ConfigError, CredentialError, PlcBridgeError
+from common.logs import redact
 
 EXIT_FAILURE = 1
 EXIT_INVALID = 2
@@ -121,10 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.handler(args)
     except (ConfigError, CredentialError) as exc:
-        print(f"plcbridge {args.command}: {exc}", file=sys.stderr)
+        # A connection string pasted where a path belongs would otherwise reach the screen.
+        print(redact(f"plcbridge {args.command}: {exc}"), file=sys.stderr)
         return EXIT_INVALID
     except PlcBridgeError as exc:
-        print(f"plcbridge {args.command}: {exc}", file=sys.stderr)
+        print(redact(f"plcbridge {args.command}: {exc}"), file=sys.stderr)
         return EXIT_FAILURE
     return code
 

@@ -319,13 +319,13 @@ def _shown(value: Any) -> str:
 
 
 def config_source(path: str | Path) -> Path:
-    """Return the absolute path that load_config reads path from, with symlinks resolved."""
-    try:
-        return Path(path).resolve()
-    except (OSError, RuntimeError):
-        # A symlink loop: Python 3.11 raises RuntimeError, newer versions OSError. Reading
-        # the unresolved path then fails with ELOOP, which read_config_text reports.
-        return Path(os.path.abspath(path))
+    """Return the absolute path that load_config reads path from, without following symlinks.
+
+    Sites deploy configurations as releases behind a symlink. Keeping the link's path means
+    a restarted program reads whatever the link points to now, and the last good copy and
+    relative paths stay next to the link when it is switched.
+    """
+    return Path(os.path.abspath(path))
 
 
 def read_config_text(source: Path) -> str:

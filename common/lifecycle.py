@@ -10,7 +10,9 @@ a bad edit keeps the process running.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
+import os
 import signal
 import sys
 import threading
@@ -20,7 +22,7 @@ from common import __version__
 from common.config import Config
 from common.errors import ConfigError, PlcBridgeError
 from common.last_good import last_good_path, load_config_or_last_good, save_last_good
-from common.logs import fields, setup_logging
+from common.logs import fields, redact, setup_logging
 
 Body = Callable[[Config, logging.Logger, threading.Event], None]
 
@@ -34,6 +36,28 @@ def gateway_version() -> str:
     return __version__
 
 
+# prctl option that makes the kernel signal this process when its parent exits (Linux).
+PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_parent(stop: threading.Event) -> None:
+    """Ask the kernel for SIGTERM when supervisord dies, so no program outlives it.
+
+    supervisord puts each program in a process group of its own, so a SIGKILL of
+    supervisord alone would leave the four running, holding their locks against the next
+    `plcbridge run`. The check of the parent's pid closes the race with a parent that died
+    before the request.
+    """
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return  # not Linux: supervisord's own stop is the only way out
+    if os.getppid() != parent:
+        stop.set()
+
+
 def run_process(process: str, body: Body, argv: Sequence[str] | None = None) -> int:
     """Load the configuration named on the command line and run body until a signal stops it."""
     parser = argparse.ArgumentParser(prog=f"plcbridge-{process}")
@@ -43,7 +67,7 @@ def run_process(process: str, body: Body, argv: Sequence[str] | None = None) -> 
     try:
         config, rejected = load_config_or_last_good(args.config)
     except ConfigError as exc:
-        print(f"plcbridge {process}: {exc}", file=sys.stderr)
+        print(redact(f"plcbridge {process}: {exc}"), file=sys.stderr)
         return EXIT_CONFIG
 
     logger = setup_logging(process, config.gateway.log_level)
@@ -54,6 +78,7 @@ def run_process(process: str, body: Body, argv: Sequence[str] | None = None) -> 
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    _stop_with_parent(stop)
 
     logger.info("start version=%s config=%s", gateway_version(), config.path)
     if rejected is None:

@@ -9,7 +9,7 @@ import sys
 # Values that must never reach a log: SAS signatures, device keys, whole tokens, passwords.
 _SECRET_PATTERNS = (
     (re.compile(r"(sig=)[^&;\s'\"]+", re.IGNORECASE), r"\1<redacted>"),
-    (re.compile(r"(SharedAccessKey=)[^;\s'\"]+", re.IGNORECASE), r"\1<redacted>"),
+    (re.compile(r"(SharedAccessKey=)[^;:\s'\"]+", re.IGNORECASE), r"\1<redacted>"),
     (re.compile(r"(password[=:]\s*)[^\s,;'\"]+", re.IGNORECASE), r"\1<redacted>"),
 )
 

@@ -344,3 +344,19 @@ def test_gateway_sigterm_stops_everything(stack: Stack) -> None:
     assert "reader_stopped" in reader_log
     assert "ingest_flush_incomplete" not in reader_log
     assert "unacked_batches=0" in reader_log
+
+
+def test_gateway_supervisord_kill9_stops_programs(stack: Stack) -> None:
+    pids = [stack.gateway.pid(name) for name in PROGRAMS]
+    assert stack.gateway.process is not None
+    stack.gateway.process.send_signal(signal.SIGKILL)
+    stack.gateway.process.wait(timeout=10)
+
+    # Orphans would hold the buffer's and the reader's locks against the next start.
+    def all_gone() -> bool:
+        return not any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+    wait_until(all_gone, 20, "the four programs to exit after supervisord died")
+
+    stack.gateway.start()
+    stack.wait_for_samples(100)

@@ -26,12 +26,15 @@ def test_last_good_path_next_to_config(tmp_path: Path) -> None:
     assert last_good_path(tmp_path / "plcbridge.toml") == tmp_path / ".plcbridge.toml.last-good"
 
 
-def test_last_good_path_follows_symlink(tmp_path: Path) -> None:
-    real = write_config(tmp_path)
+def test_last_good_path_stays_next_to_symlink(tmp_path: Path) -> None:
+    releases = tmp_path / "releases"
+    releases.mkdir()
+    real = write_config(releases)
     link = tmp_path / "current.toml"
     link.symlink_to(real)
 
-    assert last_good_path(link) == tmp_path / ".plcbridge.toml.last-good"
+    # Switching the link to another release must not lose the copy.
+    assert last_good_path(link) == tmp_path / ".current.toml.last-good"
 
 
 def test_last_good_save_writes_exact_text(tmp_path: Path) -> None:
