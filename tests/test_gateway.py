@@ -9,11 +9,9 @@ that went missing on the way.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +21,6 @@ from typing import Any
 import pytest
 
 from common.payload import parse_page
-from devstack.dev_certs import ensure_dev_certs
 from tests.support.broker import Broker, SilentServer, Subscriber
 from tests.support.delivery import DeliveryReport, analyse
 from tests.support.gateway import ROOT, Gateway, gateway_config, wait_until
@@ -90,25 +87,6 @@ def reader_totals(log: str) -> dict[int, int]:
         values = dict(part.split("=", 1) for part in line.split() if "=" in part)
         totals[int(values["epoch"])] = int(values["samples"])
     return totals
-
-
-@pytest.fixture(scope="module")
-def certs() -> Iterator[Path]:
-    folder = Path(tempfile.mkdtemp(prefix="pb-certs-", dir="/tmp"))
-    try:
-        ensure_dev_certs(folder)
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture
-def base() -> Iterator[Path]:
-    folder = Path(tempfile.mkdtemp(prefix="pb-", dir="/tmp"))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def start_stack(base: Path, certs: Path, broker_port: int | None = None, **config: Any) -> Stack:

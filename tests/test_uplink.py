@@ -7,11 +7,9 @@ import json
 import os
 import re
 import select
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -223,25 +221,6 @@ def write_connection_string(base: Path, text: str | None = None) -> None:
     if text is None:
         text = f"HostName=localhost;DeviceId={DEVICE_ID};SharedAccessKey={DEVICE_KEY}"
     (base / "connection-string.txt").write_text(text + "\n")
-
-
-@pytest.fixture(scope="module")
-def certs() -> Iterator[Path]:
-    folder = Path(tempfile.mkdtemp(prefix="pb-certs-", dir="/tmp"))
-    try:
-        ensure_dev_certs(folder)
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture
-def base() -> Iterator[Path]:
-    folder = Path(tempfile.mkdtemp(prefix="pb-", dir="/tmp"))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
