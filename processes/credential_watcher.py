@@ -409,10 +409,38 @@ class CredentialWatcher:
             )
             return False
 
+        if self._would_replace_valid_with_expired(loaded):
+            return False
+
         self.loaded = loaded
         self._log_loaded(loaded)
         self.sas_state = None
         self._recheck_sas_expiry()
+        return True
+
+    def _would_replace_valid_with_expired(self, loaded: CredentialSet) -> bool:
+        """Reject a new SAS token that has already expired while the running one has not.
+
+        Restarting onto it would take a working uplink down. A wrong clock cannot be told
+        from an expired token here, but it makes both tokens look expired, and then the new
+        set is accepted as before.
+        """
+        if self.loaded is None:
+            return False
+        settings = (self.config.credentials, self.config.uplink)
+        new = check_sas_expiry(loaded.connection, *settings)
+        running = check_sas_expiry(self.loaded.connection, *settings)
+        if new.state != "expired" or running.state == "expired":
+            return False
+
+        path = self.config.credentials.connection_string_file
+        self.tap.counters["invalid"] += 1
+        self.tap.publish("credentials_invalid", file=str(path), reason="SAS token expired")
+        self.logger.error(
+            "credentials_invalid %s; the new SAS token has expired while the running one is "
+            "valid, so the uplink keeps the running credentials until a valid token is written",
+            fields(file=path, reason=new.message),
+        )
         return True
 
     def _log_loaded(self, loaded: CredentialSet) -> None:

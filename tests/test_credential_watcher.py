@@ -246,6 +246,24 @@ def test_watcher_malformed_string_logged_then_fixed(running: Gateway) -> None:
     running.assert_no_secret_in_output()
 
 
+def test_watcher_expired_token_keeps_uplink(running: Gateway) -> None:
+    pid = running.uplink_pid()
+    path = running.files.connection_string
+    expired_s = int(time.time()) - 3600
+
+    rewrite(path, sas_token_string(running.files.secrets, expired_s) + "\n")
+    wait_for(lambda: "credentials_invalid" in running.output(), 5, "the credentials_invalid line")
+    error_lines = [line for line in running.output().splitlines() if "credentials_invalid" in line]
+    assert len(error_lines) == 1
+    assert " ERROR " in error_lines[0]
+    assert f"se={expired_s}" in error_lines[0]
+    assert running.uplink_pid() == pid
+
+    rewrite(path, sas_token_string(running.files.secrets, int(time.time()) + 86400 * 30) + "\n")
+    wait_for(lambda: running.uplink_restarted(pid), 10, "the uplink to get a new pid")
+    running.assert_no_secret_in_output()
+
+
 def test_watcher_pasted_key_not_logged(running: Gateway) -> None:
     pid = running.uplink_pid()
     bare_key = device_key_string(running.files.secrets).split("SharedAccessKey=")[1]

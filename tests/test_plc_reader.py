@@ -1026,12 +1026,18 @@ def test_plc_reader_buffer_unreachable_warns_then_recovers(
     # With ack_timeout_s = 2 the warning comes after max(2 * 2 s, 5 s) without an ack.
     reader = start_reader(write_config(base, simulator.port, "ack_timeout_s = 2.0"), cleanup)
     tap = watch_tap(base, cleanup)
+    events: dict[str, dict[str, Any]] = {}
+
+    def on_tap(kind: str) -> bool:
+        # The tap message can arrive a little after the log line, on a busy machine.
+        events.update({event["kind"]: event for event in tap.drain().events})
+        return kind in events
 
     wait_until(lambda: "buffer_unreachable" in reader.log(), 10, "buffer_unreachable logged")
     warning = first_line(reader.log(), "buffer_unreachable")
     assert " WARNING " in warning
     assert "pending_samples=" in warning
-    events = {event["kind"]: event for event in tap.drain().events}
+    wait_until(lambda: on_tap("buffer_unreachable"), 5, "buffer_unreachable on the tap")
     assert events["buffer_unreachable"]["pending_samples"] > 0
     assert events["buffer_unreachable"]["no_ack_s"] >= 5
 
@@ -1039,6 +1045,5 @@ def test_plc_reader_buffer_unreachable_warns_then_recovers(
     wait_until(lambda: "buffer_reachable" in reader.log(), 10, "buffer_reachable logged")
     recovered = first_line(reader.log(), "buffer_reachable")
     assert " INFO " in recovered
-    events = {event["kind"]: event for event in tap.drain().events}
-    assert "buffer_reachable" in events
+    wait_until(lambda: on_tap("buffer_reachable"), 5, "buffer_reachable on the tap")
     assert reader.log().count("buffer_unreachable") == 1
