@@ -683,5 +683,3 @@ def _check_cross_references(source: Path, config: Config) -> None:
             f"{source}: missing key credentials.connection_string_file; "
             "azure mode needs the device's connection string"
         )
-    if config.buffer.page_max_bytes < 1024:
-        raise ConfigError(f"{source}: buffer.page_max_bytes must be at least 1024")

@@ -22,8 +22,14 @@ from datetime import datetime
 from pathlib import Path
 
 from common.config import CredentialSettings, UplinkSettings
-from common.credentials import ConnectionString, describe_expiry, read_connection_string
-from common.errors import CredentialError
+from common.credentials import (
+    ConnectionString,
+    CredentialFileError,
+    describe_expiry,
+    read_connection_string,
+    read_credential_bytes,
+    read_password_file,
+)
 
 SECONDS_PER_DAY = 86_400
 
@@ -36,15 +42,6 @@ PRIVATE_KEY_BEGIN = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")
 # type than the certificate's, such as RSA for an EC certificate, fills another slot of the
 # context, so OpenSSL finds no certificate for it: NO_CERTIFICATE_ASSIGNED.
 KEY_MISMATCH_REASONS = ("KEY_VALUES_MISMATCH", "KEY_TYPE_MISMATCH", "NO_CERTIFICATE_ASSIGNED")
-
-
-class CredentialFileError(CredentialError):
-    """A credential file that cannot be used. The message starts with its path."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -75,7 +72,7 @@ def validate_credential_files(settings: CredentialSettings) -> CredentialSet:
     """Load every configured credential file and raise CredentialFileError for the first bad one."""
     connection = None
     if settings.connection_string_file is not None:
-        connection = _load_connection_string(settings.connection_string_file)
+        connection = read_connection_string(settings.connection_string_file)
 
     ca_count, _ca_pem = _load_certificates(settings.ca_file, "CA file")
 
@@ -90,7 +87,7 @@ def validate_credential_files(settings: CredentialSettings) -> CredentialSet:
         )
 
     if settings.password_file is not None:
-        _check_password_file(settings.password_file)
+        read_password_file(settings.password_file)
     return CredentialSet(connection, ca_count, client)
 
 
@@ -125,33 +122,9 @@ def check_sas_expiry(
     return SasExpiry(state, message, expiry_s)
 
 
-def _read_file(path: Path, file_kind: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError as exc:
-        raise CredentialFileError(path, f"{file_kind} not found") from exc
-    except IsADirectoryError as exc:
-        raise CredentialFileError(path, f"{file_kind} is a folder; expected a file") from exc
-    except PermissionError as exc:
-        raise CredentialFileError(
-            path, f"{file_kind} not readable by this user; check its permissions"
-        ) from exc
-    except OSError as exc:
-        raise CredentialFileError(path, f"cannot read {file_kind}: {exc.strerror}") from exc
-
-
-def _load_connection_string(path: Path) -> ConnectionString:
-    try:
-        return read_connection_string(path)
-    except CredentialError as exc:
-        # read_connection_string already starts its messages with the path.
-        reason = str(exc).removeprefix(f"{path}: ")
-        raise CredentialFileError(path, reason) from exc
-
-
 def _load_certificates(path: Path, file_kind: str) -> tuple[int, bytes]:
     """Load a PEM file into OpenSSL's certificate store, and return the count and the bytes."""
-    data = _read_file(path, file_kind)
+    data = read_credential_bytes(path, file_kind)
     if b"-----BEGIN CERTIFICATE-----" not in data:
         raise CredentialFileError(path, f"{file_kind} contains no PEM certificate")
 
@@ -222,7 +195,7 @@ def _reject_encrypted_key() -> str:
 
 def _check_private_key(cert_path: Path, key_path: Path) -> None:
     """Load the key with its certificate, as the uplink does, so OpenSSL checks they match."""
-    data = _read_file(key_path, "client key file")
+    data = read_credential_bytes(key_path, "client key file")
     if not PRIVATE_KEY_BEGIN.search(data):
         raise CredentialFileError(
             key_path, "client key file is not a valid PEM private key: it contains no "
@@ -250,16 +223,6 @@ def _check_private_key(cert_path: Path, key_path: Path) -> None:
         raise CredentialFileError(
             key_path, f"client key file is not a valid PEM private key: {_openssl_reason(exc)}"
         ) from exc
-
-
-def _check_password_file(path: Path) -> None:
-    data = _read_file(path, "password file")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise CredentialFileError(path, "password file is not UTF-8 text") from exc
-    if len([line for line in text.splitlines() if line.strip()]) != 1:
-        raise CredentialFileError(path, "expected one line holding the MQTT password")
 
 
 def _openssl_reason(exc: OSError) -> str:

@@ -144,22 +144,62 @@ def _quote_name(name: str) -> str:
     return f"of {len(name)} characters (not shown, because it may contain a secret)"
 
 
-def read_connection_string(path: Path) -> ConnectionString:
-    """Read and parse a one-line connection-string file; raise CredentialError naming it."""
+class CredentialFileError(CredentialError):
+    """A credential file that cannot be used. The message starts with its path."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def read_credential_bytes(path: Path, file_kind: str) -> bytes:
+    """Read a credential file; raise CredentialFileError naming it and saying what to fix."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise CredentialFileError(path, f"{file_kind} not found") from exc
+    except IsADirectoryError as exc:
+        raise CredentialFileError(path, f"{file_kind} is a folder; expected a file") from exc
+    except PermissionError as exc:
+        raise CredentialFileError(
+            path, f"{file_kind} not readable by this user; check its permissions"
+        ) from exc
+    except OSError as exc:
+        raise CredentialFileError(path, f"cannot read {file_kind}: {exc.strerror}") from exc
+
+
+def _read_one_line(path: Path, file_kind: str, content: str) -> str:
+    """Return the single non-empty line of a credential file, stripped."""
+    data = read_credential_bytes(path, file_kind)
     try:
         # utf-8-sig drops the byte-order mark that Windows editors put in front.
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError as exc:
-        raise CredentialError(f"{path}: connection-string file not found") from exc
-    except PermissionError as exc:
-        raise CredentialError(
-            f"{path}: connection-string file not readable by this user; check its permissions"
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CredentialFileError(
+            path, f"cannot read {file_kind}: not UTF-8 text; save it as UTF-8"
         ) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CredentialError(f"{path}: cannot read connection-string file: {exc}") from exc
-    if len([line for line in text.splitlines() if line.strip()]) != 1:
-        raise CredentialError(f"{path}: expected one line holding the connection string")
-    return parse_connection_string(text, str(path))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) != 1:
+        raise CredentialFileError(path, f"expected one line holding {content}")
+    return lines[0]
+
+
+def read_connection_string(path: Path) -> ConnectionString:
+    """Read and parse a one-line connection-string file; raise CredentialError naming it."""
+    line = _read_one_line(path, "connection-string file", "the connection string")
+    try:
+        return parse_connection_string(line, str(path))
+    except CredentialFileError:
+        raise
+    except CredentialError as exc:
+        # parse_connection_string already starts its messages with the path.
+        raise CredentialFileError(path, str(exc).removeprefix(f"{path}: ")) from exc
+
+
+def read_password_file(path: Path) -> str:
+    """Read the one-line MQTT password file; raise CredentialFileError naming it."""
+    return _read_one_line(path, "password file", "the MQTT password")
 
 
 def parse_sas_token(text: str, source: str = "SAS token") -> SasToken:

@@ -12,7 +12,7 @@ Register map, with zero-based protocol addresses:
     holding registers 2-3     float32 sin(tick / 100), high word first    line1.sine
     holding register 4        (tick & 0xFFFF) ^ 0xA5A5, uint16            line1.check
     holding register 5        always 0
-    holding registers 6-7     float32 NaN, as a PLC holds before its program writes a value
+    holding registers 6-7     float32 NaN, as a PLC register contains before its program writes one
     holding registers 8-99    always 0
     holding registers 100+i   (tick + i) & 0xFFFF for i < --bench-registers, for benchmarks
     input register 0          round(200 + 50 * sin(tick / 1000)), int16 in tenths of a degree

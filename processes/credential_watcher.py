@@ -421,7 +421,7 @@ class CredentialWatcher:
     def _would_replace_valid_with_expired(self, loaded: CredentialSet) -> bool:
         """Reject a new SAS token that has already expired while the running one has not.
 
-        Restarting onto it would take a working uplink down. A wrong clock cannot be told
+        Restarting onto it would take a working uplink down. A wrong clock cannot be distinguished
         from an expired token here, but it makes both tokens look expired, and then the new
         set is accepted as before.
         """

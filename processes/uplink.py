@@ -51,6 +51,7 @@ from common.credentials import (
     describe_expiry,
     mint_sas_token,
     read_connection_string,
+    read_password_file,
 )
 from common.errors import CredentialError, PlcBridgeError, UplinkError
 from common.lifecycle import gateway_version, run_process
@@ -226,7 +227,9 @@ def _mqtt_identity(config: Config, logger: logging.Logger) -> Identity:
     assert broker is not None  # the config loader builds it in mqtt mode
     credentials = config.credentials
 
-    password_text = _read_password_file(credentials) if credentials.password_file else None
+    password_text = (
+        read_password_file(credentials.password_file) if credentials.password_file else None
+    )
     if password_text is not None and not broker.username:
         raise CredentialError(
             f"{credentials.password_file}: credentials.password_file is set but "
@@ -265,28 +268,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _read_password_file(credentials: CredentialSettings) -> str:
-    path = credentials.password_file
-    assert path is not None
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError as exc:
-        raise CredentialError(f"{path}: password file not found") from exc
-    except PermissionError as exc:
-        raise CredentialError(
-            f"{path}: password file not readable by this user; check its permissions"
-        ) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CredentialError(
-            f"{path}: cannot read the password file: {type(exc).__name__}"
-        ) from exc
-
-    lines = [line for line in text.splitlines() if line.strip()]
-    if len(lines) != 1:
-        raise CredentialError(f"{path}: expected one line holding the MQTT password")
-    return lines[0].strip()
 
 
 def build_tls_context(credentials: CredentialSettings) -> ssl.SSLContext:

@@ -513,7 +513,7 @@ def test_config_long_value_shortened_in_message(tmp_path: Path) -> None:
 def test_config_text_parsed_as_if_at_path(tmp_path: Path) -> None:
     folder = tmp_path / "etc"
     folder.mkdir()
-    path = folder / "plcbridge.toml"  # never written: the text stands in for its content
+    path = folder / "plcbridge.toml"  # never written: the text replaces its content
     text = replace_once(MINIMAL, 'host = "127.0.0.1"', 'host = "10.0.0.9"')
 
     config = load_config(path, text=text)
