@@ -1,0 +1,165 @@
+"""CONNECT validation as Azure IoT Hub does it: client id, user name, SAS token or X.509.
+
+The SAS signature is checked the way the IoT Edge hub checks it: HMAC-SHA256 over `sr`
+exactly as the client sent it, a newline and `se`. Only the scope comparison URL-decodes
+`sr`, and it ignores case. Every rejection carries a reason for the log that never
+contains the signature, the password or a key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import urllib.parse
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from common.credentials import parse_sas_token
+from common.errors import CredentialError
+from devstack.hub_registry import Identity, Registry
+from devstack.mqtt_frames import Connect
+
+_MQTT_PROTOCOL = ("MQTT", 4)
+
+
+class Rejected(Exception):
+    """A CONNECT that the hub answers with CONNACK 5; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class Admission:
+    identity: Identity
+    # How the identity proved itself, for the log: "sas primary", "x509 thumbprint", ...
+    method: str
+    # SAS expiry in epoch seconds; the connection is closed when it passes. None for X.509.
+    expiry_s: int | None
+
+
+def authenticate(
+    connect: Connect,
+    peer_certificate: bytes | None,
+    registry: Registry,
+    hub_host: str,
+    now_s: float,
+    skew_s: float,
+) -> Admission:
+    """Check a CONNECT and the TLS client certificate (DER); raise Rejected with the reason."""
+    if (connect.protocol_name, connect.protocol_level) != _MQTT_PROTOCOL:
+        raise Rejected(
+            f"protocol {connect.protocol_name!r} level {connect.protocol_level}; "
+            "expected MQTT 3.1.1"
+        )
+
+    identity = registry.find(connect.client_id)
+    if identity is None:
+        raise Rejected("client id not in the registry")
+    _check_username(connect.username, identity, hub_host)
+    if connect.will_topic is not None and not connect.will_topic.startswith(
+        identity.topic_prefix
+    ):
+        raise Rejected(f"will topic {connect.will_topic!r} outside {identity.topic_prefix}")
+
+    if identity.scheme == "sas":
+        method, expiry_s = _check_sas(connect.password, identity, hub_host, now_s, skew_s)
+        return Admission(identity, method, expiry_s)
+    return Admission(identity, _check_certificate(peer_certificate, identity, now_s), None)
+
+
+def _check_username(username: str | None, identity: Identity, hub_host: str) -> None:
+    """Require `<hub host>/<client id>/?api-version=<non-empty>`, host compared in any case."""
+    if username is None:
+        raise Rejected("no user name")
+    path, separator, query = username.partition("/?")
+    expected_path = f"{hub_host}/{identity.client_id}"
+    host, _, client_path = path.partition("/")
+    if not separator or host.lower() != hub_host.lower() or client_path != identity.client_id:
+        raise Rejected(
+            f"user name {username!r} does not match {expected_path}/?api-version=<version>"
+        )
+    parameters = urllib.parse.parse_qs(query, keep_blank_values=True)
+    if not any(parameters.get("api-version", [])):
+        raise Rejected(f"user name {username!r} has no api-version")
+
+
+def _check_sas(
+    password: bytes | None, identity: Identity, hub_host: str, now_s: float, skew_s: float
+) -> tuple[str, int]:
+    """Verify a SAS token; return the key that signed it and the token's expiry."""
+    if password is None:
+        raise Rejected("no password; this device authenticates with a SAS token")
+    try:
+        text = password.decode("utf-8")
+        token = parse_sas_token(text, "password")
+    except UnicodeDecodeError as exc:
+        raise Rejected("password is not UTF-8") from exc
+    except CredentialError as exc:
+        raise Rejected(str(exc)) from exc
+
+    fields = _raw_fields(text)
+    expected_scope = identity.resource_uri(hub_host)
+    if token.resource.lower() != expected_scope.lower():
+        raise Rejected(f"token scope sr={token.resource!r}; expected {expected_scope!r}")
+    if token.expiry_s + skew_s <= now_s:
+        raise Rejected(
+            f"token expired: se={token.expiry_s} ({_utc(token.expiry_s)}), "
+            f"now={int(now_s)} ({_utc(now_s)}), skew={skew_s:g} s"
+        )
+
+    signature = _decode_signature(fields["sig"])
+    message = f"{fields['sr']}\n{fields['se']}".encode()
+    for name, key in identity.keys:
+        expected = hmac.new(key, message, hashlib.sha256).digest()
+        if hmac.compare_digest(expected, signature):
+            return f"sas {name}", token.expiry_s
+    raise Rejected("signature matches neither the primary nor the secondary key")
+
+
+def _raw_fields(text: str) -> dict[str, str]:
+    """Split the token's fields without decoding them; parse_sas_token has checked them."""
+    body = text.split(" ", 1)[1]
+    return dict(part.partition("=")[::2] for part in body.split("&"))
+
+
+def _decode_signature(sig: str) -> bytes:
+    try:
+        return base64.b64decode(urllib.parse.unquote(sig), validate=True)
+    except binascii.Error as exc:
+        raise Rejected("token signature is not URL-encoded base64") from exc
+
+
+def _check_certificate(certificate_der: bytes | None, identity: Identity, now_s: float) -> str:
+    """Match the TLS client certificate by thumbprint, or by CA chain and common name.
+
+    The TLS layer has already verified the chain against the client CA file, because the
+    emulator requests certificates only when it has one and OpenSSL then fails every
+    handshake with a certificate that does not chain to it.
+    """
+    if certificate_der is None:
+        raise Rejected(f"no client certificate; this device authenticates with {identity.scheme}")
+    certificate = x509.load_der_x509_certificate(certificate_der)
+    if not certificate.not_valid_before_utc.timestamp() <= now_s:
+        raise Rejected(f"client certificate not valid before {certificate.not_valid_before_utc}")
+    if certificate.not_valid_after_utc.timestamp() < now_s:
+        raise Rejected(f"client certificate expired at {certificate.not_valid_after_utc}")
+
+    if identity.ca_signed:
+        names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        common_name = str(names[0].value) if names else None
+        if common_name != identity.device_id:
+            raise Rejected(f"certificate CN {common_name!r} is not the device id")
+        return "x509 ca"
+
+    sha1 = hashlib.sha1(certificate_der).hexdigest()
+    sha256 = hashlib.sha256(certificate_der).hexdigest()
+    if sha1 in identity.thumbprints or sha256 in identity.thumbprints:
+        return "x509 thumbprint"
+    raise Rejected(f"certificate thumbprint sha1={sha1} matches no registered thumbprint")
+
+
+def _utc(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

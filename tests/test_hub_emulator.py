@@ -1,0 +1,468 @@
+"""The hub emulator against real clients: CONNECT checks, forwarding, expiry, faults, Date."""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import hashlib
+import hmac
+import http.client
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from common.credentials import mint_sas_token
+from devstack.dev_certs import make_client_cert
+from tests.support.broker import Subscriber, client_tls_context
+from tests.support.hub import HubStack, RawMqttClient, new_device_key, username
+
+pytestmark = pytest.mark.integration
+
+HUB = "localhost"
+PRIMARY = new_device_key()
+SECONDARY = new_device_key()
+MODULE_KEY = new_device_key()
+
+
+def token_for(resource: str, key: str, expiry_s: float) -> str:
+    return mint_sas_token(resource, base64.b64decode(key), int(expiry_s))
+
+
+def signed_token(sr_as_sent: str, key: str, se: int) -> str:
+    """Sign over sr exactly as given, independently of plcbridge's minting code."""
+    digest = hmac.new(base64.b64decode(key), f"{sr_as_sent}\n{se}".encode(), hashlib.sha256)
+    signature = urllib.parse.quote(base64.b64encode(digest.digest()).decode(), safe="")
+    return f"SharedAccessSignature sig={signature}&se={se}&sr={sr_as_sent}"
+
+
+@pytest.fixture(scope="module")
+def hub(certs: Path) -> Iterator[HubStack]:
+    workdir = Path(tempfile.mkdtemp(prefix="pb-hub-", dir="/tmp"))
+    stack = HubStack(
+        certs, workdir,
+        devices={"gw-01": {"primary_key": PRIMARY, "secondary_key": SECONDARY},
+                 "gw-02": {"primary_key": new_device_key()}},
+        modules={"gw-01/historian": {"primary_key": MODULE_KEY}},
+        hub_host=HUB,
+    )
+    try:
+        with stack:
+            yield stack
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def clean_hub(hub: HubStack) -> Iterator[HubStack]:
+    """Provide the shared emulator with no faults, and clear any that a test set."""
+    hub.set_faults()
+    try:
+        yield hub
+    finally:
+        hub.set_faults()
+
+
+@pytest.fixture
+def subscriber(clean_hub: HubStack) -> Iterator[Subscriber]:
+    watcher = Subscriber(clean_hub.broker.port, clean_hub.ca_file, "devices/#")
+    watcher.start()
+    try:
+        yield watcher
+    finally:
+        watcher.stop()
+
+
+def client(hub: HubStack, **kwargs: object) -> RawMqttClient:
+    return RawMqttClient(hub.mqtt_port, hub.ca_file, **kwargs)  # type: ignore[arg-type]
+
+
+def connect_device(hub: HubStack, key: str = PRIMARY, ttl_s: float = 3600) -> RawMqttClient:
+    device = client(hub)
+    password = token_for(f"{HUB}/devices/gw-01", key, time.time() + ttl_s)
+    code = device.connect("gw-01", username(HUB, "gw-01"), password)
+    assert code == 0, f"CONNACK {code}:\n{hub.log()}"
+    return device
+
+
+def wait_puback(device: RawMqttClient, packet_id: int | None, timeout_s: float = 5.0) -> None:
+    packet = device.read_packet(timeout_s)
+    assert packet is not None, "connection closed before the PUBACK"
+    assert packet[0] >> 4 == 4, f"expected PUBACK, got packet type {packet[0] >> 4}"
+    assert int.from_bytes(packet[1][:2], "big") == packet_id
+
+
+@pytest.mark.parametrize("key_name", ["primary", "secondary"])
+def test_hub_emulator_sas_key_connects_and_forwards(
+    clean_hub: HubStack, subscriber: Subscriber, key_name: str
+) -> None:
+    key = PRIMARY if key_name == "primary" else SECONDARY
+    topic = f"devices/gw-01/messages/events/%24.ct=application%2Fjson&k={key_name}"
+
+    with connect_device(clean_hub, key) as device:
+        packet_id = device.publish(topic, b'{"v": 1}')
+        wait_puback(device, packet_id)
+
+    subscriber.wait_for(lambda messages: (topic, b'{"v": 1}') in messages, 5.0,
+                        f"the publish signed with the {key_name} key")
+    line = clean_hub.wait_for_log(f"auth=\"sas {key_name}\"")
+    assert "connect_accepted" in line
+
+
+def test_hub_emulator_module_publishes_under_module(
+    clean_hub: HubStack, subscriber: Subscriber
+) -> None:
+    topic = "devices/gw-01/modules/historian/messages/events/"
+    password = token_for(f"{HUB}/devices/gw-01/modules/historian", MODULE_KEY, time.time() + 600)
+
+    with client(clean_hub) as module:
+        assert module.connect("gw-01/historian", username(HUB, "gw-01/historian"), password) == 0
+        wait_puback(module, module.publish(topic, b"m"))
+
+    subscriber.wait_for(lambda messages: (topic, b"m") in messages, 5.0, "the module's publish")
+
+
+def test_hub_emulator_sr_as_received_is_signed(clean_hub: HubStack) -> None:
+    se = int(time.time()) + 600
+    # The C SDK signs the resource unencoded, and the host's case may differ: both pass.
+    for sr in ("localhost/devices/gw-01", "LOCALHOST%2fdevices%2fgw-01"):
+        with client(clean_hub) as device:
+            code = device.connect("gw-01", username(HUB, "gw-01"), signed_token(sr, PRIMARY, se))
+            assert code == 0, f"sr={sr}: CONNACK {code}"
+
+
+def _rejected_cases() -> dict[str, tuple[str, str | None, str | None, str]]:
+    """Map each case to (client id, user name, password, the reason logged)."""
+    now = time.time()
+    good_user = username(HUB, "gw-01")
+    good_token = token_for(f"{HUB}/devices/gw-01", PRIMARY, now + 600)
+    return {
+        "wrong key": ("gw-01", good_user,
+                      token_for(f"{HUB}/devices/gw-01", new_device_key(), now + 600),
+                      "signature matches neither"),
+        "wrong sr scope": ("gw-01", good_user,
+                           token_for(f"{HUB}/devices/gw-02", PRIMARY, now + 600),
+                           "token scope"),
+        "sr signed other than sent": ("gw-01", good_user,
+                                      good_token.replace("%2F", "%2f"),
+                                      "signature matches neither"),
+        "unknown client id": ("gw-99", username(HUB, "gw-99"), good_token, "not in the registry"),
+        "client id of another device": ("gw-02", username(HUB, "gw-02"), good_token,
+                                        "token scope"),
+        "user name of another device": ("gw-01", username(HUB, "gw-02"), good_token,
+                                        "does not match"),
+        "user name of another hub": ("gw-01", username("other.azure-devices.net", "gw-01"),
+                                     good_token, "does not match"),
+        "user name without api-version": ("gw-01", f"{HUB}/gw-01/?api-version=", good_token,
+                                          "has no api-version"),
+        "user name without query": ("gw-01", f"{HUB}/gw-01", good_token, "does not match"),
+        "no user name": ("gw-01", None, good_token, "no user name"),
+        "no password": ("gw-01", good_user, None, "no password"),
+        "not a SAS token": ("gw-01", good_user, "secret", "does not start with"),
+        "expired se": ("gw-01", good_user,
+                       token_for(f"{HUB}/devices/gw-01", PRIMARY, now - 86400), "token expired"),
+        "se beyond skew": ("gw-01", good_user,
+                           token_for(f"{HUB}/devices/gw-01", PRIMARY, now - 310),
+                           "token expired"),
+    }
+
+
+def test_hub_emulator_rejects_bad_connects(clean_hub: HubStack) -> None:
+    for case, (client_id, user, password, reason) in _rejected_cases().items():
+        with client(clean_hub) as device:
+            code = device.connect(client_id, user, password)
+            assert code == 5, f"{case}: CONNACK {code}"
+            assert device.wait_closed(5.0) == [], f"{case}: packets after CONNACK 5"
+        line = clean_hub.wait_for_log(f"client_id={client_id} ")
+        assert "connect_rejected" in clean_hub.log(), case
+        assert reason in clean_hub.log(), f"{case}: no reason {reason!r} in {line}"
+
+    assert "sig=" not in clean_hub.log()
+    assert PRIMARY not in clean_hub.log()
+
+
+def test_hub_emulator_se_within_skew_accepted(clean_hub: HubStack) -> None:
+    # The skew only widens the check at CONNECT: the session still ends at se.
+    password = token_for(f"{HUB}/devices/gw-01", PRIMARY, time.time() - 200)
+    with client(clean_hub) as device:
+        assert device.connect("gw-01", username(HUB, "gw-01"), password) == 0
+        device.wait_closed(5.0)
+
+
+def test_hub_emulator_token_expiry_closes_connection(clean_hub: HubStack) -> None:
+    with connect_device(clean_hub, ttl_s=2) as device:
+        started = time.monotonic()
+        wait_puback(device, device.publish("devices/gw-01/messages/events/", b"x"))
+        device.wait_closed(6.0)
+        assert time.monotonic() - started >= 0.5
+    clean_hub.wait_for_log("reason=\"token expired")
+
+
+@pytest.mark.parametrize(
+    ("topic", "qos", "reason"),
+    [
+        ("devices/gw-02/messages/events/", 1, "outside devices/gw-01/"),
+        ("plain/topic", 0, "outside devices/gw-01/"),
+        ("devices/gw-01/messages/events/", 2, "QoS 2"),
+    ],
+)
+def test_hub_emulator_bad_publish_closes(
+    clean_hub: HubStack, subscriber: Subscriber, topic: str, qos: int, reason: str
+) -> None:
+    with connect_device(clean_hub) as device:
+        device.publish(topic, b"forbidden", qos=qos)
+        assert device.wait_closed(5.0) == []
+    clean_hub.wait_for_log(reason)
+    assert all(payload != b"forbidden" for _topic, payload in subscriber.messages)
+
+
+def test_hub_emulator_subscribe_passes_through(clean_hub: HubStack) -> None:
+    with connect_device(clean_hub) as device:
+        device.subscribe("devices/gw-01/messages/devicebound/#")
+        packet = device.read_packet(5.0)
+        assert packet is not None
+        assert packet[0] >> 4 == 9, "expected SUBACK"
+
+
+def test_hub_emulator_refuse_fault(clean_hub: HubStack) -> None:
+    clean_hub.set_faults(refuse=True)
+    password = token_for(f"{HUB}/devices/gw-01", PRIMARY, time.time() + 600)
+    with client(clean_hub) as device:
+        assert device.connect("gw-01", username(HUB, "gw-01"), password) == 5
+    clean_hub.wait_for_log("refuse fault is set")
+
+    clean_hub.set_faults()
+    connect_device(clean_hub).close()
+
+
+def test_hub_emulator_blackhole_fault(clean_hub: HubStack) -> None:
+    clean_hub.set_faults(blackhole=True)
+    context = client_tls_context(clean_hub.ca_file)
+    for port in (clean_hub.mqtt_port, clean_hub.https_port):
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=0.5) as raw,
+            pytest.raises(TimeoutError),
+        ):
+            context.wrap_socket(raw, server_hostname="localhost")
+
+    clean_hub.set_faults()
+    connect_device(clean_hub).close()
+
+
+def test_hub_emulator_close_after_fault(clean_hub: HubStack) -> None:
+    clean_hub.set_faults(close_after_s=0.5)
+    with connect_device(clean_hub) as device:
+        started = time.monotonic()
+        device.wait_closed(5.0)
+        assert time.monotonic() - started >= 0.3
+    clean_hub.wait_for_log("close_after_s fault")
+
+
+def test_hub_emulator_puback_delay_fault(clean_hub: HubStack) -> None:
+    clean_hub.set_faults(puback_delay_s=1.0)
+    with connect_device(clean_hub) as device:
+        started = time.monotonic()
+        packet_id = device.publish("devices/gw-01/messages/events/", b"slow")
+        with pytest.raises(TimeoutError):
+            device.read_packet(timeout_s=0.7)
+        wait_puback(device, packet_id, timeout_s=3.0)
+        assert time.monotonic() - started >= 1.0
+
+
+def test_hub_emulator_clock_offset_fault(clean_hub: HubStack) -> None:
+    password = token_for(f"{HUB}/devices/gw-01", PRIMARY, time.time() + 3600)
+    clean_hub.set_faults(clock_offset_s=86400)
+    with client(clean_hub) as device:
+        assert device.connect("gw-01", username(HUB, "gw-01"), password) == 5
+    clean_hub.wait_for_log("token expired")
+
+    clean_hub.set_faults(clock_offset_s=-86400)
+    expired_in_real_time = token_for(f"{HUB}/devices/gw-01", PRIMARY, time.time() - 3600)
+    with client(clean_hub) as device:
+        assert device.connect("gw-01", username(HUB, "gw-01"), expired_in_real_time) == 0
+
+
+def date_header(hub: HubStack, method: str = "GET") -> float:
+    context = client_tls_context(hub.ca_file)
+    connection = http.client.HTTPSConnection("localhost", hub.https_port, context=context,
+                                             timeout=5)
+    try:
+        connection.request(method, "/")
+        response = connection.getresponse()
+        assert response.status == 200
+        date = response.getheader("Date")
+    finally:
+        connection.close()
+    assert date is not None
+    assert date.endswith(" GMT")
+    return email.utils.parsedate_to_datetime(date).timestamp()
+
+
+def test_hub_emulator_date_header(clean_hub: HubStack) -> None:
+    assert abs(date_header(clean_hub) - time.time()) < 5
+    assert abs(date_header(clean_hub, "HEAD") - time.time()) < 5
+
+    clean_hub.set_faults(clock_offset_s=-90 * 86400)
+    expected = time.time() - 90 * 86400
+    assert abs(date_header(clean_hub) - expected) < 5
+
+
+@pytest.fixture(scope="module")
+def x509_hub(certs: Path) -> Iterator[tuple[HubStack, dict[str, tuple[Path, Path]]]]:
+    """Start an emulator that requests client certificates, with three X.509 devices."""
+    workdir = Path(tempfile.mkdtemp(prefix="pb-hubx-", dir="/tmp"))
+    try:
+        pairs = _client_certificates(certs, workdir)
+        thumbprint = hashlib.sha256(_der(pairs["meter-7"][0])).hexdigest()
+        sha1_colons = ":".join(
+            f"{byte:02X}" for byte in hashlib.sha1(_der(pairs["self-signed"][0])).digest()
+        )
+        client_ca = workdir / "client-ca.pem"
+        client_ca.write_bytes((certs / "ca.pem").read_bytes()
+                              + pairs["self-signed"][0].read_bytes())
+        stack = HubStack(
+            certs, workdir,
+            devices={"meter-7": {"primary_thumbprint": thumbprint},
+                     "self-signed": {"primary_thumbprint": "00" * 20,
+                                     "secondary_thumbprint": sha1_colons},
+                     "line-3": {"ca_signed": True},
+                     "gw-01": {"primary_key": PRIMARY}},
+            client_ca_file=client_ca,
+        )
+        with stack:
+            yield stack, pairs
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _der(pem_file: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(pem_file.read_text())
+
+
+def _client_certificates(certs: Path, workdir: Path) -> dict[str, tuple[Path, Path]]:
+    ca, ca_key = certs / "ca.pem", certs / "ca.key"
+    pairs = {name: make_client_cert(workdir, ca, ca_key, name)
+             for name in ("meter-7", "line-3", "unregistered")}
+    pairs["line-3-wrong-cn"] = make_client_cert(workdir, ca, ca_key, "line-4",
+                                                name="line-3-wrong-cn")
+    pairs["self-signed"] = _self_signed(workdir, "self-signed")
+    return pairs
+
+
+def _self_signed(workdir: Path, name: str) -> tuple[Path, Path]:
+    cert, key = workdir / f"{name}.pem", workdir / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "30", "-subj", f"/CN={name}",
+         "-addext", "extendedKeyUsage=clientAuth"],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+@pytest.mark.parametrize(
+    ("device_id", "certificate", "expected"),
+    [
+        ("meter-7", "meter-7", 0),
+        ("self-signed", "self-signed", 0),
+        ("line-3", "line-3", 0),
+        ("line-3", "line-3-wrong-cn", 5),
+        ("meter-7", "unregistered", 5),
+        ("meter-7", None, 5),
+    ],
+)
+def test_hub_emulator_x509_device(
+    x509_hub: tuple[HubStack, dict[str, tuple[Path, Path]]],
+    device_id: str, certificate: str | None, expected: int,
+) -> None:
+    stack, pairs = x509_hub
+    pair = pairs[certificate] if certificate else None
+    with RawMqttClient(stack.mqtt_port, stack.ca_file, certificate=pair) as device:
+        code = device.connect(device_id, username(HUB, device_id), None)
+        assert code == expected, stack.log()
+        if expected == 0:
+            device.publish(f"devices/{device_id}/messages/events/", b"x509")
+            wait_puback(device, 1)
+
+
+def test_hub_emulator_x509_sas_device_still_works(
+    x509_hub: tuple[HubStack, dict[str, tuple[Path, Path]]],
+) -> None:
+    stack, _pairs = x509_hub
+    password = token_for(f"{HUB}/devices/gw-01", PRIMARY, time.time() + 600)
+    with RawMqttClient(stack.mqtt_port, stack.ca_file) as device:
+        assert device.connect("gw-01", username(HUB, "gw-01"), password) == 0
+
+
+def test_hub_emulator_untrusted_certificate_fails_tls(
+    x509_hub: tuple[HubStack, dict[str, tuple[Path, Path]]], base: Path,
+) -> None:
+    stack, _pairs = x509_hub
+    stranger = _self_signed(base, "stranger")
+    try:
+        with RawMqttClient(stack.mqtt_port, stack.ca_file, certificate=stranger) as device:
+            # TLS 1.3 finishes the client's side of the handshake before the server checks
+            # the certificate, so the rejection may arrive only as a closed connection.
+            assert device.connect("meter-7", username(HUB, "meter-7"), None) is None
+    except (ssl.SSLError, ConnectionResetError):
+        pass
+    stack.wait_for_log("tls_failed port=mqtt")
+
+
+def run_emulator(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "devstack.hub_emulator", *args],
+        capture_output=True, text=True, timeout=30,
+    )
+
+
+def test_hub_emulator_bad_registry_exits_2(certs: Path, base: Path) -> None:
+    cases = {
+        "[devices.gw-01]\nprimary_key = \"not base64!\"\n": "devices.gw-01.primary_key",
+        "[devices.gw-01]\nprimary_key = \"AAAA\"\ncolour = 1\n": "devices.gw-01.colour",
+        "[devices.gw-01]\n": "exactly one of",
+        "[devices.gw-01]\nprimary_thumbprint = \"abc\"\n": "primary_thumbprint = 'abc'",
+        "[modules.\"gw-09/m\"]\nprimary_key = \"AAAA\"\n": "gw-09",
+        "devices = 3\n": "devices must be a table",
+        "[devices\n": "invalid TOML",
+    }
+    registry = base / "registry.toml"
+    for text, expected in cases.items():
+        registry.write_text(text)
+        result = run_emulator(
+            "--cert", str(certs / "server.pem"), "--key", str(certs / "server.key"),
+            "--registry", str(registry), "--upstream", "127.0.0.1:1", "--hub-host", HUB,
+        )
+        assert result.returncode == 2, text
+        assert len(result.stderr.splitlines()) == 1, result.stderr
+        assert str(registry) in result.stderr
+        assert expected in result.stderr, result.stderr
+
+
+def test_hub_emulator_bad_options_exit_2(certs: Path, base: Path) -> None:
+    registry = base / "registry.toml"
+    registry.write_text("[devices.gw-01]\nprimary_key = \"AAAA\"\n")
+    common = ["--cert", str(certs / "server.pem"), "--key", str(certs / "server.key"),
+              "--registry", str(registry), "--hub-host", HUB]
+    cases = [
+        (["--upstream", "localhost"], "--upstream 'localhost'"),
+        (["--upstream", "127.0.0.1:1", "--listen", "127.0.0.1:70000"], "--listen"),
+        (["--upstream", "127.0.0.1:1", "--skew-s", "-1"], "--skew-s"),
+        (["--upstream", "127.0.0.1:1", "--client-ca", str(base / "missing.pem")],
+         "--client-ca"),
+        (["--upstream", "127.0.0.1:1", "--key", str(registry)], "--key"),
+    ]
+    for extra, expected in cases:
+        result = run_emulator(*common, *extra)
+        assert result.returncode == 2, extra
+        assert len(result.stderr.splitlines()) == 1, result.stderr
+        assert expected in result.stderr, result.stderr
+
