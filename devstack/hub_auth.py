@@ -28,13 +28,13 @@ _MQTT_PROTOCOL = ("MQTT", 4)
 
 
 class Rejected(Exception):
-    """A CONNECT that the hub answers with CONNACK 5; the message is the reason."""
+    """A CONNECT that the hub rejects with CONNACK 5; the message is the reason."""
 
 
 @dataclass(frozen=True)
 class Admission:
     identity: Identity
-    # How the identity proved itself, for the log: "sas primary", "x509 thumbprint", ...
+    # Authentication method, for the log: "sas primary", "x509 thumbprint", ...
     method: str
     # SAS expiry in epoch seconds; the connection is closed when it passes. None for X.509.
     expiry_s: int | None
@@ -89,7 +89,7 @@ def _check_username(username: str | None, identity: Identity, hub_host: str) -> 
 def _check_sas(
     password: bytes | None, identity: Identity, hub_host: str, now_s: float, skew_s: float
 ) -> tuple[str, int]:
-    """Verify a SAS token; return the key that signed it and the token's expiry."""
+    """Verify a SAS token; return which key signed it and the token's expiry."""
     if password is None:
         raise Rejected("no password; this device authenticates with a SAS token")
     try:

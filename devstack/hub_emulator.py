@@ -5,7 +5,7 @@
         --upstream 127.0.0.1:18883 --upstream-ca ca.pem --hub-host localhost
 
 A TLS listener takes MQTT 3.1.1 clients, validates each CONNECT against the device
-registry (client id, user name, SAS token or X.509 certificate) and answers a failure with
+registry (client id, user name, SAS token or X.509 certificate) and rejects a failure with
 CONNACK 5. An accepted client's packets go byte for byte to the MQTT broker behind it,
 where any subscriber can watch. A second port serves HTTPS and returns the emulator's
 clock in the `Date` header. docs/hub-emulator.md describes the registry, the fault modes
@@ -49,7 +49,7 @@ from devstack.mqtt_frames import (
 )
 
 # A client that has not finished TLS, sent CONNECT or sent an HTTP request by then is
-# dropped, so a stalled client holds no task for long.
+# dropped, so a stalled client keeps no task busy for long.
 HANDSHAKE_TIMEOUT_S = 10.0
 # Upper bound of a watchdog sleep, so a changed clock offset or close_after_s takes effect
 # within this time on a live connection.
@@ -219,7 +219,7 @@ class HubEmulator:
     async def _admit(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> tuple[Admission, Packet] | None:
-        """Read and judge the CONNECT; answer a rejection with CONNACK 5 and return None."""
+        """Read and check the CONNECT; on rejection send CONNACK 5 and return None."""
         peer = _peer(writer)
         try:
             packet = await asyncio.wait_for(read_packet(reader), HANDSHAKE_TIMEOUT_S)
@@ -272,7 +272,7 @@ class HubEmulator:
                 HANDSHAKE_TIMEOUT_S,
             )
         except (OSError, TimeoutError) as exc:
-            self.logger.error("upstream_failed %s; answered CONNACK 3", fields(
+            self.logger.error("upstream_failed %s; sent CONNACK 3 to the client", fields(
                 client_id=admission.identity.client_id, upstream=f"{host}:{port}",
                 error=str(exc) or "timed out"))
             writer.write(connack(CONNACK_SERVER_UNAVAILABLE))
@@ -285,7 +285,7 @@ class HubEmulator:
     async def _serve_https(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        """Answer one HTTP request with the emulator's clock in the Date header."""
+        """Respond to one HTTP request with the emulator's clock in the Date header."""
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HANDSHAKE_TIMEOUT_S)
         except (OSError, TimeoutError, asyncio.IncompleteReadError,
@@ -390,7 +390,7 @@ class Session:
         return None
 
     async def _pump_from_broker(self) -> None:
-        """Forward the broker's packets to the client, holding PUBACKs if the fault says so."""
+        """Forward the broker's packets to the client, delaying PUBACKs by puback_delay_s."""
         reader, _ = self.upstream
         _, client_writer = self.client
         try:
@@ -440,7 +440,7 @@ class Session:
 
 
 def server_tls_context(options: Options, request_client_certificate: bool) -> ssl.SSLContext:
-    """Build a listener's TLS context; with a client CA file the MQTT port asks for certificates.
+    """Build a listener's TLS context; with a client CA file the MQTT port requests certificates.
 
     Python's ssl module has no verification callback, so a client certificate that does not
     chain to the client CA file fails the handshake. A self-signed thumbprint device's

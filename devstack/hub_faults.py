@@ -4,8 +4,8 @@
      "puback_delay_s": 0, "clock_offset_s": 0}
 
 Every key is optional. The file is checked at every decision (a stat call) and read again
-when its modification time, size or inode changes, so a test that has replaced the file
-sees the next connection follow it. A missing file means no faults. An invalid file is
+when its modification time, size or inode changes, so the connection after a test has
+replaced the file already follows it. A missing file means no faults. An invalid file is
 logged and the previous faults stay in force.
 """
 
@@ -24,7 +24,7 @@ from common.logs import fields
 
 @dataclass(frozen=True)
 class Faults:
-    # Answer every CONNECT with CONNACK 5.
+    # Reject every CONNECT with CONNACK 5.
     refuse: bool = False
     # Accept TCP and send nothing, not even the TLS handshake, on both ports.
     blackhole: bool = False

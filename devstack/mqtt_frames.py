@@ -17,7 +17,7 @@ PUBACK = 4
 SUBSCRIBE = 8
 DISCONNECT = 14
 
-# CONNACK return codes (section 3.2.2.3). IoT Hub answers every failed CONNECT with 5.
+# CONNACK return codes (section 3.2.2.3). IoT Hub returns 5 for every failed CONNECT.
 CONNACK_ACCEPTED = 0
 CONNACK_SERVER_UNAVAILABLE = 3
 CONNACK_NOT_AUTHORIZED = 5
@@ -92,15 +92,15 @@ async def read_packet(reader: asyncio.StreamReader) -> Packet | None:
 class _Fields:
     """Reads MQTT's length-prefixed fields from a packet body, in order."""
 
-    def __init__(self, body: bytes, what: str) -> None:
+    def __init__(self, body: bytes, packet_name: str) -> None:
         self._body = body
         self._offset = 0
-        self._what = what
+        self._packet_name = packet_name
 
     def take(self, count: int) -> bytes:
         end = self._offset + count
         if end > len(self._body):
-            raise FrameError(f"{self._what} ends early at byte {len(self._body)}")
+            raise FrameError(f"{self._packet_name} ends early at byte {len(self._body)}")
         chunk = self._body[self._offset:end]
         self._offset = end
         return chunk
@@ -115,7 +115,7 @@ class _Fields:
         try:
             return self.binary().decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise FrameError(f"{self._what}: {name} is not UTF-8") from exc
+            raise FrameError(f"{self._packet_name}: {name} is not UTF-8") from exc
 
     def rest(self) -> bytes:
         return self._body[self._offset:]

@@ -191,7 +191,11 @@ class RawMqttClient:
     def connect(self, client_id: str, user: str | None, password: str | None,
                 keep_alive_s: int = 60) -> int | None:
         """Send CONNECT and return the CONNACK return code, or None if the server closed."""
-        flags = 0x02 | (0x80 if user is not None else 0) | (0x40 if password is not None else 0)
+        flags = 0x02  # clean session
+        if user is not None:
+            flags |= 0x80
+        if password is not None:
+            flags |= 0x40
         body = _text("MQTT") + bytes((4, flags)) + keep_alive_s.to_bytes(2, "big")
         body += _text(client_id)
         if user is not None:
