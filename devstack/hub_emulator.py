@@ -54,6 +54,7 @@ HANDSHAKE_TIMEOUT_S = 10.0
 # Upper bound of a watchdog sleep, so a changed clock offset or close_after_s takes effect
 # within this time on a live connection.
 WATCHDOG_PERIOD_S = 0.1
+# Request line and headers of one HTTP request; a longer head gets no response.
 MAX_HTTP_HEAD_BYTES = 16 * 1024
 
 
@@ -150,7 +151,10 @@ class HubEmulator:
         """Apply the blackhole fault or complete TLS, then serve the connection and close it."""
         # TLS starts here rather than in asyncio.start_server, because the blackhole fault
         # must hold a connection without sending even a TLS handshake.
-        peer = _address(connection.getpeername())
+        try:
+            peer = _address(connection.getpeername())
+        except OSError:
+            peer = "unknown"  # the client has already gone
         try:
             if self.faults.current().blackhole:
                 await self._swallow(connection, port_name, peer)
@@ -161,6 +165,10 @@ class HubEmulator:
             writer = streams[1]
             try:
                 await serve(*streams)
+            except Exception:
+                # A bug here must not stop the listener, and asyncio would report it only
+                # when the task is garbage-collected.
+                self.logger.exception("connection_failed %s", fields(port=port_name, peer=peer))
             finally:
                 writer.close()
                 with contextlib.suppress(OSError):
@@ -181,7 +189,9 @@ class HubEmulator:
     ) -> Stream | None:
         """Complete the server side of the TLS handshake; None (and a log line) on failure."""
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
+        # The limit bounds readuntil() on the HTTPS port. MQTT reads use readexactly(),
+        # which it does not bound, and mqtt_frames caps their size instead.
+        reader = asyncio.StreamReader(limit=MAX_HTTP_HEAD_BYTES)
         protocol = asyncio.StreamReaderProtocol(reader)
         try:
             transport, _ = await loop.connect_accepted_socket(
@@ -289,7 +299,9 @@ class HubEmulator:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HANDSHAKE_TIMEOUT_S)
         except (OSError, TimeoutError, asyncio.IncompleteReadError,
-                asyncio.LimitOverrunError):
+                asyncio.LimitOverrunError) as exc:
+            self.logger.info("https_failed %s", fields(
+                peer=_peer(writer), error=repr(exc)))
             return
         method = head.split(b" ", 1)[0].decode("ascii", "replace")
         date = email.utils.formatdate(self.now(), usegmt=True)

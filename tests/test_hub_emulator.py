@@ -117,6 +117,19 @@ def test_hub_emulator_sas_key_connects_and_forwards(
     assert "connect_accepted" in line
 
 
+def test_hub_emulator_forwards_max_size_message(
+    clean_hub: HubStack, subscriber: Subscriber
+) -> None:
+    # IoT Hub takes device-to-cloud messages up to 256 KB, so these must pass unchanged.
+    topic = "devices/gw-01/messages/events/"
+    payload = bytes(range(256)) * 1024
+
+    with connect_device(clean_hub) as device:
+        wait_puback(device, device.publish(topic, payload))
+
+    subscriber.wait_for(lambda messages: (topic, payload) in messages, 5.0, "the 256 KB message")
+
+
 def test_hub_emulator_module_publishes_under_module(
     clean_hub: HubStack, subscriber: Subscriber
 ) -> None:

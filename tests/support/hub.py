@@ -77,6 +77,7 @@ class HubStack:
         self.registry_file = workdir / "registry.toml"
         self.faults_file = workdir / "faults.json"
         self.log_file = workdir / "hub_emulator.log"
+        workdir.mkdir(parents=True, exist_ok=True)
         self.registry_file.write_text(registry_toml(devices, modules))
         self.broker = Broker(certs_dir, workdir / "mosquitto")
         self.process: subprocess.Popen[bytes] | None = None
