@@ -98,8 +98,8 @@ def load_registry(path: Path) -> Registry:
     for section in document:
         if section not in ("devices", "modules"):
             raise RegistryError(
-                f"{path}: unknown section [{section}]; expected [devices.<id>] or "
-                "[modules.\"<device id>/<module id>\"]"
+                f"{path}: unknown top-level key {section!r}; expected [devices.<id>] or "
+                "[modules.\"<device id>/<module id>\"] tables"
             )
 
     identities: dict[str, Identity] = {}
@@ -137,9 +137,12 @@ def _parse_identity(
     """Validate one identity's table: exactly one scheme, well-formed keys and thumbprints."""
     if not isinstance(table, dict):
         raise RegistryError(f"{path}: {where} must be a table")
-    for name in (device_id, module_id or "x"):
-        if not name or not name.isprintable() or any(ch in name for ch in " /#+"):
-            raise RegistryError(f"{path}: invalid identity name [{where}]")
+    names = (device_id,) if module_id is None else (device_id, module_id)
+    if not all(_is_valid_id(name) for name in names):
+        raise RegistryError(
+            f"{path}: invalid identity name [{where}]; an id must not be empty and must not "
+            "contain spaces, '/', '#' or '+'"
+        )
     for key in table:
         if key not in _ALL_FIELDS:
             raise RegistryError(
@@ -170,6 +173,11 @@ def _parse_identity(
     if "secondary_thumbprint" in table and "primary_thumbprint" not in table:
         raise RegistryError(f"{path}: [{where}] has secondary_thumbprint but no primary_thumbprint")
     return Identity(device_id, module_id, keys, thumbprints, ca_signed)
+
+
+def _is_valid_id(name: str) -> bool:
+    # Topic filters and the module separator give these characters a meaning of their own.
+    return bool(name) and name.isprintable() and not any(ch in name for ch in " /#+")
 
 
 def _decode_key(path: Path, where: str, value: Any) -> bytes:

@@ -256,6 +256,19 @@ def test_hub_emulator_refuse_fault(clean_hub: HubStack) -> None:
     connect_device(clean_hub).close()
 
 
+def test_hub_emulator_invalid_faults_keep_previous(clean_hub: HubStack) -> None:
+    password = token_for(f"{HUB}/devices/gw-01", PRIMARY, time.time() + 600)
+    clean_hub.set_faults(refuse=True)
+    with client(clean_hub) as device:
+        assert device.connect("gw-01", username(HUB, "gw-01"), password) == 5
+
+    clean_hub.set_faults(close_after_s="soon")
+    with client(clean_hub) as device:
+        assert device.connect("gw-01", username(HUB, "gw-01"), password) == 5
+    line = clean_hub.wait_for_log("faults_invalid")
+    assert "close_after_s" in line
+
+
 def test_hub_emulator_blackhole_fault(clean_hub: HubStack) -> None:
     clean_hub.set_faults(blackhole=True)
     context = client_tls_context(clean_hub.ca_file)
@@ -375,7 +388,8 @@ def _self_signed(workdir: Path, name: str) -> tuple[Path, Path]:
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
          "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "30", "-subj", f"/CN={name}",
-         "-addext", "extendedKeyUsage=clientAuth"],
+         "-addext", "extendedKeyUsage=clientAuth",
+         "-addext", "basicConstraints=critical,CA:FALSE"],
         check=True, capture_output=True,
     )
     return cert, key
@@ -404,6 +418,20 @@ def test_hub_emulator_x509_device(
         if expected == 0:
             device.publish(f"devices/{device_id}/messages/events/", b"x509")
             wait_puback(device, 1)
+
+
+def test_hub_emulator_x509_expired_by_emulator_clock(
+    x509_hub: tuple[HubStack, dict[str, tuple[Path, Path]]],
+) -> None:
+    stack, pairs = x509_hub
+    # The development certificates are valid for 825 days; move the clock past that.
+    stack.set_faults(clock_offset_s=900 * 86400)
+    try:
+        with RawMqttClient(stack.mqtt_port, stack.ca_file, certificate=pairs["meter-7"]) as device:
+            assert device.connect("meter-7", username(HUB, "meter-7"), None) == 5
+        stack.wait_for_log("client certificate expired")
+    finally:
+        stack.set_faults()
 
 
 def test_hub_emulator_x509_sas_device_still_works(
@@ -466,6 +494,7 @@ def test_hub_emulator_bad_options_exit_2(certs: Path, base: Path) -> None:
     common = ["--cert", str(certs / "server.pem"), "--key", str(certs / "server.key"),
               "--registry", str(registry), "--hub-host", HUB]
     cases = [
+        ([], "the following arguments are required: --upstream"),
         (["--upstream", "localhost"], "--upstream 'localhost'"),
         (["--upstream", "127.0.0.1:1", "--listen", "127.0.0.1:70000"], "--listen"),
         (["--upstream", "127.0.0.1:1", "--skew-s", "-1"], "--skew-s"),
