@@ -237,8 +237,8 @@ class HubEmulator:
             self.logger.info("connect_failed %s", fields(peer=peer, error=str(exc) or "timed out"))
             return None
         if packet is None or packet.packet_type != CONNECT:
-            self.logger.info("connect_failed %s", fields(
-                peer=peer, error="first packet is not CONNECT"))
+            error = "closed before CONNECT" if packet is None else "first packet is not CONNECT"
+            self.logger.info("connect_failed %s", fields(peer=peer, error=error))
             return None
         try:
             connect = parse_connect(packet.body)
