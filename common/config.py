@@ -61,6 +61,8 @@ REGISTER_COUNT = {
 }
 WORD_ORDERS = ("big", "little")
 UPLINK_MODES = ("azure", "mqtt")
+SYNC_MODES = ("full", "nometasync", "off")
+OVERFLOW_POLICIES = ("drop-oldest", "reject-new")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -120,7 +122,10 @@ class BufferSettings:
     page_max_bytes: int
     page_max_age_ms: int
     commit_max_batches: int
-    sync: bool
+    sync: str = "full"  # one of SYNC_MODES
+    commit_max_delay_ms: int = 0
+    overflow_policy: str = "drop-oldest"  # one of OVERFLOW_POLICIES
+    max_age_s: float = 0.0  # 0 means no age limit
 
 
 @dataclass(frozen=True)
@@ -520,10 +525,25 @@ def _parse_buffer(table: _Table) -> BufferSettings:
         page_max_bytes=table.integer("page_max_bytes", 65_536, 1024, MAX_PAGE_BYTES),
         page_max_age_ms=table.integer("page_max_age_ms", 1000, 1, 3_600_000),
         commit_max_batches=table.integer("commit_max_batches", 64, 1, 10_000),
-        sync=table.flag("sync", True),
+        sync=_parse_sync(table),
+        commit_max_delay_ms=table.integer("commit_max_delay_ms", 0, 0, 1000),
+        overflow_policy=table.text("overflow_policy", "drop-oldest", OVERFLOW_POLICIES),
+        max_age_s=table.number("max_age_s", 0.0, 0.0, 31_536_000.0),
     )
     table.reject_unknown()
     return settings
+
+
+def _parse_sync(table: _Table) -> str:
+    """Read buffer.sync, which also takes the booleans of older files: true is "full",
+    false is "off"."""
+    expected = "one of " + ", ".join(SYNC_MODES) + ", or true or false"
+    value = table.get("sync", (str, bool), "full", expected)
+    if isinstance(value, bool):
+        return "full" if value else "off"
+    if value not in SYNC_MODES:
+        raise table.error("sync", value, expected)
+    return str(value)
 
 
 def _parse_uplink(table: _Table) -> UplinkSettings:

@@ -7,15 +7,19 @@ buffer.page_max_samples samples and buffer.page_max_bytes bytes, and deletes a p
 the uplink reports that the broker acknowledged it. When the stored pages and batches grow
 above buffer.max_bytes, the oldest pages are deleted, counted and reported in a WARNING.
 
-The LMDB environment at <state_dir>/buffer/ has four named databases:
+The LMDB environment at <state_dir>/buffer/ has five named databases:
 
     pages  page_seq (8-byte big-endian) -> the page JSON from common.payload.build_page
     index  page_seq -> sample count and page size in bytes (two 4-byte big-endian integers),
            so that delivery and dropping never read a page to learn its size
     open   arrival number (8-byte big-endian) -> sample count (4 bytes) + JSON array of
            samples: the batches not yet sealed into a page, in arrival order
+    gaps   page_seq -> a gap record: a page without samples that says what was dropped
+           (docs/architecture.md gives its format). Gap records go out before every page.
     meta   next_page_seq, the reader's epoch and last committed batch_seq, the stored bytes,
-           the dropped pages and samples, and the wall-clock start time of the open page
+           the dropped pages and samples in total and by reason, the drops not yet in a gap
+           record, the samples rejected in the reader's epoch, and the wall-clock start
+           time of the open page
 
 buffer.max_bytes bounds the bytes of the stored values. The data file is larger by the
 B-tree overhead and is bounded by the LMDB map size, about twice buffer.max_bytes.
@@ -31,10 +35,12 @@ import itertools
 import json
 import logging
 import os
+import re
 import struct
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Container, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -52,6 +58,7 @@ from common.lifecycle import run_process
 from common.logs import fields
 from common.ratelimit import RateLimit
 from common.tap import Tap
+from processes.buffer_files import DataFileInvalid, check_data_file, move_aside
 
 STORE_FORMAT = b"1"
 
@@ -67,6 +74,28 @@ META_INGEST = b"ingest"
 META_STORED_BYTES = b"stored_bytes"
 META_DROPPED = b"dropped"
 META_OPEN_STARTED_MS = b"open_started_ms"
+META_DROPS = b"drops"  # JSON: reason -> {"pages", "samples", "batches"}
+META_OPEN_GAPS = b"open_gaps"  # JSON: reason -> the gap record being collected
+META_REJECTED = b"rejected"  # JSON: {"epoch", "samples", "batches"} under reject-new
+
+# Why pages, batches or samples were dropped. Each has its own counters and gap records.
+REASON_MAX_BYTES = "max_bytes"
+REASON_MAX_AGE = "max_age"
+REASON_MAP_FULL = "map_full"
+REASON_DISK_FULL = "disk_full"
+REASON_SAMPLE_TOO_LARGE = "sample_too_large"
+REASON_INVALID_BATCH = "invalid_batch"
+DROP_REASONS = (REASON_MAX_BYTES, REASON_MAX_AGE, REASON_MAP_FULL, REASON_DISK_FULL,
+                REASON_SAMPLE_TOO_LARGE, REASON_INVALID_BATCH)
+
+# The sample keys written by common.payload. A JSON string escapes its quotes, so these
+# byte strings can only be keys, never part of a tag name or a reason.
+TS_MS_PATTERN = re.compile(rb'"ts_ms":(-?[0-9]+)')
+EPOCH_PATTERN = re.compile(rb'"epoch":([0-9]+)')
+TAIL_BYTES = 8192
+
+# LMDB's flags for each buffer.sync mode: (sync, metasync).
+SYNC_FLAGS = {"full": (True, True), "nometasync": (True, False), "off": (False, False)}
 
 # The page size is computed before its page_seq is known, so it assumes the longest page_seq.
 PAGE_OVERHEAD_BYTES = len(payload.build_page(2**64 - 1, []))
@@ -75,7 +104,7 @@ PAGE_OVERHEAD_BYTES = len(payload.build_page(2**64 - 1, []))
 # list and the pages that one group commit writes before freed pages can be reused.
 MAP_HEADROOM_BYTES = 64 << 20
 MAX_READERS = 16
-NAMED_DBS = 4
+NAMED_DBS = 5
 
 # Attempts of one group commit that hit a full map, each after deleting more of the oldest
 # pages; the last attempts also grow the map.
@@ -99,9 +128,25 @@ STOP_GRACE_S = 3.0
 SOCKET_LINGER_MS = 200
 WARNING_INTERVAL_S = 10.0
 
+# How often pages are checked against buffer.max_age_s, and the status file is written.
+AGE_CHECK_INTERVAL_S = 1.0
+STATUS_INTERVAL_S = 1.0
+STATUS_FILE = "buffer-status.json"
+
+# The commit and drain rates are averaged over this window.
+RATE_WINDOW_S = 10.0
+
 
 class StoreFull(StoreError):
     """The LMDB map or the disk is full, which deleting old pages or growing the map can fix."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason  # REASON_MAP_FULL or REASON_DISK_FULL
+
+
+class StoreUnreadable(StoreError):
+    """A store that LMDB cannot open safely: corrupt, truncated or of another format."""
 
 
 class BatchRejected(PlcBridgeError):
@@ -136,9 +181,22 @@ class StoreState:
     open_samples: int = 0
     open_array_bytes: int = 0
     open_started_ms: int = 0
+    # reason -> [pages, samples, batches], in total since the store was created
+    drops: dict[str, list[int]] = field(default_factory=dict)
+    # reason -> the gap record collected since the last one was stored
+    open_gaps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    gap_count: int = 0
+    # Samples and batches that reject-new turned away in the reader's current epoch; every
+    # ack carries them, so a lost ack loses no count.
+    rejected_samples: int = 0
+    rejected_batches: int = 0
 
     def copy(self) -> StoreState:
-        return replace(self, open_chunks=list(self.open_chunks))
+        return replace(
+            self, open_chunks=list(self.open_chunks),
+            drops={reason: list(counts) for reason, counts in self.drops.items()},
+            open_gaps={reason: dict(gap) for reason, gap in self.open_gaps.items()},
+        )
 
     def open_page_bytes(self, extra_chunks: int = 0, extra_array_bytes: int = 0) -> int:
         """Return the page size of the open chunks plus the given ones, as build_page joins them.
@@ -164,6 +222,7 @@ class PageStore:
         self.map_size_bytes = map_size_bytes or 2 * settings.max_bytes + MAP_HEADROOM_BYTES
         self._lock_file = self._lock_folder()
         try:
+            self._check_file()
             self.env = self._open_env()
         except StoreError:
             os.close(self._lock_file)
@@ -172,8 +231,12 @@ class PageStore:
             self.pages = self.env.open_db(b"pages")
             self.index = self.env.open_db(b"index")
             self.open = self.env.open_db(b"open")
+            self.gaps = self.env.open_db(b"gaps")
             self.meta = self.env.open_db(b"meta")
             self.state = self._load_state()
+        except UNREADABLE_ERRORS as exc:
+            self.close()
+            raise StoreUnreadable(f"cannot read the LMDB store {self.path}: {exc}") from exc
         except lmdb.Error as exc:
             self.close()
             raise StoreError(f"cannot read the LMDB store {self.path}: {exc}") from exc
@@ -206,22 +269,34 @@ class PageStore:
             ) from exc
         return fd
 
+    def _check_file(self) -> None:
+        try:
+            check_data_file(self.path)
+        except DataFileInvalid as exc:
+            raise StoreUnreadable(
+                f"the LMDB data file {self.path / 'data.mdb'} is damaged: {exc}"
+            ) from exc
+
     def _open_env(self) -> lmdb.Environment:
-        # sync=False turns off both the data and the meta fsync of each commit. A killed
-        # process loses nothing, because committed pages are in the OS page cache. A power
-        # loss or OS crash can lose the last commits, already acknowledged to the reader, and
-        # LMDB's documentation warns that the file can even be corrupted if the filesystem
-        # reorders the writes.
+        # sync "nometasync" skips the fsync of the meta page, so a power loss can undo the
+        # last commit, already acknowledged to the reader, but the store stays consistent.
+        # sync "off" skips both fsyncs. A killed process loses nothing either way, because
+        # committed pages are in the OS page cache. A power loss or OS crash can lose the
+        # last commits, and LMDB's documentation warns that the file can even be corrupted
+        # if the filesystem reorders the writes.
+        sync, metasync = SYNC_FLAGS[self.settings.sync]
         try:
             env = lmdb.open(
                 str(self.path),
                 map_size=self.map_size_bytes,
                 max_readers=MAX_READERS,
                 max_dbs=NAMED_DBS,
-                sync=self.settings.sync,
-                metasync=self.settings.sync,
+                sync=sync,
+                metasync=metasync,
             )
             cleared = env.reader_check()
+        except UNREADABLE_ERRORS as exc:
+            raise StoreUnreadable(f"cannot open the LMDB store {self.path}: {exc}") from exc
         except lmdb.Error as exc:
             raise StoreError(
                 f"cannot open the LMDB store {self.path}: {exc}; check the folder's "
@@ -254,9 +329,9 @@ class PageStore:
         if found is None:
             txn.put(META_FORMAT, STORE_FORMAT, db=self.meta)
         elif found != STORE_FORMAT:
-            raise StoreError(
+            raise StoreUnreadable(
                 f"the LMDB store {self.path} has format {found!r}, but this plcbridge reads "
-                f"format {STORE_FORMAT!r}; move the folder away or use a matching version"
+                f"format {STORE_FORMAT!r}"
             )
 
     def _load_meta(self, txn: lmdb.Transaction[bytes], state: StoreState) -> None:
@@ -269,6 +344,24 @@ class PageStore:
         (state.stored_bytes,) = read(META_STORED_BYTES, SEQ, (0,))
         state.dropped_pages, state.dropped_samples = read(META_DROPPED, DROPPED, (0, 0))
         (state.open_started_ms,) = read(META_OPEN_STARTED_MS, SEQ, (0,))
+        state.drops = self._read_json(txn, META_DROPS, {})
+        state.open_gaps = self._read_json(txn, META_OPEN_GAPS, {})
+        rejected = self._read_json(txn, META_REJECTED, {})
+        if rejected.get("epoch") == state.epoch:
+            state.rejected_samples = rejected.get("samples", 0)
+            state.rejected_batches = rejected.get("batches", 0)
+        state.gap_count = txn.stat(self.gaps)["entries"]
+
+    def _read_json(self, txn: lmdb.Transaction[bytes], key: bytes, default: Any) -> Any:
+        value = txn.get(key, db=self.meta)
+        if value is None:
+            return default
+        try:
+            return json.loads(value)
+        except ValueError as exc:
+            raise StoreUnreadable(
+                f"the LMDB store {self.path} has an invalid {key.decode()} record: {exc}"
+            ) from exc
 
     def _load_open(self, txn: lmdb.Transaction[bytes], state: StoreState) -> None:
         for key, value in txn.cursor(db=self.open):
@@ -279,11 +372,12 @@ class PageStore:
             state.open_array_bytes += len(chunk.array)
 
     def _last_page_seq(self, txn: lmdb.Transaction[bytes]) -> int | None:
-        cursor = txn.cursor(db=self.pages)
-        if not cursor.last():
-            return None
-        seq: int = SEQ.unpack(cursor.key())[0]
-        return seq
+        seqs = []
+        for db in (self.pages, self.gaps):
+            cursor = txn.cursor(db=db)
+            if cursor.last():
+                seqs.append(SEQ.unpack(cursor.key())[0])
+        return max(seqs, default=None)
 
     @contextmanager
     def transaction(self) -> Iterator[StoreTransaction]:
@@ -297,8 +391,12 @@ class PageStore:
                 work = StoreTransaction(self, txn, self.state.copy())
                 yield work
                 work.finish()
-        except (lmdb.MapFullError, lmdb.DiskError) as exc:
-            raise StoreFull(f"the LMDB store {self.path} is full: {exc}") from exc
+        except lmdb.MapFullError as exc:
+            raise StoreFull(f"the LMDB map of {self.path} is full: {exc}",
+                            REASON_MAP_FULL) from exc
+        except lmdb.DiskError as exc:
+            raise StoreFull(f"the disk of the LMDB store {self.path} is full: {exc}",
+                            REASON_DISK_FULL) from exc
         except lmdb.Error as exc:
             raise StoreError(f"write to the LMDB store {self.path} failed: {exc}") from exc
         self.state = work.state
@@ -328,8 +426,70 @@ class PageStore:
         except lmdb.Error as exc:
             raise StoreError(f"read from the LMDB store {self.path} failed: {exc}") from exc
 
-    def grow_map(self) -> None:
-        """Enlarge the map by half. Call it only while no transaction is open."""
+    def iter_gaps(self, skip: Container[int]) -> list[tuple[int, bytes]]:
+        """Return the stored gap records that are not in skip, oldest first."""
+        if not self.state.gap_count:
+            return []
+        try:
+            with self.env.begin() as txn:
+                return [(SEQ.unpack(key)[0], value) for key, value in txn.cursor(db=self.gaps)
+                        if SEQ.unpack(key)[0] not in skip]
+        except lmdb.Error as exc:
+            raise StoreError(f"read from the LMDB store {self.path} failed: {exc}") from exc
+
+    def sample_times(self) -> tuple[int | None, int | None]:
+        """Return the ts_ms of the oldest and the newest stored sample, None when empty."""
+        state = self.state
+        try:
+            with self.env.begin(buffers=True) as txn:
+                cursor = txn.cursor(db=self.pages)
+                first_page = cursor.value() if cursor.first() else None
+                oldest = sample_span(first_page)[0] if first_page is not None else None
+                newest = None
+                if cursor.last():
+                    newest = sample_span(cursor.value())[1]
+        except lmdb.Error as exc:
+            raise StoreError(f"read from the LMDB store {self.path} failed: {exc}") from exc
+        if state.open_chunks:
+            oldest = oldest if oldest is not None else sample_span(state.open_chunks[0].array)[0]
+            newest = sample_span(state.open_chunks[-1].array)[1]
+        return oldest, newest
+
+    def oldest_page_newest_ts(self, skip: Container[int]) -> int | None:
+        """Return the ts_ms of the newest sample in the oldest page that is not in skip."""
+        try:
+            with self.env.begin(buffers=True) as txn:
+                for key, value in txn.cursor(db=self.pages):
+                    if SEQ.unpack(key)[0] not in skip:
+                        return sample_span(value)[1]
+        except lmdb.Error as exc:
+            raise StoreError(f"read from the LMDB store {self.path} failed: {exc}") from exc
+        return None
+
+    def other_process_readers(self) -> list[str]:
+        """Return the reader table rows of live processes other than this one."""
+        try:
+            self.env.reader_check()
+            table = self.env.readers()
+        except lmdb.Error as exc:
+            raise StoreError(f"reader check of the LMDB store {self.path} failed: {exc}") from exc
+        own = str(os.getpid())
+        rows = table.splitlines()[1:]  # the first line is a heading
+        return [row for row in rows if row.split() and row.split()[0] != own]
+
+    def grow_map(self) -> bool:
+        """Enlarge the map by half and return True, or return False while another process
+        has the environment open, because LMDB requires that no other process maps it then.
+
+        Call it only while no transaction of this process is open.
+        """
+        others = self.other_process_readers()
+        if others:
+            self.logger.warning(
+                "store_map_not_grown %s: another process has the store open, so the map "
+                "stays full and the overflow policy applies",
+                fields(path=self.path, readers=len(others)))
+            return False
         new_size = int(self.map_size_bytes * MAP_GROWTH_FACTOR)
         try:
             self.env.set_mapsize(new_size)
@@ -342,6 +502,7 @@ class PageStore:
                                          new_bytes=new_size)
         )
         self.map_size_bytes = new_size
+        return True
 
     def clear_stale_readers(self) -> int:
         try:
@@ -354,6 +515,32 @@ class PageStore:
         os.close(self._lock_file)
 
 
+UNREADABLE_ERRORS = (lmdb.InvalidError, lmdb.CorruptedError, lmdb.VersionMismatchError,
+                     lmdb.PageNotFoundError, lmdb.IncompatibleError, lmdb.BadValsizeError)
+
+
+def sample_span(data: bytes | memoryview) -> tuple[int | None, int | None, int | None, int | None]:
+    """Return the ts_ms of the first and the last sample in a page or batch, then the epoch
+    of each, without parsing the JSON. A value is None when no sample has it."""
+    first_ts = TS_MS_PATTERN.search(data)
+    first_epoch = EPOCH_PATTERN.search(data)
+    tail = bytes(data[-TAIL_BYTES:])
+    last_ts = _last_match(TS_MS_PATTERN, tail) or _last_match(TS_MS_PATTERN, data)
+    last_epoch = _last_match(EPOCH_PATTERN, tail) or _last_match(EPOCH_PATTERN, data)
+
+    def number(match: re.Match[bytes] | None) -> int | None:
+        return int(match.group(1)) if match else None
+
+    return number(first_ts), number(last_ts), number(first_epoch), number(last_epoch)
+
+
+def _last_match(pattern: re.Pattern[bytes], data: bytes | memoryview) -> re.Match[bytes] | None:
+    last = None
+    for last in pattern.finditer(data):  # noqa: B007 - the loop keeps the last match
+        pass
+    return last
+
+
 class StoreTransaction:
     """One write transaction that stores batches, seals and deletes pages on a state copy."""
 
@@ -364,6 +551,7 @@ class StoreTransaction:
         self.max_samples = store.settings.page_max_samples
         self.max_bytes = store.settings.page_max_bytes
         self.opened_page = False  # an empty open page received its first samples
+        self.acked_samples = 0  # samples in the pages that delete_page deleted
         self.sealed_pages = 0
 
     def add_batch(self, count: int, array: bytes) -> int:
@@ -437,9 +625,10 @@ class StoreTransaction:
             elif state.open_chunks:
                 self.seal()
             else:
+                self.count_drop(REASON_SAMPLE_TOO_LARGE, samples=1,
+                                span=sample_span(samples[start]))
                 dropped += 1  # one sample larger than an empty page
                 start += 1
-        self.state.dropped_samples += dropped
         return dropped
 
     def seal(self) -> None:
@@ -465,12 +654,17 @@ class StoreTransaction:
         state.open_array_bytes = 0
 
     def delete_page(self, seq: int) -> bool:
-        """Delete one page and return whether it was stored."""
+        """Delete one page or gap record and return whether it was stored."""
         key = SEQ.pack(seq)
         entry = self.txn.get(key, db=self.store.index)
         if entry is None:
-            return False
-        self._delete(key, INDEX.unpack(entry)[1])
+            if not self.txn.delete(key, db=self.store.gaps):
+                return False
+            self.state.gap_count -= 1
+            return True
+        count, page_bytes = INDEX.unpack(entry)
+        self._delete(key, page_bytes)
+        self.acked_samples += count
         return True
 
     def _delete(self, key: bytes, page_bytes: int) -> None:
@@ -479,11 +673,13 @@ class StoreTransaction:
         self.state.page_count -= 1
         self.state.stored_bytes -= page_bytes
 
-    def drop_oldest(self, bytes_to_free: int, protected: set[int]) -> list[tuple[int, int]]:
+    def drop_oldest(
+        self, bytes_to_free: int, protected: set[int], reason: str
+    ) -> list[tuple[int, int]]:
         """Delete the oldest pages until bytes_to_free are freed, and return (page_seq, count).
 
         Pages in protected (those the uplink is sending) go only when the others are not
-        enough.
+        enough. Each page is counted as dropped for reason.
         """
         victims: list[tuple[bytes, int, int, int]] = []
         freed = 0
@@ -499,11 +695,81 @@ class StoreTransaction:
                 victims.append((key, seq, count, page_bytes))
                 freed += page_bytes
 
-        for key, _seq, count, page_bytes in victims:
-            self._delete(key, page_bytes)
-            self.state.dropped_pages += 1
-            self.state.dropped_samples += count
+        for key, seq, count, page_bytes in victims:
+            self._drop_page(key, seq, count, page_bytes, reason)
         return [(seq, count) for _key, seq, count, _bytes in victims]
+
+    def drop_expired(self, oldest_ms: int, protected: set[int]) -> list[tuple[int, int]]:
+        """Delete the oldest pages whose newest sample is older than oldest_ms.
+
+        The pages in protected are kept, because the uplink is sending them.
+        """
+        victims = []
+        for key, value in self.txn.cursor(db=self.store.index):
+            seq = SEQ.unpack(key)[0]
+            if seq in protected:
+                continue
+            page = self.txn.get(key, db=self.store.pages)
+            newest = sample_span(page)[1] if page is not None else None
+            if newest is None or newest >= oldest_ms:
+                break
+            count, page_bytes = INDEX.unpack(value)
+            victims.append((key, seq, count, page_bytes))
+        for key, seq, count, page_bytes in victims:
+            self._drop_page(key, seq, count, page_bytes, REASON_MAX_AGE)
+        return [(seq, count) for _key, seq, count, _bytes in victims]
+
+    def _drop_page(self, key: bytes, seq: int, count: int, page_bytes: int, reason: str) -> None:
+        page = self.txn.get(key, db=self.store.pages)
+        span = sample_span(page) if page is not None else (None, None, None, None)
+        self._delete(key, page_bytes)
+        self.count_drop(reason, pages=1, samples=count, span=span, page_seq=seq)
+
+    def reject_batch(self, count: int, array: bytes, reason: str) -> None:
+        """Count a batch that the reject-new policy turns away."""
+        self.count_drop(reason, samples=count, batches=1, span=sample_span(array))
+        self.state.rejected_samples += count
+        self.state.rejected_batches += 1
+
+    def count_drop(
+        self, reason: str, pages: int = 0, samples: int = 0, batches: int = 0,
+        span: tuple[int | None, ...] = (None, None, None, None), page_seq: int | None = None,
+    ) -> None:
+        """Add a drop to the totals and to the gap record of its reason."""
+        state = self.state
+        state.dropped_pages += pages
+        state.dropped_samples += samples
+        totals = state.drops.setdefault(reason, [0, 0, 0])
+        totals[0] += pages
+        totals[1] += samples
+        totals[2] += batches
+
+        gap = state.open_gaps.setdefault(reason, new_gap(reason))
+        gap["pages"] += pages
+        gap["samples"] += samples
+        gap["batches"] += batches
+        first_ts, last_ts, first_epoch, last_epoch = span
+        widen(gap, "first_ts_ms", first_ts, min)
+        widen(gap, "last_ts_ms", last_ts, max)
+        widen(gap, "first_epoch", first_epoch, min)
+        widen(gap, "last_epoch", last_epoch, max)
+        widen(gap, "first_page_seq", page_seq, min)
+        widen(gap, "last_page_seq", page_seq, max)
+
+    def seal_gaps(self) -> int:
+        """Store each open gap as a gap record with its own page_seq, and return how many."""
+        state = self.state
+        sealed = 0
+        for reason in sorted(state.open_gaps):
+            gap = state.open_gaps[reason]
+            gap["recorded_ms"] = int(time.time() * 1000)
+            seq = state.next_page_seq
+            self.txn.put(SEQ.pack(seq), build_gap_page(seq, gap), db=self.store.gaps)
+            state.next_page_seq += 1
+            state.gap_count += 1
+            sealed += 1
+        state.open_gaps = {}
+        return sealed
 
     def finish(self) -> None:
         """Write the open chunks that are new in this transaction, then the meta values."""
@@ -522,6 +788,33 @@ class StoreTransaction:
         self.txn.put(META_DROPPED, DROPPED.pack(state.dropped_pages, state.dropped_samples),
                      db=meta)
         self.txn.put(META_OPEN_STARTED_MS, SEQ.pack(state.open_started_ms), db=meta)
+        self.txn.put(META_DROPS, compact_json(state.drops), db=meta)
+        self.txn.put(META_OPEN_GAPS, compact_json(state.open_gaps), db=meta)
+        rejected = {"epoch": state.epoch, "samples": state.rejected_samples,
+                    "batches": state.rejected_batches}
+        self.txn.put(META_REJECTED, compact_json(rejected), db=meta)
+
+
+def compact_json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
+
+
+def new_gap(reason: str) -> dict[str, Any]:
+    return {"reason": reason, "pages": 0, "samples": 0, "batches": 0,
+            "first_ts_ms": None, "last_ts_ms": None, "first_epoch": None, "last_epoch": None,
+            "first_page_seq": None, "last_page_seq": None}
+
+
+def widen(gap: dict[str, Any], key: str, value: int | None, pick: Any) -> None:
+    """Extend one bound of a gap record's range with value, using min or max as pick."""
+    if value is not None:
+        gap[key] = value if gap[key] is None else pick(gap[key], value)
+
+
+def build_gap_page(page_seq: int, gap: dict[str, Any]) -> bytes:
+    """Build a gap record: a page with no samples and a "gap" object, sent like any page."""
+    page = {"page_seq": page_seq, "samples": [], "gap": gap}
+    return json.dumps(page, separators=(",", ":")).encode()
 
 
 def split_samples(array: bytes, count: int) -> list[bytes] | None:
@@ -584,14 +877,18 @@ class PassOutcome:
     acks: dict[bytes, tuple[int, int]] = field(default_factory=dict)
     stored_batches: int = 0
     stored_samples: int = 0
+    rejected_batches: int = 0
+    rejected_samples: int = 0
     duplicates: int = 0
     acked_pages: int = 0
-    dropped: list[tuple[int, int]] = field(default_factory=list)
+    acked_samples: int = 0
+    dropped: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # by reason
     oversized_samples: int = 0
     notes: list[tuple[str, str]] = field(default_factory=list)  # (warning key, detail)
     epoch_changes: list[tuple[int, int]] = field(default_factory=list)
     opened_page: bool = False
     sealed_pages: int = 0
+    sealed_gaps: int = 0
 
 
 class Delivery:
@@ -599,7 +896,8 @@ class Delivery:
 
     Pages go out in page_seq order, so every page above `cursor` is eligible unless its
     delete is pending (BufferCore.pending_deletes), and every page at or below it is in
-    flight, acknowledged or deleted.
+    flight, acknowledged or deleted. Gap records go out before any page, and do not move
+    the cursor.
     """
 
     def __init__(self) -> None:
@@ -642,13 +940,39 @@ class Delivery:
         if self.up and session == self.session:
             self.credit += 1
 
-    def on_sent(self, page_seq: int) -> None:
+    def on_sent(self, page_seq: int, gap: bool = False) -> None:
         self.in_flight.add(page_seq)
-        self.cursor = page_seq
+        if not gap:
+            self.cursor = page_seq
         self.credit -= 1
 
     def forget(self, page_seqs: list[int]) -> None:
         self.in_flight.difference_update(page_seqs)
+
+
+class Rates:
+    """Commit and drain rates over the last RATE_WINDOW_S, from counter snapshots."""
+
+    KEYS = ("commits", "samples_committed", "pages_acked", "samples_acked")
+
+    def __init__(self) -> None:
+        self._snapshots: deque[tuple[float, tuple[int, ...]]] = deque()
+
+    def update(self, now: float, counters: dict[str, int]) -> dict[str, float]:
+        values = tuple(counters[key] for key in self.KEYS)
+        self._snapshots.append((now, values))
+        while len(self._snapshots) > 2 and now - self._snapshots[1][0] >= RATE_WINDOW_S:
+            self._snapshots.popleft()
+        first_time, first_values = self._snapshots[0]
+        elapsed = now - first_time
+        if elapsed <= 0:
+            return dict.fromkeys(RATE_NAMES, 0.0)
+        return {name: round((value - first) / elapsed, 1)
+                for name, value, first in zip(RATE_NAMES, values, first_values, strict=True)}
+
+
+RATE_NAMES = ("commits_per_s", "ingest_samples_per_s", "drain_pages_per_s",
+              "drain_samples_per_s")
 
 
 class BufferCore:
@@ -662,8 +986,9 @@ class BufferCore:
         self.delivery = Delivery()
         self.warning_limits: dict[str, RateLimit] = {}
         self.counters = dict.fromkeys(
-            ("batches_committed", "samples_committed", "duplicates", "pages_sent",
-             "pages_acked", "commits"), 0
+            ("batches_committed", "samples_committed", "batches_rejected", "samples_rejected",
+             "duplicates", "pages_sent", "gaps_sent", "pages_acked", "samples_acked",
+             "commits", "commits_failed"), 0
         )
         self.open_deadline = self._initial_open_deadline(time.monotonic())
 
@@ -672,7 +997,8 @@ class BufferCore:
         # deletes_deadline.
         self.pending_deletes: set[int] = set()
         self.deletes_deadline: float | None = None
-        self._unreported_drops = [0, 0]  # pages, samples
+        self.next_age_check = 0.0
+        self._unreported_drops: dict[str, list[int]] = {}  # reason -> [pages, samples]
         self._next_drop_report = 0.0
 
     def _initial_open_deadline(self, now: float) -> float | None:
@@ -692,56 +1018,99 @@ class BufferCore:
             self.deletes_deadline = now + PUBACK_COMMIT_DELAY_S
         self.pending_deletes.update(page_seqs)
 
+    def expired_before_ms(self, now: float) -> int | None:
+        """Return the ts_ms below which pages are too old, when buffer.max_age_s applies and
+        the oldest page is older; check at most every AGE_CHECK_INTERVAL_S."""
+        if not self.settings.max_age_s or now < self.next_age_check:
+            return None
+        self.next_age_check = now + AGE_CHECK_INTERVAL_S
+        if not self.store.state.page_count:
+            return None
+        oldest_ms = int((time.time() - self.settings.max_age_s) * 1000)
+        newest = self.store.oldest_page_newest_ts(self.delivery.in_flight)
+        return oldest_ms if newest is not None and newest < oldest_ms else None
+
     def commit(self, batches: list[Batch], now: float, flush_deletes: bool = False) -> PassOutcome:
-        """Store batches, seal due pages and delete acknowledged ones in one transaction.
+        """Store batches, seal due pages and gap records, and delete acknowledged and
+        expired pages, in one transaction.
 
         Pending deletes alone lead to a commit only at deletes_deadline, or with
-        flush_deletes, but they join every other commit. A full map leads to deleting the
-        oldest pages and trying again.
+        flush_deletes, but they join every other commit. A full map or disk leads to the
+        overflow policy. When even that cannot be committed, the batches stay
+        unacknowledged, so the reader sends them again, and the next commit tries again.
         """
         seal_due = self.open_deadline is not None and now >= self.open_deadline
         deletes_due = bool(self.pending_deletes) and (
             flush_deletes or (self.deletes_deadline is not None and now >= self.deletes_deadline))
-        if not batches and not seal_due and not deletes_due:
+        gaps_due = self.delivery.up and bool(self.store.state.open_gaps)
+        expired_before = self.expired_before_ms(now)
+        if not (batches or seal_due or deletes_due or gaps_due or expired_before):
             return PassOutcome()
 
-        deletes = sorted(self.pending_deletes)
-        for attempt in range(1, MAP_FULL_ATTEMPTS + 1):
-            try:
-                with self.store.transaction() as txn:
-                    outcome = self._apply(txn, batches, deletes, seal_due)
-                outcome.opened_page = txn.opened_page
-                outcome.sealed_pages = txn.sealed_pages
-                break
-            except StoreFull as exc:
-                if attempt == MAP_FULL_ATTEMPTS:
-                    raise StoreError(f"{exc}; deleting old pages and growing the map did not "
-                                     "help, so check the free disk space") from exc
-                self._make_room(attempt, batches, exc)
+        work = CommitWork(batches, sorted(self.pending_deletes), seal_due, expired_before)
+        outcome = self._commit_with_policy(work)
+        if outcome is None:
+            self.counters["commits_failed"] += 1
+            return PassOutcome()
 
         self.pending_deletes.clear()
         self.deletes_deadline = None
         self._after_commit(outcome, now)
         return outcome
 
-    def _apply(
-        self, txn: StoreTransaction, batches: list[Batch], deletes: list[int], seal_due: bool
-    ) -> PassOutcome:
-        outcome = PassOutcome()
-        if seal_due:
-            txn.seal()
+    def _commit_with_policy(self, work: CommitWork) -> PassOutcome | None:
+        """Commit work, and when the map or disk is full apply the overflow policy and try
+        again. Return None when nothing could be committed."""
+        for attempt in range(1, MAP_FULL_ATTEMPTS + 1):
+            try:
+                return self._commit_once(work)
+            except StoreFull as exc:
+                if attempt == MAP_FULL_ATTEMPTS:
+                    self.warn("store_full", fields(reason=exc.reason, error=exc),
+                              time.monotonic())
+                    return None
+                if self.settings.overflow_policy == "reject-new" and work.batches:
+                    self._free_acked_pages(exc)
+                    work.reject_reason = exc.reason
+                else:
+                    self._make_room(attempt, work.batches, exc)
+        return None
 
-        for batch in batches:
-            self._ingest(txn, batch, outcome)
-        for page_seq in deletes:
-            outcome.acked_pages += txn.delete_page(page_seq)
-
-        excess = txn.state.stored_bytes - self.settings.max_bytes
-        if excess > 0:
-            outcome.dropped = txn.drop_oldest(excess, self.delivery.in_flight)
+    def _commit_once(self, work: CommitWork) -> PassOutcome:
+        with self.store.transaction() as txn:
+            outcome = self._apply(txn, work)
+        outcome.opened_page = txn.opened_page
+        outcome.sealed_pages = txn.sealed_pages
+        outcome.acked_samples = txn.acked_samples
         return outcome
 
-    def _ingest(self, txn: StoreTransaction, batch: Batch, outcome: PassOutcome) -> None:
+    def _apply(self, txn: StoreTransaction, work: CommitWork) -> PassOutcome:
+        outcome = PassOutcome()
+        if work.seal_due:
+            txn.seal()
+
+        for batch in work.batches:
+            self._ingest(txn, batch, outcome, work.reject_reason)
+        for page_seq in work.deletes:
+            outcome.acked_pages += txn.delete_page(page_seq)
+
+        if work.expired_before is not None:
+            outcome.dropped[REASON_MAX_AGE] = txn.drop_expired(work.expired_before,
+                                                               self.delivery.in_flight)
+        excess = txn.state.stored_bytes - self.settings.max_bytes
+        if excess > 0:
+            outcome.dropped[REASON_MAX_BYTES] = txn.drop_oldest(
+                excess, self.delivery.in_flight, REASON_MAX_BYTES)
+
+        # Gap records are stored only while the link is up, so that one record covers a
+        # whole outage and reaches the cloud before the pages that follow the gap.
+        if self.delivery.up and txn.state.open_gaps:
+            outcome.sealed_gaps = txn.seal_gaps()
+        return outcome
+
+    def _ingest(
+        self, txn: StoreTransaction, batch: Batch, outcome: PassOutcome, reject_reason: str | None
+    ) -> None:
         state = txn.state
         verdict = judge_batch(state, batch.epoch, batch.batch_seq)
         if verdict is Verdict.STALE_EPOCH:
@@ -755,27 +1124,66 @@ class BufferCore:
             outcome.acks[batch.identity] = (batch.epoch, state.last_batch_seq)
             return
 
-        try:
-            outcome.oversized_samples += txn.add_batch(batch.count, batch.array)
-            outcome.stored_samples += batch.count
-        except BatchRejected as exc:
-            # Acknowledged anyway: the reader would otherwise resend it forever and stall.
-            state.dropped_samples += batch.count
-            outcome.notes.append(("batch_rejected", fields(
-                epoch=batch.epoch, batch_seq=batch.batch_seq, count=batch.count, reason=exc)))
-
         if batch.epoch != state.epoch:
             outcome.epoch_changes.append((state.epoch, batch.epoch))
+            state.rejected_samples = 0
+            state.rejected_batches = 0
+
+        reason = reject_reason or self._over_limit(state, batch)
+        if reason is not None:
+            txn.reject_batch(batch.count, batch.array, reason)
+            outcome.rejected_batches += 1
+            outcome.rejected_samples += batch.count
+        else:
+            self._store(txn, batch, outcome)
+
         state.epoch = batch.epoch
         state.last_batch_seq = batch.batch_seq
         outcome.acks[batch.identity] = (batch.epoch, batch.batch_seq)
-        outcome.stored_batches += 1
+
+    def _over_limit(self, state: StoreState, batch: Batch) -> str | None:
+        """Return REASON_MAX_BYTES when reject-new applies and the batch does not fit."""
+        if self.settings.overflow_policy != "reject-new":
+            return None
+        if state.stored_bytes + len(batch.array) > self.settings.max_bytes:
+            return REASON_MAX_BYTES
+        return None
+
+    def _store(self, txn: StoreTransaction, batch: Batch, outcome: PassOutcome) -> None:
+        try:
+            outcome.oversized_samples += txn.add_batch(batch.count, batch.array)
+            outcome.stored_samples += batch.count
+            outcome.stored_batches += 1
+        except BatchRejected as exc:
+            # Acknowledged anyway: the reader would otherwise resend it forever and stall.
+            txn.count_drop(REASON_INVALID_BATCH, samples=batch.count, batches=1)
+            outcome.notes.append(("batch_rejected", fields(
+                epoch=batch.epoch, batch_seq=batch.batch_seq, count=batch.count, reason=exc)))
+
+    def _free_acked_pages(self, exc: StoreFull) -> None:
+        """Delete the acknowledged pages after a full map or disk, which loses no data."""
+        self.logger.warning(
+            "store_full %s: rejecting new batches, as buffer.overflow_policy is reject-new",
+            fields(reason=exc.reason, error=exc),
+        )
+        self.store.clear_stale_readers()
+        if not self.pending_deletes:
+            return
+        try:
+            with self.store.transaction() as txn:
+                deleted = [seq for seq in sorted(self.pending_deletes) if txn.delete_page(seq)]
+        except StoreFull:
+            return
+        self.counters["pages_acked"] += len(deleted)
+        self.counters["samples_acked"] += txn.acked_samples
+        self.pending_deletes.difference_update(deleted)
 
     def _make_room(self, attempt: int, batches: list[Batch], exc: StoreFull) -> None:
-        """Free space after a full map by deleting more of the oldest pages on each attempt."""
+        """Free space after a full map or disk by deleting more of the oldest pages on each
+        attempt."""
         self.logger.warning(
             "store_full %s: deleting the oldest pages to make room, then retrying the commit",
-            fields(attempt=attempt, error=exc),
+            fields(attempt=attempt, reason=exc.reason, error=exc),
         )
         self.store.clear_stale_readers()
         incoming = sum(len(batch.array) for batch in batches)
@@ -783,6 +1191,7 @@ class BufferCore:
 
         deleted: list[int] = []
         dropped: list[tuple[int, int]] = []
+        acked_samples = 0
         try:
             with self.store.transaction() as txn:
                 # Acknowledged pages go first, because deleting them loses no data.
@@ -790,15 +1199,19 @@ class BufferCore:
                 deleted = [seq for seq in sorted(self.pending_deletes) if txn.delete_page(seq)]
                 bytes_to_free -= stored_bytes - txn.state.stored_bytes
                 if bytes_to_free > 0:
-                    dropped = txn.drop_oldest(bytes_to_free, self.delivery.in_flight)
+                    dropped = txn.drop_oldest(bytes_to_free, self.delivery.in_flight, exc.reason)
+            acked_samples = txn.acked_samples
         except StoreFull:
             deleted, dropped = [], []
         if deleted:
             self.counters["pages_acked"] += len(deleted)
+            self.counters["samples_acked"] += acked_samples
             self.pending_deletes.difference_update(deleted)
-        self._record_drops(dropped)
+        self._record_drops(dropped, exc.reason)
 
-        if not (deleted or dropped) or attempt >= MAP_FULL_ATTEMPTS // 2:
+        # A bigger map cannot help a full disk.
+        growable = exc.reason == REASON_MAP_FULL
+        if growable and (not (deleted or dropped) or attempt >= MAP_FULL_ATTEMPTS // 2):
             self.store.grow_map()
 
     def _after_commit(self, outcome: PassOutcome, now: float) -> None:
@@ -806,50 +1219,63 @@ class BufferCore:
         counters["commits"] += 1
         counters["batches_committed"] += outcome.stored_batches
         counters["samples_committed"] += outcome.stored_samples
+        counters["batches_rejected"] += outcome.rejected_batches
+        counters["samples_rejected"] += outcome.rejected_samples
         counters["duplicates"] += outcome.duplicates
         counters["pages_acked"] += outcome.acked_pages
+        counters["samples_acked"] += outcome.acked_samples
 
         if not self.store.state.open_chunks:
             self.open_deadline = None
         elif outcome.opened_page or self.open_deadline is None:
             self.open_deadline = now + self.settings.page_max_age_ms / 1000
 
-        self._record_drops(outcome.dropped)
+        for reason, dropped in outcome.dropped.items():
+            self._record_drops(dropped, reason)
+        if outcome.rejected_batches:
+            outcome.notes.append(("batches_rejected", fields(
+                batches=outcome.rejected_batches, samples=outcome.rejected_samples,
+                total_samples=counters["samples_rejected"], max_bytes=self.settings.max_bytes)))
         if outcome.oversized_samples:
             outcome.notes.append(("sample_too_large", fields(
                 samples=outcome.oversized_samples, page_max_bytes=self.settings.page_max_bytes)))
+        if outcome.sealed_gaps:
+            self.logger.info("gap_records_stored %s", fields(records=outcome.sealed_gaps))
         for previous, current in outcome.epoch_changes:
             self.logger.info("reader_epoch %s", fields(epoch=current, previous=previous))
         for key, detail in outcome.notes:
             self.warn(key, detail, now)
 
-    def _record_drops(self, dropped: list[tuple[int, int]]) -> None:
+    def _record_drops(self, dropped: list[tuple[int, int]], reason: str) -> None:
         if not dropped:
             return
         self.delivery.forget([seq for seq, _count in dropped])
-        self._unreported_drops[0] += len(dropped)
-        self._unreported_drops[1] += sum(count for _seq, count in dropped)
+        unreported = self._unreported_drops.setdefault(reason, [0, 0])
+        unreported[0] += len(dropped)
+        unreported[1] += sum(count for _seq, count in dropped)
         self.report_drops(time.monotonic())
 
     def report_drops(self, now: float, force: bool = False) -> None:
-        """Log the pages dropped since the last report, unless one was logged less than
-        WARNING_INTERVAL_S ago and force is not set."""
-        pages, samples = self._unreported_drops
-        if not pages or (now < self._next_drop_report and not force):
+        """Log the pages dropped since the last report, one line for each reason, unless
+        one was logged less than WARNING_INTERVAL_S ago and force is not set."""
+        if not self._unreported_drops or (now < self._next_drop_report and not force):
             return
         self._next_drop_report = now + WARNING_INTERVAL_S
-        self._unreported_drops = [0, 0]
         state = self.store.state
-        self.logger.warning(
-            "pages_dropped %s: the store reached buffer.max_bytes, so the oldest data was "
-            "deleted before the uplink sent it",
-            fields(pages=pages, samples=samples, total_pages=state.dropped_pages,
-                   total_samples=state.dropped_samples, max_bytes=self.settings.max_bytes),
-        )
-        if self.tap:
-            self.tap.publish("pages_dropped", pages=pages, samples=samples,
-                             total_pages=state.dropped_pages,
-                             total_samples=state.dropped_samples)
+        for reason, (pages, samples) in sorted(self._unreported_drops.items()):
+            self.logger.warning(
+                "pages_dropped %s: %s, so the oldest data was deleted before the uplink "
+                "sent it",
+                fields(reason=reason, pages=pages, samples=samples,
+                       total_pages=state.dropped_pages, total_samples=state.dropped_samples,
+                       max_bytes=self.settings.max_bytes),
+                DROP_CAUSES.get(reason, reason),
+            )
+            if self.tap:
+                self.tap.publish("pages_dropped", reason=reason, pages=pages, samples=samples,
+                                 total_pages=state.dropped_pages,
+                                 total_samples=state.dropped_samples)
+        self._unreported_drops = {}
 
     def warn(self, key: str, detail: str, now: float) -> None:
         limit = self.warning_limits.setdefault(key, RateLimit(WARNING_INTERVAL_S))
@@ -870,10 +1296,38 @@ class BufferCore:
             **self.counters,
             "dropped_pages": state.dropped_pages,
             "dropped_samples": state.dropped_samples,
+            "dropped_by_reason": {
+                reason: {"pages": pages, "samples": samples, "batches": batches}
+                for reason, (pages, samples, batches) in sorted(state.drops.items())
+            },
+            "gap_records": state.gap_count,
+            "gaps_open": sorted(state.open_gaps),
             "in_flight": len(self.delivery.in_flight),
             "link": "up" if self.delivery.up else "down",
+            "overflow_policy": self.settings.overflow_policy,
+            "max_bytes": self.settings.max_bytes,
         }
 
+
+@dataclass
+class CommitWork:
+    """What one group commit is asked to do."""
+
+    batches: list[Batch]
+    deletes: list[int]
+    seal_due: bool
+    expired_before: int | None
+    # Set after a full map or disk under reject-new: every new batch is rejected for it.
+    reject_reason: str | None = None
+
+
+# The cause of each drop reason, for the pages_dropped WARNING.
+DROP_CAUSES = {
+    REASON_MAX_BYTES: "the store reached buffer.max_bytes",
+    REASON_MAX_AGE: "pages were older than buffer.max_age_s",
+    REASON_MAP_FULL: "the LMDB map was full",
+    REASON_DISK_FULL: "the disk was full",
+}
 
 # The consequence of each rate-limited warning, keyed by its log event name.
 WARNINGS = {
@@ -881,8 +1335,14 @@ WARNINGS = {
                    "epoch counter went back and its data is not stored",
     "batch_rejected": "batch payload is not a JSON array of samples, so it was acknowledged, "
                       "discarded and counted as dropped samples",
+    "batches_rejected": "the store is full and buffer.overflow_policy is reject-new, so new "
+                        "batches were acknowledged as rejected and the reader counts them as "
+                        "dropped",
     "sample_too_large": "samples larger than buffer.page_max_bytes were discarded and counted "
                         "as dropped samples",
+    "store_full": "the map or disk stays full even after the overflow policy, so nothing "
+                  "was committed. The reader keeps the batches and sends them again; writing "
+                  "resumes when space returns",
     "bad_message": "malformed message ignored, and no ack is sent for it",
 }
 
@@ -945,6 +1405,15 @@ class BufferProcess:
         self.poller.register(self.delivery, zmq.POLLIN)
         self.send_blocked = False
 
+        # Batches held for buffer.commit_max_delay_ms, so that more can join their commit.
+        self.held: list[Batch] = []
+        self.held_deadline: float | None = None
+
+        self.status_path = runtime_dir / STATUS_FILE
+        self.rates = Rates()
+        self.next_status = 0.0
+        self.status_failed = RateLimit(WARNING_INTERVAL_S)
+
     def _bind(self, context: zmq.Context[zmq.Socket[bytes]], address: str) -> zmq.Socket[bytes]:
         sock = wire.make_socket(context, zmq.ROUTER, wire.DATA_HWM, SOCKET_LINGER_MS)
         self.sockets.append(sock)
@@ -972,9 +1441,13 @@ class BufferProcess:
             self._run_pass()
         self._drain_ingest()
 
-        # Deleting the acknowledged pages now spares the next start from resending them.
-        self.core.commit([], time.monotonic(), flush_deletes=True)
+        # Held batches are committed now, and deleting the acknowledged pages spares the
+        # next start from resending them.
+        outcome = self.core.commit(self.held, time.monotonic(), flush_deletes=True)
+        self._send_acks(outcome.acks)
+        self.held = []
         self.core.report_drops(time.monotonic(), force=True)
+        self._write_status(time.monotonic(), running=False)
         self.tap.publish("stop", **self.core.tap_counters())
 
     def _drain_ingest(self) -> None:
@@ -996,7 +1469,7 @@ class BufferProcess:
         """Serve the sockets once and return whether any batch arrived."""
         ready = dict(self.poller.poll(self._poll_timeout_ms()))
 
-        batches = self._receive_batches() if self.ingest in ready else []
+        received = self._receive_batches() if self.ingest in ready else []
         now = time.monotonic()
         if self.delivery in ready:
             self.core.add_pubacks(self._receive_delivery(), now)
@@ -1005,29 +1478,67 @@ class BufferProcess:
         # gets its next pages without waiting for the disk. Pages come only from earlier
         # commits, and a page whose delete is pending is not handed out.
         self._hand_out_pages()
-        outcome = self.core.commit(batches, now)
+        outcome = self.core.commit(self._batches_to_commit(received, now), now)
         self._send_acks(outcome.acks)
-        if outcome.sealed_pages:
+        if outcome.sealed_pages or outcome.sealed_gaps:
             self._hand_out_pages()
 
         self.core.report_drops(now)
-        self.tap.counters = self.core.tap_counters()
+        if now >= self.next_status:
+            self.next_status = now + STATUS_INTERVAL_S
+            self._write_status(now, running=True)
         self.tap.publish_counters_if_due()
-        return bool(batches)
+        return bool(received)
+
+    def _batches_to_commit(self, received: list[Batch], now: float) -> list[Batch]:
+        """Return the batches to commit now, holding them for buffer.commit_max_delay_ms
+        unless commit_max_batches have arrived."""
+        if received and not self.held:
+            self.held_deadline = now + self.settings.commit_max_delay_ms / 1000
+        self.held.extend(received)
+        full = len(self.held) >= self.settings.commit_max_batches
+        if not self.held or not (full or self.held_deadline is None or now >= self.held_deadline):
+            return []
+        batches, self.held, self.held_deadline = self.held, [], None
+        return batches
+
+    def _write_status(self, now: float, running: bool) -> None:
+        """Refresh the tap counters and write them to the status file that
+        `plcbridge buffer` reads, replacing it atomically."""
+        counters = self.core.tap_counters()
+        counters.update(self.rates.update(now, self.core.counters))
+        oldest, newest = self.core.store.sample_times()
+        counters.update(oldest_ts_ms=oldest, newest_ts_ms=newest)
+        self.tap.counters = counters
+
+        status = {"ts_ms": int(time.time() * 1000), "pid": os.getpid(), "running": running,
+                  "path": str(self.core.store.path), **counters}
+        temporary = self.status_path.with_name(f".{STATUS_FILE}.tmp")
+        try:
+            temporary.write_text(json.dumps(status, separators=(",", ":")))
+            os.replace(temporary, self.status_path)
+        except OSError as exc:
+            suppressed = self.status_failed.allow(now)
+            if suppressed is not None:
+                self.logger.warning(
+                    "status_not_written %s: `plcbridge buffer` shows old figures",
+                    fields(path=self.status_path, error=exc.strerror or exc,
+                           suppressed=suppressed))
 
     def _poll_timeout_ms(self) -> int:
         if self.send_blocked:
             return SEND_RETRY_MS
         timeout_ms = MAX_POLL_MS
         now = time.monotonic()
-        for deadline in (self.core.open_deadline, self.core.deletes_deadline):
+        for deadline in (self.core.open_deadline, self.core.deletes_deadline,
+                         self.held_deadline):
             if deadline is not None:
                 timeout_ms = min(timeout_ms, int((deadline - now) * 1000) + 1)
         return max(0, timeout_ms)
 
     def _receive_batches(self) -> list[Batch]:
-        batches = []
-        for _ in range(self.settings.commit_max_batches):
+        batches: list[Batch] = []
+        for _ in range(max(1, self.settings.commit_max_batches - len(self.held))):
             try:
                 identity, *frames = self.ingest.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -1079,8 +1590,13 @@ class BufferProcess:
         return None
 
     def _send_acks(self, acks: dict[bytes, tuple[int, int]]) -> None:
+        state = self.core.store.state
         for identity, (epoch, batch_seq) in acks.items():
-            frames = wire.encode(wire.ACK, {"epoch": epoch, "batch_seq": batch_seq})
+            header = {"epoch": epoch, "batch_seq": batch_seq}
+            if epoch == state.epoch:
+                header.update(rejected_samples=state.rejected_samples,
+                              rejected_batches=state.rejected_batches)
+            frames = wire.encode(wire.ACK, header)
             try:
                 self.ingest.send_multipart([identity, *frames], zmq.NOBLOCK)
             except zmq.ZMQError as exc:
@@ -1095,6 +1611,15 @@ class BufferProcess:
         delivery = self.core.delivery
         if not delivery.up or delivery.credit <= 0:
             return
+
+        # Gap records go first, so the cloud learns of a gap before the data after it.
+        skip = delivery.in_flight | self.core.pending_deletes
+        for page_seq, gap_page in self.core.store.iter_gaps(skip):
+            if not self._send_page(delivery, page_seq, 0, gap_page, gap=True):
+                return
+            if delivery.credit <= 0:
+                return
+
         pages = self.core.store.iter_pages(delivery.cursor, self.core.pending_deletes)
         with contextlib.closing(pages):
             for page_seq, count, page in pages:
@@ -1102,7 +1627,8 @@ class BufferProcess:
                     return
 
     def _send_page(
-        self, delivery: Delivery, page_seq: int, count: int, page: memoryview
+        self, delivery: Delivery, page_seq: int, count: int, page: memoryview | bytes,
+        gap: bool = False,
     ) -> bool:
         assert delivery.identity is not None  # the link is up, so a link message named it
         header = wire.encode(wire.PAGE, {"page_seq": page_seq, "count": count})
@@ -1121,8 +1647,8 @@ class BufferProcess:
                                                     reason="uplink_unreachable"))
             self.tap.publish("link_down", session=delivery.session, reason="uplink_unreachable")
             return False
-        delivery.on_sent(page_seq)
-        self.core.counters["pages_sent"] += 1
+        delivery.on_sent(page_seq, gap)
+        self.core.counters["gaps_sent" if gap else "pages_sent"] += 1
         return True
 
     def close(self) -> None:
@@ -1131,9 +1657,33 @@ class BufferProcess:
             sock.close()
 
 
+def open_store(path: Path, settings: BufferSettings, logger: logging.Logger) -> PageStore:
+    """Open the store, and when it is unreadable move its files aside and start a new one.
+
+    The old files are renamed, never deleted, and an ERROR names both paths.
+    """
+    try:
+        return PageStore(path, settings, logger)
+    except StoreUnreadable as exc:
+        error = exc
+    try:
+        moved = move_aside(path)
+    except OSError as exc:
+        raise StoreError(
+            f"{error}; moving it aside failed: {exc.strerror or exc}; move the folder {path} "
+            "away by hand"
+        ) from exc
+    for source, target in moved:
+        logger.error(
+            "store_moved_aside %s: the buffer starts with an empty store, and the old file "
+            "is kept for recovery",
+            fields(path=source, moved_to=target, error=error))
+    return PageStore(path, settings, logger)
+
+
 def run_buffer(config: Config, logger: logging.Logger, stop: threading.Event) -> None:
     """Open the store, bind the sockets and run the loop until stop is set."""
-    store = PageStore(config.gateway.state_dir / "buffer", config.buffer, logger)
+    store = open_store(config.gateway.state_dir / "buffer", config.buffer, logger)
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         process = BufferProcess(config, logger, store, context)

@@ -443,7 +443,7 @@ def test_buffer_acked_page_not_resent_before_delete(make_buffer, context) -> Non
 
 def test_buffer_deletes_committed_after_delay(tmp_path) -> None:
     settings = BufferSettings(max_bytes=1 << 30, page_max_samples=10, page_max_bytes=65_536,
-                              page_max_age_ms=60_000, commit_max_batches=64, sync=True)
+                              page_max_age_ms=60_000, commit_max_batches=64, sync="full")
     logger = logging.getLogger("test.buffer")
     store = PageStore(tmp_path / "buffer", settings, logger)
     try:
@@ -627,7 +627,7 @@ def test_buffer_disk_bound_drops_oldest_pages(make_buffer, context) -> None:
 
 def test_buffer_map_full_drops_and_retries(tmp_path) -> None:
     settings = BufferSettings(max_bytes=1 << 30, page_max_samples=1000, page_max_bytes=65_536,
-                              page_max_age_ms=1000, commit_max_batches=64, sync=False)
+                              page_max_age_ms=1000, commit_max_batches=64, sync="off")
     logger = logging.getLogger("test.buffer")
     # With a 1 MiB map under a 1 GiB bound, the map fills long before buffer.max_bytes.
     store = PageStore(tmp_path / "buffer", settings, logger, map_size_bytes=1 << 20)
