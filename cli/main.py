@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from cli import buffer as buffer_command
 from cli import checks, launch
 from cli import tap as tap_command
 from common import wire
@@ -19,7 +20,7 @@ EXIT_CODES = """\
 exit codes:
   0  success, and tap stopped with Ctrl-C
   1  failure: a tool or folder is missing, supervisord is already running (run),
-     or `tap --count N` got fewer than N messages
+     or `tap --count N` got fewer than N messages, or buffer: the buffer is not running
   2  invalid configuration or credential file, or invalid command-line arguments
   3  check-credentials: the SAS token has expired
   4  ctl: supervisord is not running
@@ -51,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exit after N messages; exit 1 if --timeout-s ends first")
     tap.add_argument("--timeout-s", type=_positive_float, metavar="S",
                      help="exit after S seconds; default: run until Ctrl-C")
+
+    status = _add_command(commands, "buffer", buffer_command.buffer,
+                          "show the pages, bytes and sample times that the buffer holds, its "
+                          "drops by reason, and its commit and drain rates")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
 
     _add_command(commands, "check-config", checks.check_config,
                  "validate the configuration and the credential files, print a summary")

@@ -7,8 +7,9 @@ payload frame that is passed through unparsed.
     ingest (ipc://<runtime_dir>/ingest.sock): the buffer binds a ROUTER, the reader connects
     a DEALER.
         reader -> buffer  batch  {"epoch", "batch_seq", "count"}  payload: JSON array of samples
-        buffer -> reader  ack    {"epoch", "batch_seq"}           every batch up to batch_seq
-                                                                  is committed to LMDB
+        buffer -> reader  ack    {"epoch", "batch_seq",           every batch up to batch_seq
+                                  "rejected_samples",             is committed to LMDB, or
+                                  "rejected_batches"}             rejected (see below)
 
     delivery (ipc://<runtime_dir>/delivery.sock): the buffer binds a ROUTER, the uplink
     connects a DEALER.
@@ -22,6 +23,14 @@ payload frame that is passed through unparsed.
 The reader numbers its batches from 0 in each epoch and resends every unacknowledged batch
 after plc.ack_timeout_s. So the buffer stores a batch only when its batch_seq is one above
 the last it committed for that epoch, and acknowledges a resent one without storing it.
+
+When the store is full and buffer.overflow_policy is "reject-new", or the map or disk is full
+under that policy, the buffer does not store a batch but still acknowledges it, so the reader
+does not send it again. rejected_samples and rejected_batches count the samples and batches
+that the buffer rejected in the ack's epoch so far, committed like the batches themselves.
+They are totals, so an ack that is lost costs no count: the reader adds the increase over
+the totals it last saw. An ack for an epoch other than the buffer's current one leaves both
+out, and a reader treats them as absent, as it does with an older buffer.
 
 The uplink opens a new session for every MQTT connection. A session starts with "free" pages
 of credit, each puback returns one, and the buffer hands out pages oldest first within that

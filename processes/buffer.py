@@ -109,6 +109,11 @@ NAMED_DBS = 5
 # Attempts of one group commit that hit a full map, each after deleting more of the oldest
 # pages; the last attempts also grow the map.
 MAP_FULL_ATTEMPTS = 6
+
+# A failed write on a filesystem with less free space than this is taken for a full disk.
+# LMDB writes at most 64 pages of 4 KiB in one call, so a write that ran out of space
+# leaves less than that free.
+DISK_FULL_BYTES = 1 << 20
 MAP_GROWTH_FACTOR = 1.5
 
 MAX_DELIVERY_MESSAGES_PER_PASS = 1000
@@ -398,8 +403,21 @@ class PageStore:
             raise StoreFull(f"the disk of the LMDB store {self.path} is full: {exc}",
                             REASON_DISK_FULL) from exc
         except lmdb.Error as exc:
+            # LMDB 0.9 reports a short write, which is how a full disk usually shows, as
+            # EIO, so the free space tells a full disk from a failing one.
+            if self.disk_nearly_full():
+                raise StoreFull(f"the disk of the LMDB store {self.path} is full: {exc}",
+                                REASON_DISK_FULL) from exc
             raise StoreError(f"write to the LMDB store {self.path} failed: {exc}") from exc
         self.state = work.state
+
+    def disk_nearly_full(self) -> bool:
+        """Return whether the store's filesystem has less than DISK_FULL_BYTES free."""
+        try:
+            stat = os.statvfs(self.path)
+        except OSError:
+            return False
+        return stat.f_bavail * stat.f_frsize < DISK_FULL_BYTES
 
     def iter_pages(
         self, after_seq: int, skip: Container[int]
@@ -1612,7 +1630,10 @@ class BufferProcess:
         if not delivery.up or delivery.credit <= 0:
             return
 
-        # Gap records go first, so the cloud learns of a gap before the data after it.
+        # Gap records go first, so the cloud learns of a gap before the data after it. Drops
+        # not yet in a gap record wait for the next commit to store one, and pages wait too.
+        if self.core.store.state.open_gaps:
+            return
         skip = delivery.in_flight | self.core.pending_deletes
         for page_seq, gap_page in self.core.store.iter_gaps(skip):
             if not self._send_page(delivery, page_seq, 0, gap_page, gap=True):

@@ -10,6 +10,11 @@ While samples wait and no ack makes progress for max(2 * plc.ack_timeout_s, 5 s)
 because no buffer is connected, a buffer_unreachable WARNING is logged and published on the
 tap, and repeated every minute. A buffer_reachable INFO follows the first ack that makes
 progress again.
+
+A buffer whose overflow policy is reject-new acknowledges the batches it could not store and
+reports them in the ack's rejected_samples total (common/wire.py). They are counted in
+dropped_samples, like the samples that the full queue drops, and in rejected_samples, and a
+rate-limited buffer_rejected WARNING says so.
 """
 
 from __future__ import annotations
@@ -63,6 +68,11 @@ class IngestSender:
         self.endpoint = endpoint
         self.epoch = epoch
         self.dropped_samples = 0
+        # Samples and batches that the buffer rejected in this epoch, summed from the
+        # increases of its acks' totals, and the totals of the last ack.
+        self.rejected_samples = 0
+        self.rejected_batches = 0
+        self._buffer_rejected = (0, 0)
         self._settings = settings
         self._logger = logger
         self._tap = tap
@@ -73,6 +83,7 @@ class IngestSender:
         self._drop_warning = RateLimit(WARNING_INTERVAL_S)
         self._resend_warning = RateLimit(WARNING_INTERVAL_S)
         self._bad_ack_warning = RateLimit(WARNING_INTERVAL_S)
+        self._rejected_warning = RateLimit(WARNING_INTERVAL_S)
 
         # Reachability: the time of the last ack that made progress, or of the last moment
         # with nothing to deliver, and whether buffer_unreachable was logged since then.
@@ -225,6 +236,8 @@ class IngestSender:
                 raise ValueError(f"unexpected message kind {message.kind[:20]!r}")
             epoch = int(message.header["epoch"])
             batch_seq = int(message.header["batch_seq"])
+            rejected = (int(message.header.get("rejected_samples", 0)),
+                        int(message.header.get("rejected_batches", 0)))
         except (ValueError, KeyError, TypeError) as exc:
             self._warn_bad_ack(str(exc))
             return
@@ -234,7 +247,46 @@ class IngestSender:
         if batch_seq >= self._next_batch_seq:
             self._warn_bad_ack(f"ack for batch_seq {batch_seq}, which was never sent")
             return
+        self._count_rejected(*rejected)
         self._acknowledge(batch_seq)
+
+    def _count_rejected(self, samples_total: int, batches_total: int) -> None:
+        """Count the increase of the buffer's rejected totals for this epoch as dropped.
+
+        A total below the last one comes from a buffer that started a new store and lost
+        its count, so it becomes the new base.
+        """
+        seen_samples, seen_batches = self._buffer_rejected
+        self._buffer_rejected = (samples_total, batches_total)
+        if samples_total < seen_samples:
+            return
+        new_samples = samples_total - seen_samples
+        self.rejected_batches += max(0, batches_total - seen_batches)
+        if new_samples == 0:
+            return
+        self.rejected_samples += new_samples
+        self.dropped_samples += new_samples
+
+        suppressed = self._rejected_warning.allow()
+        if suppressed is None:
+            return
+        self._logger.warning(
+            "buffer_rejected %s",
+            fields(
+                endpoint=self.endpoint,
+                samples=new_samples,
+                rejected_samples_total=self.rejected_samples,
+                rejected_batches_total=self.rejected_batches,
+                dropped_samples_total=self.dropped_samples,
+                epoch=self.epoch,
+                suppressed=suppressed,
+                consequence="the buffer's store is full and its overflow policy is "
+                "reject-new, so these samples are lost and seq shows the gap",
+            ),
+        )
+        self._tap.publish("buffer_rejected", samples=new_samples,
+                          rejected_samples_total=self.rejected_samples,
+                          dropped_samples_total=self.dropped_samples)
 
     def _acknowledge(self, batch_seq: int) -> None:
         progressed = False

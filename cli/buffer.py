@@ -1,0 +1,127 @@
+"""`plcbridge buffer`: show what the buffer holds, what it dropped and how fast it moves.
+
+The buffer writes its figures to <runtime_dir>/buffer-status.json every second, replacing
+the file atomically, so this command never opens the LMDB store itself. A status file whose
+process is gone, or that is older than STALE_AFTER_S, means the buffer is not running; the
+command then prints the last figures it finds, marked as such, and exits with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cli.launch import load_config_for_operator
+
+STATUS_FILE = "buffer-status.json"  # the name that processes/buffer.py writes
+
+# The buffer rewrites the file every second, and a busy commit can delay it a little.
+STALE_AFTER_S = 5.0
+
+EXIT_OK = 0
+EXIT_NOT_RUNNING = 1
+
+
+def buffer(args: argparse.Namespace) -> int:
+    """Print the buffer's status, as a table or with --json as one JSON object."""
+    config = load_config_for_operator(args.config, "buffer")
+    path = config.gateway.runtime_dir / STATUS_FILE
+    status = read_status(path)
+    if status is None:
+        print(f"plcbridge buffer: the buffer is not running, or the gateway never started "
+              f"with this configuration: no status file at {path}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+
+    age_s = max(0.0, time.time() - status.get("ts_ms", 0) / 1000)
+    problem = not_running_reason(status, age_s)
+    status["status_age_s"] = round(age_s, 1)
+    status["running"] = problem is None
+    if args.json:
+        print(json.dumps(status, sort_keys=True))
+    else:
+        print(format_status(status))
+    if problem is not None:
+        print(f"plcbridge buffer: the buffer is not running ({problem}); the figures above "
+              f"are from {format_time(status.get('ts_ms'))}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    return EXIT_OK
+
+
+def read_status(path: Path) -> dict[str, Any] | None:
+    """Return the status object, or None when the file is missing or unreadable."""
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) else None
+
+
+def not_running_reason(status: dict[str, Any], age_s: float) -> str | None:
+    """Return why the status shows a buffer that is not running, or None when it runs."""
+    if not status.get("running"):
+        return "it stopped cleanly"
+    pid = status.get("pid")
+    if not isinstance(pid, int) or not process_exists(pid):
+        return f"its process {pid} is gone"
+    if age_s > STALE_AFTER_S:
+        return f"its status was last written {age_s:.0f} s ago"
+    return None
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # the process exists but belongs to another user
+    return True
+
+
+def format_time(ts_ms: Any) -> str:
+    if not isinstance(ts_ms, int | float):
+        return "-"
+    return datetime.fromtimestamp(ts_ms / 1000).isoformat(sep=" ", timespec="milliseconds")
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """Format the status as labelled lines, with times in local time."""
+    get = status.get
+    state = "running" if get("running") else "not running"
+    max_bytes = get("max_bytes") or 0
+    used = f" ({100 * get('bytes', 0) / max_bytes:.1f} % of max_bytes {max_bytes})" \
+        if max_bytes else ""
+    lines = [
+        ("buffer", f"{state}, pid {get('pid')}, figures from {format_time(get('ts_ms'))}"),
+        ("store", str(get("path", "-"))),
+        ("held", f"{get('pages', 0)} pages, {get('bytes', 0)} bytes{used}, "
+                 f"{get('open_samples', 0)} samples in the open page"),
+        ("samples", f"oldest {format_time(get('oldest_ts_ms'))}, "
+                    f"newest {format_time(get('newest_ts_ms'))}"),
+        ("link", f"{get('link', '-')}, {get('in_flight', 0)} pages in flight, "
+                 f"{get('gap_records', 0)} gap records waiting"),
+        ("policy", str(get("overflow_policy", "-"))),
+        ("dropped", format_drops(get("dropped_by_reason") or {})),
+        ("rates", f"{get('commits_per_s', 0)} commits/s, {get('ingest_samples_per_s', 0)} "
+                  f"samples/s in; {get('drain_pages_per_s', 0)} pages/s, "
+                  f"{get('drain_samples_per_s', 0)} samples/s out"),
+    ]
+    return "\n".join(f"{label:<9}{text}" for label, text in lines)
+
+
+def format_drops(drops: dict[str, Any]) -> str:
+    if not drops:
+        return "none"
+    parts = []
+    for reason, counts in sorted(drops.items()):
+        text = f"{reason}: {counts.get('pages', 0)} pages, {counts.get('samples', 0)} samples"
+        if counts.get("batches"):
+            text += f", {counts['batches']} batches"
+        parts.append(text)
+    return "; ".join(parts)
