@@ -2,7 +2,7 @@
 
 The buffer writes its figures to <runtime_dir>/buffer-status.json every second, replacing
 the file atomically, so this command never opens the LMDB store itself. A status file whose
-process is gone, or that is older than STALE_AFTER_S, means the buffer is not running; the
+process is gone, or that is older than STALE_AFTER_S, means the buffer is not running. The
 command then prints the last figures it finds, marked as such, and exits with 1.
 """
 

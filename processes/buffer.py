@@ -78,7 +78,7 @@ META_DROPS = b"drops"  # JSON: reason -> {"pages", "samples", "batches"}
 META_OPEN_GAPS = b"open_gaps"  # JSON: reason -> the gap record being collected
 META_REJECTED = b"rejected"  # JSON: {"epoch", "samples", "batches"} under reject-new
 
-# Why pages, batches or samples were dropped. Each has its own counters and gap records.
+# Drop reasons of pages, batches and samples. Each has its own counters and gap records.
 REASON_MAX_BYTES = "max_bytes"
 REASON_MAX_AGE = "max_age"
 REASON_MAP_FULL = "map_full"
@@ -132,6 +132,10 @@ STOP_GRACE_S = 3.0
 
 SOCKET_LINGER_MS = 200
 WARNING_INTERVAL_S = 10.0
+
+# While the link stays up and pages keep being dropped, one gap record covers the drops of
+# this many seconds, so that the cloud does not get one for every commit.
+GAP_RECORD_INTERVAL_S = 10.0
 
 # How often pages are checked against buffer.max_age_s, and the status file is written.
 AGE_CHECK_INTERVAL_S = 1.0
@@ -404,7 +408,7 @@ class PageStore:
                             REASON_DISK_FULL) from exc
         except lmdb.Error as exc:
             # LMDB 0.9 reports a short write, which is how a full disk usually shows, as
-            # EIO, so the free space tells a full disk from a failing one.
+            # EIO, so the free space distinguishes a full disk from a failing one.
             if self.disk_nearly_full():
                 raise StoreFull(f"the disk of the LMDB store {self.path} is full: {exc}",
                                 REASON_DISK_FULL) from exc
@@ -1016,6 +1020,10 @@ class BufferCore:
         self.pending_deletes: set[int] = set()
         self.deletes_deadline: float | None = None
         self.next_age_check = 0.0
+        # The time at which the open gaps are next stored as gap records, if the link is up.
+        # A link that comes up sets it to 0, so the records go out before any page.
+        self.next_gap_record = 0.0
+        self.last_commit_failed = False
         self._unreported_drops: dict[str, list[int]] = {}  # reason -> [pages, samples]
         self._next_drop_report = 0.0
 
@@ -1060,21 +1068,30 @@ class BufferCore:
         seal_due = self.open_deadline is not None and now >= self.open_deadline
         deletes_due = bool(self.pending_deletes) and (
             flush_deletes or (self.deletes_deadline is not None and now >= self.deletes_deadline))
-        gaps_due = self.delivery.up and bool(self.store.state.open_gaps)
+        gaps_due = self.gaps_due(now)
         expired_before = self.expired_before_ms(now)
         if not (batches or seal_due or deletes_due or gaps_due or expired_before):
             return PassOutcome()
 
-        work = CommitWork(batches, sorted(self.pending_deletes), seal_due, expired_before)
+        work = CommitWork(batches, sorted(self.pending_deletes), seal_due, expired_before,
+                          seal_gaps=gaps_due)
         outcome = self._commit_with_policy(work)
+        self.last_commit_failed = outcome is None
         if outcome is None:
             self.counters["commits_failed"] += 1
             return PassOutcome()
+        if outcome.sealed_gaps:
+            self.next_gap_record = now + GAP_RECORD_INTERVAL_S
 
         self.pending_deletes.clear()
         self.deletes_deadline = None
         self._after_commit(outcome, now)
         return outcome
+
+    def gaps_due(self, now: float) -> bool:
+        """Return whether the open gaps are to be stored as gap records now."""
+        return (self.delivery.up and bool(self.store.state.open_gaps)
+                and now >= self.next_gap_record)
 
     def _commit_with_policy(self, work: CommitWork) -> PassOutcome | None:
         """Commit work, and when the map or disk is full apply the overflow policy and try
@@ -1122,7 +1139,7 @@ class BufferCore:
 
         # Gap records are stored only while the link is up, so that one record covers a
         # whole outage and reaches the cloud before the pages that follow the gap.
-        if self.delivery.up and txn.state.open_gaps:
+        if work.seal_gaps and txn.state.open_gaps:
             outcome.sealed_gaps = txn.seal_gaps()
         return outcome
 
@@ -1329,12 +1346,13 @@ class BufferCore:
 
 @dataclass
 class CommitWork:
-    """What one group commit is asked to do."""
+    """The work of one group commit."""
 
     batches: list[Batch]
     deletes: list[int]
     seal_due: bool
     expired_before: int | None
+    seal_gaps: bool = False
     # Set after a full map or disk under reject-new: every new batch is rejected for it.
     reject_reason: str | None = None
 
@@ -1424,7 +1442,7 @@ class BufferProcess:
         self.send_blocked = False
 
         # Batches held for buffer.commit_max_delay_ms, so that more can join their commit.
-        self.held: list[Batch] = []
+        self.held_batches: list[Batch] = []
         self.held_deadline: float | None = None
 
         self.status_path = runtime_dir / STATUS_FILE
@@ -1461,9 +1479,9 @@ class BufferProcess:
 
         # Held batches are committed now, and deleting the acknowledged pages spares the
         # next start from resending them.
-        outcome = self.core.commit(self.held, time.monotonic(), flush_deletes=True)
+        outcome = self.core.commit(self.held_batches, time.monotonic(), flush_deletes=True)
         self._send_acks(outcome.acks)
-        self.held = []
+        self.held_batches = []
         self.core.report_drops(time.monotonic(), force=True)
         self._write_status(time.monotonic(), running=False)
         self.tap.publish("stop", **self.core.tap_counters())
@@ -1511,13 +1529,17 @@ class BufferProcess:
     def _batches_to_commit(self, received: list[Batch], now: float) -> list[Batch]:
         """Return the batches to commit now, holding them for buffer.commit_max_delay_ms
         unless commit_max_batches have arrived."""
-        if received and not self.held:
+        if received and not self.held_batches:
             self.held_deadline = now + self.settings.commit_max_delay_ms / 1000
-        self.held.extend(received)
-        full = len(self.held) >= self.settings.commit_max_batches
-        if not self.held or not (full or self.held_deadline is None or now >= self.held_deadline):
+        self.held_batches.extend(received)
+        if not self.held_batches:
             return []
-        batches, self.held, self.held_deadline = self.held, [], None
+
+        full = len(self.held_batches) >= self.settings.commit_max_batches
+        due = self.held_deadline is None or now >= self.held_deadline
+        if not (full or due):
+            return []
+        batches, self.held_batches, self.held_deadline = self.held_batches, [], None
         return batches
 
     def _write_status(self, now: float, running: bool) -> None:
@@ -1556,7 +1578,7 @@ class BufferProcess:
 
     def _receive_batches(self) -> list[Batch]:
         batches: list[Batch] = []
-        for _ in range(max(1, self.settings.commit_max_batches - len(self.held))):
+        for _ in range(max(1, self.settings.commit_max_batches - len(self.held_batches))):
             try:
                 identity, *frames = self.ingest.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -1602,6 +1624,8 @@ class BufferProcess:
             raise ValueError(f"state must be 'up' or 'down', got {state!r}")
         free = non_negative_int(header, "free") if state == "up" else 0
         change = self.core.delivery.on_link(identity, session, state == "up", free)
+        if change == "link_up":
+            self.core.next_gap_record = 0.0
         if change:
             self.logger.info("%s %s", change, fields(session=session, free=free))
             self.tap.publish(change, session=session, free=free)
@@ -1630,9 +1654,11 @@ class BufferProcess:
         if not delivery.up or delivery.credit <= 0:
             return
 
-        # Gap records go first, so the cloud learns of a gap before the data after it. Drops
-        # not yet in a gap record wait for the next commit to store one, and pages wait too.
-        if self.core.store.state.open_gaps:
+        # Gap records go first, so the cloud learns of a gap before the data after it. When
+        # a gap record is due, the pages wait for the commit that stores it, unless commits
+        # fail, because then only delivering pages can free space.
+        core = self.core
+        if core.gaps_due(time.monotonic()) and not core.last_commit_failed:
             return
         skip = delivery.in_flight | self.core.pending_deletes
         for page_seq, gap_page in self.core.store.iter_gaps(skip):

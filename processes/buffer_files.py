@@ -62,8 +62,8 @@ def check_data_file(folder: Path) -> None:
 
     metas = [_parse_meta(0, first), _parse_meta(1, second)]
 
-    # LMDB uses the meta page with the higher transaction id; its last page must be in the
-    # file, or reading the B-tree can reach past the end.
+    # LMDB uses the meta page with the higher transaction id. Its last page must be in the
+    # file, because otherwise reading the B-tree can reach past the end.
     last_page, _txnid = max(metas, key=lambda meta: meta[1])
     needed = (last_page + 1) * page_size
     if size < needed:
@@ -97,7 +97,7 @@ def _parse_meta(number: int, data: bytes) -> tuple[int, int]:
 
 
 def _verify_short_file(folder: Path, size: int, needed: int) -> None:
-    """Walk a file that is shorter than its meta page says, without mapping it.
+    """Walk a file that is shorter than its meta page records, without mapping it.
 
     LMDB may leave pages at the end unwritten when a transaction freed them again, so a
     short file can still be sound. lmdb.verify (py-lmdb 3.0 and newer) reads every page

@@ -253,7 +253,7 @@ def test_buffer_reject_new_reader_counts(make_buffer, context) -> None:
         sender.close()
         tap.close()
 
-    # The store holds the oldest data, up to the bound, and nothing else.
+    # The store contains the oldest data, up to the bound, and nothing else.
     view = read_store(run.store_dir)
     assert view.stored_bytes <= 1 << 20
     stored = [sample["seq"] for page in sorted(view.pages)
@@ -264,7 +264,7 @@ def test_buffer_reject_new_reader_counts(make_buffer, context) -> None:
     drops = json.loads(view.meta[b"drops"])
     assert drops == {"max_bytes": [0, sender.rejected_samples, sender.rejected_batches]}
 
-    # The gap record says the same.
+    # The gap record reports the same counts.
     uplink = UplinkPeer(context, run.runtime_dir)
     uplink.link("s", free=2)
     first = uplink.receive_page(5.0)
@@ -308,6 +308,33 @@ def test_buffer_reject_new_ack_totals(make_buffer, context) -> None:
     assert message is not None
     assert message.header == {"epoch": 2, "batch_seq": 1, "rejected_samples": 2000,
                               "rejected_batches": 1}
+
+
+def test_buffer_map_full_reject_new(tmp_path: Path) -> None:
+    # With a 1 MiB map under a 1 GiB bound, the map fills long before buffer.max_bytes.
+    store = PageStore(tmp_path / "buffer", settings(overflow_policy="reject-new",
+                                                    page_max_samples=1000),
+                      LOGGER, map_size_bytes=1 << 20)
+    try:
+        core = BufferCore(store, LOGGER)
+        sent = 0
+        for batch_seq in range(60):
+            outcome = core.commit([batch_of(1, batch_seq, make_samples(1, sent, 500))], 0.0)
+            sent += 500
+            assert outcome.acks == {b"reader": (1, batch_seq)}
+        state = store.state
+        assert state.rejected_batches > 0
+        assert state.drops == {"map_full": [0, state.rejected_samples, state.rejected_batches]}
+        assert store.map_size_bytes == 1 << 20  # reject-new never grows the map
+    finally:
+        store.close()
+
+    # The oldest data stays, and the counters match what the store contains.
+    view = read_store(tmp_path / "buffer")
+    kept = sum(len(payload.parse_page(page)[1]) for page in view.pages.values())
+    kept += sum(len(json.loads(array)) for array in view.open_arrays)
+    assert kept + state.rejected_samples == sent
+    assert struct.unpack(">Q", view.meta[b"stored_bytes"])[0] == view.stored_bytes
 
 
 # -- commit grouping -------------------------------------------------------------------------
@@ -365,7 +392,7 @@ def run_on_disk(make_buffer: Callable[..., BufferRun], disk: Path, **keys: Any) 
 
 
 def store_bytes_match(store_dir: Path) -> None:
-    """Check that the store opens and that its counters match what it holds."""
+    """Check that the store opens and that its counters match what it contains."""
     view = read_store(store_dir)
     assert struct.unpack(">Q", view.meta[b"stored_bytes"])[0] == view.stored_bytes
     for page_seq, page in view.pages.items():
@@ -464,7 +491,8 @@ def test_buffer_unreadable_store_moved_aside(make_buffer, context, damage) -> No
     moved = sorted(run.store_dir.glob("data.mdb.unreadable-*"))
     assert len(moved) == 1
     assert moved[0].read_bytes() == damaged
-    assert "ERROR" in log and "store_moved_aside" in log
+    assert "ERROR" in log
+    assert "store_moved_aside" in log
     assert str(run.store_dir / "data.mdb") in log
     assert str(moved[0]) in log
 
@@ -536,7 +564,8 @@ def test_buffer_cli_shows_status(make_buffer, context) -> None:
 
     status = wait_until_value(status_settled, 5.0, "the status after the last commit")
     assert status["running"] is True
-    assert status["pages"] > 0 and status["bytes"] <= 1 << 20
+    assert status["pages"] > 0
+    assert status["bytes"] <= 1 << 20
     dropped = status["dropped_by_reason"]["max_bytes"]
     assert dropped["pages"] == status["dropped_pages"] > 0
     assert status["oldest_ts_ms"] == state_ms + dropped["samples"]
