@@ -26,6 +26,7 @@ from typing import Any
 
 import lmdb
 import pytest
+import zmq
 
 from common import payload, wire
 from common.config import BufferSettings, load_config
@@ -222,7 +223,8 @@ def test_buffer_sample_span_reads_keys_only() -> None:
 # -- reject-new ------------------------------------------------------------------------------
 
 
-def test_buffer_reject_new_reader_counts(make_buffer, context) -> None:
+def test_buffer_reject_new_reader_counts(make_buffer, context, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER.name)
     run = make_buffer(max_bytes=1 << 20, overflow_policy="reject-new", page_max_samples=1000)
     run.start()
     config = load_config(run.config_path)
@@ -249,6 +251,10 @@ def test_buffer_reject_new_reader_counts(make_buffer, context) -> None:
         assert rejected["epoch"] == 5
         assert rejected["samples"] == sender.rejected_samples
         assert rejected["batches"] == sender.rejected_batches
+        warnings = [record.getMessage() for record in caplog.records
+                    if record.getMessage().startswith("buffer_rejected")]
+        assert len(warnings) == 1  # rate-limited
+        assert "reject-new" in warnings[0]
     finally:
         sender.close()
         tap.close()
@@ -586,6 +592,33 @@ def test_buffer_cli_shows_status(make_buffer, context) -> None:
     assert "the buffer is not running" in stopped.stderr
     assert "is gone" in stopped.stderr
     assert "not running, pid" in stopped.stdout
+
+
+def test_buffer_tap_counters_show_drops(make_buffer, context) -> None:
+    run = make_buffer(max_bytes=1 << 20, page_max_samples=1000)
+    run.start()
+    subscriber = wire.make_socket(context, zmq.SUB, wire.TAP_HWM, linger_ms=0)
+    subscriber.setsockopt(zmq.SUBSCRIBE, b"buffer")
+    subscriber.connect(wire.tap_endpoint(run.runtime_dir, "buffer"))
+    reader = ReaderPeer(context, run.runtime_dir)
+    fill_with_reader(reader, 1, 300, 100)
+
+    deadline = time.monotonic() + 5
+    counters: dict[str, Any] = {}
+    while counters.get("samples_committed") != 30_000:
+        assert time.monotonic() < deadline, f"no counters after the last commit: {counters}"
+        if subscriber.poll(100):
+            message = json.loads(subscriber.recv_multipart()[1])
+            if message["kind"] == "counters":
+                counters = message
+    status = read_status(run)
+    assert counters["dropped_by_reason"] == status["dropped_by_reason"]
+    assert counters["dropped_by_reason"]["max_bytes"]["pages"] > 0
+    assert counters["oldest_ts_ms"] == status["oldest_ts_ms"]
+    assert counters["newest_ts_ms"] == make_samples(1, 29_999, 1)[0]["ts_ms"]
+    for key in ("commits_per_s", "ingest_samples_per_s", "drain_pages_per_s",
+                "drain_samples_per_s", "gap_records", "samples_rejected"):
+        assert key in counters
 
 
 def wait_until_value(probe: Callable[[], Any], timeout_s: float, what: str) -> Any:
