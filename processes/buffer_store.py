@@ -57,7 +57,7 @@ META_INGEST = b"ingest"
 META_STORED_BYTES = b"stored_bytes"
 META_DROPPED = b"dropped"
 META_OPEN_STARTED_MS = b"open_started_ms"
-META_DROPS = b"drops"  # JSON: reason -> {"pages", "samples", "batches"}
+META_DROPS = b"drops"  # JSON: reason -> [pages, samples, batches]
 META_OPEN_GAPS = b"open_gaps"  # JSON: reason -> the gap record being collected
 META_REJECTED = b"rejected"  # JSON: {"epoch", "samples", "batches"} under reject-new
 

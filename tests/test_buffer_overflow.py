@@ -343,6 +343,40 @@ def test_buffer_map_full_reject_new(tmp_path: Path) -> None:
     assert struct.unpack(">Q", view.meta[b"stored_bytes"])[0] == view.stored_bytes
 
 
+HOLD_READER = """
+import sys
+import lmdb
+env = lmdb.open(sys.argv[1], readonly=True, max_dbs=5)
+txn = env.begin()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_buffer_map_not_grown_while_shared(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER.name)
+    store = PageStore(tmp_path / "buffer", settings(page_max_samples=1000), LOGGER,
+                      map_size_bytes=1 << 20)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_READER, str(tmp_path / "buffer")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "ready"
+        core = BufferCore(store, LOGGER)
+
+        # Another process keeps an old snapshot open, so freed pages cannot be reused and
+        # the map fills up. The buffer must not resize a map that another process maps.
+        for batch_seq in range(40):
+            core.commit([batch_of(1, batch_seq, make_samples(1, batch_seq * 500, 500))], 0.0)
+        assert store.map_size_bytes == 1 << 20
+        assert core.counters["commits_failed"] > 0
+        messages = [record.getMessage() for record in caplog.records]
+        assert any(message.startswith("store_map_not_grown") for message in messages)
+    finally:
+        holder.communicate("", timeout=10)
+        store.close()
+
+
 # -- commit grouping -------------------------------------------------------------------------
 
 
