@@ -430,10 +430,9 @@ class BufferCore:
 
     def _free_acked_pages(self, exc: StoreFull) -> None:
         """Delete the acknowledged pages after a full map or disk, which loses no data."""
-        self.logger.warning(
-            "store_full %s: rejecting new batches, as buffer.overflow_policy is reject-new",
-            fields(reason=exc.reason, error=exc),
-        )
+        self._warn_store_full(
+            "rejecting new batches, as buffer.overflow_policy is reject-new",
+            reason=exc.reason, error=exc)
         self.store.clear_stale_readers()
         if not self.pending_deletes:
             return
@@ -446,13 +445,19 @@ class BufferCore:
         self.counters["samples_acked"] += txn.acked_samples
         self.pending_deletes.difference_update(deleted)
 
+    def _warn_store_full(self, consequence: str, **values: Any) -> None:
+        # A full disk can last for hours and hit every commit, so this is rate-limited.
+        limit = self.warning_limits.setdefault("store_full_policy", RateLimit(WARNING_INTERVAL_S))
+        suppressed = limit.allow()
+        if suppressed is not None:
+            self.logger.warning("store_full %s: %s",
+                                fields(**values, suppressed=suppressed), consequence)
+
     def _make_room(self, attempt: int, batches: list[Batch], exc: StoreFull) -> None:
         """Free space after a full map or disk by deleting more of the oldest pages on each
         attempt."""
-        self.logger.warning(
-            "store_full %s: deleting the oldest pages to make room, then retrying the commit",
-            fields(attempt=attempt, reason=exc.reason, error=exc),
-        )
+        self._warn_store_full("deleting the oldest pages to make room, then retrying the commit",
+                              attempt=attempt, reason=exc.reason, error=exc)
         self.store.clear_stale_readers()
         incoming = sum(len(batch.array) for batch in batches)
         bytes_to_free = (incoming + self.settings.page_max_bytes) * 2**attempt
