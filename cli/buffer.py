@@ -1,4 +1,4 @@
-"""`plcbridge buffer`: show what the buffer holds, what it dropped and how fast it moves.
+"""`plcbridge buffer`: show what the buffer contains, what it dropped and how fast it moves.
 
 The buffer writes its figures to <runtime_dir>/buffer-status.json every second, replacing
 the file atomically, so this command never opens the LMDB store itself. A status file whose
@@ -104,8 +104,8 @@ def format_status(status: dict[str, Any]) -> str:
                  f"{get('open_samples', 0)} samples in the open page"),
         ("samples", f"oldest {format_time(get('oldest_ts_ms'))}, "
                     f"newest {format_time(get('newest_ts_ms'))}"),
-        ("link", f"{get('link', '-')}, {get('in_flight', 0)} pages in flight, "
-                 f"{get('gap_records', 0)} gap records waiting"),
+        ("link", f"{get('link', '-')}, {get('in_flight', 0)} pages in flight"),
+        ("gaps", format_gaps(get("gap_records", 0), get("gaps_open") or [])),
         ("policy", str(get("overflow_policy", "-"))),
         ("dropped", format_drops(get("dropped_by_reason") or {})),
         ("rates", f"{get('commits_per_s', 0)} commits/s, {get('ingest_samples_per_s', 0)} "
@@ -113,6 +113,14 @@ def format_status(status: dict[str, Any]) -> str:
                   f"{get('drain_samples_per_s', 0)} samples/s out"),
     ]
     return "\n".join(f"{label:<9}{text}" for label, text in lines)
+
+
+def format_gaps(records: int, open_reasons: list[str]) -> str:
+    text = f"{records} gap records waiting for the uplink"
+    if open_reasons:
+        text += (f"; the drops for {', '.join(open_reasons)} go into a new one when the link "
+                 "is up")
+    return text
 
 
 def format_drops(drops: dict[str, Any]) -> str:

@@ -25,7 +25,8 @@ exit codes:
   3  check-credentials: the SAS token has expired
   4  ctl: supervisord is not running
   run and ctl otherwise exit with supervisord's or supervisorctl's own code.
-  ctl and tap use the last good copy of an invalid configuration file, when there is one.
+  ctl, tap and buffer use the last good copy of an invalid configuration file, when there
+  is one.
 """
 
 
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exit after S seconds; default: run until Ctrl-C")
 
     status = _add_command(commands, "buffer", buffer_command.buffer,
-                          "show the pages, bytes and sample times that the buffer holds, its "
+                          "show the pages, bytes and sample times that the buffer contains, its "
                           "drops by reason, and its commit and drain rates")
     status.add_argument("--json", action="store_true", help="print one JSON object")
 
