@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-SCRIPTS = ("bench_paho.py", "bench_buffer.py", "bench_gateway.py")
+SCRIPTS = ("bench_paho.py", "bench_buffer.py", "bench_backlog.py", "bench_gateway.py")
 
 
 def main() -> int:
