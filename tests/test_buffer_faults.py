@@ -59,7 +59,7 @@ def context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
 
 
 @pytest.fixture
-def processes() -> Iterator[list[GatewayProcess]]:
+def programs() -> Iterator[list[GatewayProcess]]:
     """Collect the gateway processes a test starts, and SIGKILL those still running."""
     started: list[GatewayProcess] = []
     try:
@@ -98,10 +98,10 @@ def start_subscriber(broker: Broker, started: list[PageSubscriber]) -> PageSubsc
     return subscriber
 
 
-def new_process(processes: list[GatewayProcess], name: str, config: Path,
+def new_process(programs: list[GatewayProcess], name: str, config: Path,
                 module: str = "") -> GatewayProcess:
     process = GatewayProcess(name, config, config.parent / "log", module=module)
-    processes.append(process)
+    programs.append(process)
     return process
 
 
@@ -244,13 +244,13 @@ def drain_everything(flow: KillRunFlow, reader: ReaderPeer, uplink: UplinkPeer,
 
 
 def test_buffer_kill9_random_moments_keeps_acked(
-    base: Path, context: zmq.Context[zmq.Socket[bytes]], processes: list[GatewayProcess]
+    base: Path, context: zmq.Context[zmq.Socket[bytes]], programs: list[GatewayProcess]
 ) -> None:
     kills = 200
     rng = random.Random(fault_seed())
     config = write_config(base, buffer={"page_max_samples": 50, "page_max_age_ms": 20,
                                         "commit_max_batches": 8})
-    buffer = new_process(processes, "buffer", config)
+    buffer = new_process(programs, "buffer", config)
     store_dir = base / "state" / "buffer"
     flow = KillRunFlow(epoch=5, batch_samples=10)
     kills_at_start = 0
@@ -310,15 +310,15 @@ def test_buffer_kill9_random_moments_keeps_acked(
 
 def test_buffer_outage_72000_pages_drain_in_order(
     base: Path, context: zmq.Context[zmq.Socket[bytes]], broker: Broker,
-    processes: list[GatewayProcess], subscribers: list[PageSubscriber],
+    programs: list[GatewayProcess], subscribers: list[PageSubscriber],
 ) -> None:
     # Two hours at ten pages a second: one sample a page keeps the pages small.
     pages, window = 72_000, 20
     buffer_run, uplink_run = base / "run-buffer", base / "run-uplink"
-    buffer = new_process(processes, "buffer", write_config(
+    buffer = new_process(programs, "buffer", write_config(
         base, "buffer.toml", runtime_dir=buffer_run,
         buffer={"page_max_samples": 1, "page_max_age_ms": 50}))
-    uplink = new_process(processes, "uplink", write_config(
+    uplink = new_process(programs, "uplink", write_config(
         base, "uplink.toml", runtime_dir=uplink_run, broker_port=broker.port,
         ca_file=broker.ca_file,
         uplink={"max_inflight_pages": window, "connect_timeout_s": 0.5}))
@@ -365,11 +365,11 @@ def test_buffer_outage_72000_pages_drain_in_order(
 
 
 def test_buffer_puback_on_arrival_deletes_once(
-    base: Path, context: zmq.Context[zmq.Socket[bytes]], processes: list[GatewayProcess]
+    base: Path, context: zmq.Context[zmq.Socket[bytes]], programs: list[GatewayProcess]
 ) -> None:
     pages = 300
     config = write_config(base, buffer={"page_max_samples": 10, "page_max_age_ms": 50})
-    buffer = new_process(processes, "buffer", config)
+    buffer = new_process(programs, "buffer", config)
     buffer.start(READY)
     tap = TapReader(context, base / "run", "buffer")
     uplink = UplinkPeer(context, base / "run")
@@ -399,7 +399,7 @@ def test_buffer_puback_on_arrival_deletes_once(
 
 def test_uplink_puback_before_publish_returns(
     base: Path, context: zmq.Context[zmq.Socket[bytes]], broker: Broker,
-    processes: list[GatewayProcess], subscribers: list[PageSubscriber],
+    programs: list[GatewayProcess], subscribers: list[PageSubscriber],
 ) -> None:
     # With one page in flight, the bytes the launcher waits for are that page's PUBACK.
     pages = 200
@@ -408,8 +408,8 @@ def test_uplink_puback_before_publish_returns(
                           ca_file=broker.ca_file)
     broker.start()
     subscriber = start_subscriber(broker, subscribers)
-    buffer = new_process(processes, "buffer", config)
-    uplink = new_process(processes, "uplink", config,
+    buffer = new_process(programs, "buffer", config)
+    uplink = new_process(programs, "uplink", config,
                          module="tests.support.late_publish_return")
     buffer.start(READY)
     buffer_tap = TapReader(context, base / "run", "buffer")
@@ -440,7 +440,7 @@ def test_uplink_puback_before_publish_returns(
 
 def test_uplink_kill9_in_flight_pages_kept(
     base: Path, context: zmq.Context[zmq.Socket[bytes]], broker: Broker,
-    processes: list[GatewayProcess], subscribers: list[PageSubscriber],
+    programs: list[GatewayProcess], subscribers: list[PageSubscriber],
 ) -> None:
     pages, window = 60, 20
     config = write_config(base, buffer={"page_max_samples": 10, "page_max_age_ms": 50},
@@ -448,8 +448,8 @@ def test_uplink_kill9_in_flight_pages_kept(
                           ca_file=broker.ca_file)
     broker.start()
     subscriber = start_subscriber(broker, subscribers)
-    buffer = new_process(processes, "buffer", config)
-    uplink = new_process(processes, "uplink", config)
+    buffer = new_process(programs, "buffer", config)
+    uplink = new_process(programs, "uplink", config)
     buffer.start(READY)
     buffer_tap = TapReader(context, base / "run", "buffer")
     uplink_tap = TapReader(context, base / "run", "uplink")
@@ -497,14 +497,14 @@ def snapshot(store_dir: Path) -> StoreSnapshot:
 
 def test_buffer_same_settings_restart_keeps_store(
     base: Path, certs: Path, context: zmq.Context[zmq.Socket[bytes]],
-    processes: list[GatewayProcess],
+    programs: list[GatewayProcess],
 ) -> None:
     silent = SilentServer()
     config = write_config(base, buffer={"page_max_samples": 10, "page_max_age_ms": 50},
                           uplink={"connect_timeout_s": 0.2}, broker_port=silent.port,
                           ca_file=certs / "ca.pem")
     store_dir = base / "state" / "buffer"
-    buffer = new_process(processes, "buffer", config)
+    buffer = new_process(programs, "buffer", config)
     buffer.start(READY)
     fill_store(context, base / "run", epoch=1, batches=30, batch_samples=10)
     wait_until(lambda: len(read_pages(store_dir)) == 30, 5, "30 sealed pages")
@@ -521,7 +521,7 @@ def test_buffer_same_settings_restart_keeps_store(
         assert snapshot(store_dir) == before
 
         # The real uplink, against a server that sends nothing, reconnects again and again.
-        uplink = new_process(processes, "uplink", config)
+        uplink = new_process(programs, "uplink", config)
         uplink.start()
         wait_until(lambda: uplink.log().count("connect_failed") >= 3, 10,
                    "three failed connection attempts")
