@@ -5,8 +5,8 @@ SIGSTOP and SIGCONT, mosquitto over TLS on loopback and LMDB files in a temporar
 Where a test needs to see inside the traffic, a test-side DEALER plays the reader or the
 uplink through common/wire.py, or a relay counts the pages between the two processes.
 
-The random kill moments come from a seed that each run prints. Set PB_FAULT_SEED to repeat
-a run's moments.
+The random choices of kill moments come from a seed that each run prints. Set PB_FAULT_SEED
+to repeat a run's choices. The processes' own timing still varies.
 """
 
 from __future__ import annotations
@@ -308,7 +308,7 @@ def test_buffer_kill9_random_moments_keeps_acked(
 # -- a long outage, then the backlog drains in order within the window -------------------
 
 
-def test_buffer_outage_72000_pages_drain_in_order(
+def test_buffer_outage_backlog_drains_in_order(
     base: Path, context: zmq.Context[zmq.Socket[bytes]], broker: Broker,
     programs: list[GatewayProcess], subscribers: list[PageSubscriber],
 ) -> None:
