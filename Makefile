@@ -53,8 +53,11 @@ lint: venv
 typecheck: venv
 	$(PY) -m mypy
 
+# Two workers, because most tests wait on real processes rather than compute. Each run gets
+# its own short temporary folder: pytest-xdist adds a level to the paths, and the runtime
+# folders of the gateways under test must stay within the Unix socket path limit.
 test: venv deps-test certs lint typecheck
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --basetemp="$$(mktemp -d /tmp/pbt-XXXXXX)"
 
 bench: venv deps-run certs
 	$(PY) bench/run_all.py
