@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+import time
 from collections import Counter
 
+from common.clock import TimeFloor
 from common.config import Config, load_config
-from common.credential_files import CredentialSet, check_sas_expiry, validate_credential_files
+from common.credential_files import (
+    CredentialSet,
+    check_certificate_validity,
+    check_sas_expiry,
+    validate_credential_files,
+)
+from common.credentials import EXPIRED, NOT_YET_VALID, redact_token
 
 EXIT_OK = 0
 EXIT_EXPIRED = 3
@@ -26,19 +36,60 @@ def check_config(args: argparse.Namespace) -> int:
 
 
 def check_credentials(args: argparse.Namespace) -> int:
-    """Print the credential scheme and the SAS expiry state, and return 3 when it has expired."""
+    """Validate every credential file and print what they hold, with secrets redacted.
+
+    Returns 3 when a SAS token or the client certificate has expired or is not valid yet,
+    or when the clock is behind the gateway's stored lower bound on the real time.
+    """
     config = load_config(args.config)
     credentials = validate_credential_files(config.credentials)
     expiry = check_sas_expiry(credentials.connection, config.credentials, config.uplink)
+    problems = []
 
+    connection = credentials.connection
+    if connection is not None:
+        print(f"device id: {connection.device_id}")
+        if connection.module_id:
+            print(f"module id: {connection.module_id}")
+        print(f"host: {connection.host_name}")
+        if connection.gateway_host_name:
+            print(f"gateway host: {connection.gateway_host_name}")
     print(f"scheme: {_scheme(config, credentials)}")
+    if connection is not None and connection.token is not None:
+        print(f"SAS token: {redact_token(connection.token.text)}")
     print(f"SAS expiry: {expiry.state}")
     print(f"  {expiry.message}")
-    if credentials.client_certificate is not None:
-        certificate = credentials.client_certificate
-        print(f"client certificate: {certificate.subject}, "
-              f"valid until {certificate.not_after:%Y-%m-%dT%H:%M:%SZ}")
-    return EXIT_EXPIRED if expiry.state == "expired" else EXIT_OK
+    if expiry.state == "expired":
+        problems.append("SAS token expired")
+
+    certificate = credentials.client_certificate
+    if certificate is not None:
+        validity = check_certificate_validity(certificate, config.credentials)
+        print(f"client certificate: {certificate.subject}: {validity.state}")
+        print(f"  {validity.message}")
+        if validity.state in (EXPIRED, NOT_YET_VALID):
+            problems.append(f"client certificate {validity.state.replace('_', ' ')}")
+    print(f"CA file: {config.credentials.ca_file} "
+          f"({credentials.ca_certificate_count} certificates)")
+
+    clock = TimeFloor(config.gateway.state_dir, _quiet_logger()).check(time.time())
+    print(f"clock: {'behind' if clock.behind else 'ok'}: {clock.describe()}")
+    if clock.behind:
+        problems.append("clock behind")
+
+    if problems:
+        print(f"problems: {', '.join(problems)}")
+        return EXIT_EXPIRED
+    return EXIT_OK
+
+
+def _quiet_logger() -> logging.Logger:
+    # The command prints its findings; TimeFloor's warnings about its file go to stderr.
+    logger = logging.getLogger("plcbridge.check_credentials")
+    if not logger.handlers:
+        logger.addHandler(logging.StreamHandler(sys.stderr))
+        logger.propagate = False
+    return logger
 
 
 def _summary_lines(config: Config, credentials: CredentialSet) -> list[str]:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from cli import buffer as buffer_command
 from cli import checks, launch
+from cli import sas as sas_command
 from cli import tap as tap_command
 from common import wire
 from common.errors import ConfigError, CredentialError, PlcBridgeError
@@ -22,7 +23,8 @@ exit codes:
   1  failure: a tool or folder is missing, supervisord is already running (run),
      or `tap --count N` got fewer than N messages, or buffer: the buffer is not running
   2  invalid configuration or credential file, or invalid command-line arguments
-  3  check-credentials: the SAS token has expired
+  3  check-credentials: a SAS token or certificate has expired or is not valid
+     yet, or the clock is behind the gateway's lower bound on the real time
   4  ctl: supervisord is not running
   run and ctl otherwise exit with supervisord's or supervisorctl's own code.
   ctl, tap and buffer use the last good copy of an invalid configuration file, when there
@@ -62,7 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_command(commands, "check-config", checks.check_config,
                  "validate the configuration and the credential files, print a summary")
     _add_command(commands, "check-credentials", checks.check_credentials,
-                 "print the credential scheme and the SAS token's expiry state")
+                 "validate every credential file and print the device, host, scheme and "
+                 "expiry, with secrets redacted")
+
+    summary = "print a SAS token minted from a device connection string"
+    sas = commands.add_parser("sas", help=summary, description=summary, epilog=EXIT_CODES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    sas_command.add_arguments(sas)
+    sas.set_defaults(handler=sas_command.sas)
 
     ctl = _add_command(commands, "ctl", launch.ctl,
                        "run supervisorctl against the gateway's supervisord, e.g. "

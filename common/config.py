@@ -150,6 +150,7 @@ class UplinkSettings:
     max_inflight_pages: int
     sas_ttl_s: int
     api_version: str
+    date_port: int
     shutdown_timeout_s: float
     broker: BrokerSettings | None
 
@@ -164,6 +165,9 @@ class CredentialSettings:
     check_interval_s: float
     rehash_interval_s: float
     sas_warning_days: float
+    certificate_warning_days: float = 30.0
+    expiry_error_margin_s: float = 300.0
+    client_key_passphrase_file: Path | None = None
 
     def watched_files(self) -> tuple[Path, ...]:
         """List every credential file the uplink reads, in a fixed order."""
@@ -172,6 +176,7 @@ class CredentialSettings:
             self.ca_file,
             self.client_cert_file,
             self.client_key_file,
+            self.client_key_passphrase_file,
             self.password_file,
         )
         return tuple(path for path in files if path is not None)
@@ -563,6 +568,7 @@ def _parse_uplink(table: _Table) -> UplinkSettings:
         max_inflight_pages=table.integer("max_inflight_pages", 20, 1, 1000),
         sas_ttl_s=table.integer("sas_ttl_s", 3600, 60, 365 * 86400),
         api_version=table.text("api_version", "2021-04-12"),
+        date_port=table.integer("date_port", 443, 1, 65535),
         shutdown_timeout_s=table.number("shutdown_timeout_s", 3.0, 0.1, 60.0),
         broker=broker,
     )
@@ -660,8 +666,17 @@ def _parse_credentials(table: _Table) -> CredentialSettings:
         check_interval_s=table.number("check_interval_s", 1.0, 0.05, 3600.0),
         rehash_interval_s=table.number("rehash_interval_s", 60.0, 1.0, 86400.0),
         sas_warning_days=table.number("sas_warning_days", 7.0, 0.0, 3650.0),
+        certificate_warning_days=table.number("certificate_warning_days", 30.0, 0.0, 3650.0),
+        expiry_error_margin_s=table.number("expiry_error_margin_s", 300.0, 0.0, 31_536_000.0),
+        client_key_passphrase_file=table.path("client_key_passphrase_file"),
     )
     table.reject_unknown()
+
+    if settings.client_key_passphrase_file is not None and settings.client_key_file is None:
+        raise ConfigError(
+            f"{table.source}: credentials.client_key_passphrase_file is set without "
+            "credentials.client_key_file; set the key file or remove the passphrase file"
+        )
 
     if (settings.client_cert_file is None) != (settings.client_key_file is None):
         raise ConfigError(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import re
 import ssl
 import time
@@ -25,7 +26,8 @@ from common.config import CredentialSettings, UplinkSettings
 from common.credentials import (
     ConnectionString,
     CredentialFileError,
-    describe_expiry,
+    ValidityCheck,
+    check_validity,
     read_connection_string,
     read_credential_bytes,
     read_password_file,
@@ -42,12 +44,15 @@ PRIVATE_KEY_BEGIN = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")
 # type than the certificate's, such as RSA for an EC certificate, fills another slot of the
 # context, so OpenSSL finds no certificate for it: NO_CERTIFICATE_ASSIGNED.
 KEY_MISMATCH_REASONS = ("KEY_VALUES_MISMATCH", "KEY_TYPE_MISMATCH", "NO_CERTIFICATE_ASSIGNED")
+# OpenSSL 3 reasons of an encrypted key read with a wrong passphrase.
+WRONG_PASSPHRASE_REASONS = ("BAD_DECRYPT", "BAD_PASSWORD_READ")
 
 
 @dataclass(frozen=True)
 class ClientCertificate:
     subject: str
     not_after: datetime
+    not_before: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class SasExpiry:
     state: str
     message: str
     expiry_s: int | None = None
+    level: int = logging.INFO
 
 
 def validate_credential_files(settings: CredentialSettings) -> CredentialSet:
@@ -78,7 +84,10 @@ def validate_credential_files(settings: CredentialSettings) -> CredentialSet:
 
     client = None
     if settings.client_cert_file is not None and settings.client_key_file is not None:
-        client = _load_client_pair(settings.client_cert_file, settings.client_key_file)
+        client = _load_client_pair(
+            settings.client_cert_file, settings.client_key_file,
+            settings.client_key_passphrase_file,
+        )
     if connection is not None and connection.x509 and client is None:
         raise CredentialFileError(
             settings.connection_string_file,  # type: ignore[arg-type]
@@ -111,15 +120,29 @@ def check_sas_expiry(
 
     now = time.time() if now_s is None else now_s
     expiry_s = connection.token.expiry_s
-    warning_s = credentials.sas_warning_days * SECONDS_PER_DAY
-    _healthy, message = describe_expiry(expiry_s, warning_s, now)
-    if expiry_s <= now:
-        state = "expired"
-    elif expiry_s - now < warning_s:
-        state = "warning"
-    else:
-        state = "valid"
-    return SasExpiry(state, message, expiry_s)
+    result = check_validity(
+        "SAS token", expiry_s, now, credentials.sas_warning_days * SECONDS_PER_DAY,
+        credentials.expiry_error_margin_s,
+    )
+    message = result.message
+    if result.state != "valid":
+        # A given token cannot be renewed by the gateway, so say what fixes it.
+        message += ("; only a new SAS token fixes this: write a new connection string, and "
+                    "pages keep buffering meanwhile")
+    return SasExpiry(result.state, message, expiry_s, result.level)
+
+
+def check_certificate_validity(
+    certificate: ClientCertificate, credentials: CredentialSettings, now_s: float | None = None
+) -> ValidityCheck:
+    """Compare the client certificate's notBefore and notAfter with the clock."""
+    now = time.time() if now_s is None else now_s
+    not_before = certificate.not_before.timestamp() if certificate.not_before else None
+    return check_validity(
+        f"client certificate {certificate.subject}", certificate.not_after.timestamp(), now,
+        credentials.certificate_warning_days * SECONDS_PER_DAY,
+        credentials.expiry_error_margin_s, not_before_s=not_before, field_name="notAfter",
+    )
 
 
 def _load_certificates(path: Path, file_kind: str) -> tuple[int, bytes]:
@@ -163,9 +186,11 @@ def _find_invalid_block(data: bytes) -> str:
     return "a certificate block is incomplete or malformed"
 
 
-def _load_client_pair(cert_path: Path, key_path: Path) -> ClientCertificate:
+def _load_client_pair(
+    cert_path: Path, key_path: Path, passphrase_path: Path | None
+) -> ClientCertificate:
     _count, cert_data = _load_certificates(cert_path, "client certificate file")
-    _check_private_key(cert_path, key_path)
+    _check_private_key(cert_path, key_path, passphrase_path)
 
     # OpenSSL uses the first certificate as the device's own, and any that follow as its chain.
     # cryptography is imported here, not at the top, because it costs about 10 MiB of
@@ -182,6 +207,7 @@ def _load_client_pair(cert_path: Path, key_path: Path) -> ClientCertificate:
     return ClientCertificate(
         subject=certificate.subject.rfc4514_string(),
         not_after=certificate.not_valid_after_utc,
+        not_before=certificate.not_valid_before_utc,
     )
 
 
@@ -193,8 +219,18 @@ def _reject_encrypted_key() -> str:
     raise _EncryptedKeyError
 
 
-def _check_private_key(cert_path: Path, key_path: Path) -> None:
+def read_passphrase(path: Path) -> bytes:
+    """Read a key passphrase file: its content without the final line break."""
+    data = read_credential_bytes(path, "client key passphrase file")
+    passphrase = data.removesuffix(b"\n").removesuffix(b"\r")
+    if not passphrase:
+        raise CredentialFileError(path, "client key passphrase file is empty")
+    return passphrase
+
+
+def _check_private_key(cert_path: Path, key_path: Path, passphrase_path: Path | None) -> None:
     """Load the key with its certificate, as the uplink does, so OpenSSL checks they match."""
+    passphrase = read_passphrase(passphrase_path) if passphrase_path is not None else None
     data = read_credential_bytes(key_path, "client key file")
     if not PRIVATE_KEY_BEGIN.search(data):
         raise CredentialFileError(
@@ -204,11 +240,13 @@ def _check_private_key(cert_path: Path, key_path: Path) -> None:
 
     # Without a password callback, OpenSSL would prompt for a passphrase on the terminal.
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    password = passphrase if passphrase is not None else _reject_encrypted_key
     try:
-        context.load_cert_chain(str(cert_path), str(key_path), password=_reject_encrypted_key)
+        context.load_cert_chain(str(cert_path), str(key_path), password=password)
     except _EncryptedKeyError as exc:
         raise CredentialFileError(
-            key_path, "client key is encrypted; the uplink needs an unencrypted PEM key"
+            key_path, "client key is encrypted; set credentials.client_key_passphrase_file "
+            "to the file that contains its passphrase"
         ) from exc
     except (ssl.SSLError, OSError) as exc:
         # NOTE: load_cert_chain's error does not say whether the certificate or the key
@@ -219,6 +257,11 @@ def _check_private_key(cert_path: Path, key_path: Path) -> None:
                 key_path,
                 f"private key does not match the client certificate {cert_path}; "
                 "install the key that belongs to that certificate",
+            ) from exc
+        if passphrase is not None and getattr(exc, "reason", None) in WRONG_PASSPHRASE_REASONS:
+            raise CredentialFileError(
+                key_path, "cannot decrypt the client key with the passphrase in "
+                f"{passphrase_path}; write the key's passphrase there"
             ) from exc
         raise CredentialFileError(
             key_path, f"client key file is not a valid PEM private key: {_openssl_reason(exc)}"

@@ -16,6 +16,8 @@ import base64
 import binascii
 import hashlib
 import hmac
+import logging
+import re
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -241,8 +243,67 @@ def mint_sas_token(resource_uri: str, key: bytes, expiry_s: int, policy: str | N
     return f"{token}&skn={policy}" if policy else token
 
 
-def _utc(epoch_s: float) -> str:
+def format_utc_seconds(epoch_s: float) -> str:
+    """Format epoch seconds as an ISO 8601 UTC time to the second."""
     return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_utc = format_utc_seconds
+
+
+# States of a credential's validity period against the clock.
+VALID = "valid"
+WARNING = "warning"  # valid, but it expires within the warning threshold
+EXPIRED = "expired"
+NOT_YET_VALID = "not_yet_valid"
+
+
+@dataclass(frozen=True)
+class ValidityCheck:
+    """A SAS token's or certificate's validity period compared with the clock.
+
+    level is the logging level that the state deserves: INFO while valid, WARNING when it
+    expires within the warning threshold or expired at most the error margin ago, ERROR when
+    it expired longer ago or is not valid yet.
+    """
+
+    state: str
+    level: int
+    message: str
+
+
+def check_validity(
+    label: str,
+    not_after_s: float,
+    now_s: float,
+    warning_s: float,
+    error_margin_s: float,
+    not_before_s: float | None = None,
+    field_name: str = "se",
+) -> ValidityCheck:
+    """Compare a validity period with now_s and describe it with both times in epoch
+    seconds and as UTC dates. label names the credential, such as "SAS token"."""
+    times = (
+        f"{field_name}={int(not_after_s)} ({_utc(not_after_s)}), now={int(now_s)} ({_utc(now_s)})"
+    )
+    if not_before_s is not None and now_s < not_before_s:
+        return ValidityCheck(
+            NOT_YET_VALID, logging.ERROR,
+            f"{label} not valid yet, or the clock is behind: notBefore={int(not_before_s)} "
+            f"({_utc(not_before_s)}), now={int(now_s)} ({_utc(now_s)})",
+        )
+    if not_after_s <= now_s:
+        level = logging.ERROR if now_s - not_after_s > error_margin_s else logging.WARNING
+        return ValidityCheck(
+            EXPIRED, level,
+            f"{label} expired or the clock is wrong: {times}, "
+            f"{(now_s - not_after_s) / 3600:.1f} h ago",
+        )
+    if not_after_s - now_s < warning_s:
+        left_h = (not_after_s - now_s) / 3600
+        message = f"{label} might be outdated soon: {left_h:.1f} h left, {times}"
+        return ValidityCheck(WARNING, logging.WARNING, message)
+    return ValidityCheck(VALID, logging.INFO, f"{label} valid until {_utc(not_after_s)}: {times}")
 
 
 def describe_expiry(
@@ -250,10 +311,13 @@ def describe_expiry(
 ) -> tuple[bool, str]:
     """Compare a token's expiry with the clock; return (healthy, a sentence for the log)."""
     now = time.time() if now_s is None else now_s
-    times = f"se={expiry_s} ({_utc(expiry_s)}), now={int(now)} ({_utc(now)})"
-    if expiry_s <= now:
-        return False, f"SAS token expired or the clock is wrong: {times}; renew the token"
-    if expiry_s - now < warning_s:
-        left_h = (expiry_s - now) / 3600
-        return False, f"SAS token might be outdated soon: {left_h:.1f} h left, {times}"
-    return True, f"SAS token valid until {_utc(expiry_s)}: {times}"
+    result = check_validity("SAS token", expiry_s, now, warning_s, error_margin_s=0.0)
+    message = result.message
+    if result.state == EXPIRED:
+        message += "; renew the token"
+    return result.state == VALID, message
+
+
+def redact_token(token: str) -> str:
+    """Return a SAS token with its signature replaced, for output that an operator reads."""
+    return re.sub(r"(sig=)[^&]*", r"\1<redacted>", token)

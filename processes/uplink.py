@@ -27,6 +27,7 @@ import dataclasses
 import ipaddress
 import logging
 import queue
+import random
 import secrets
 import select
 import socket
@@ -37,6 +38,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -44,11 +46,17 @@ import zmq
 
 from common import wire
 from common.backoff import Backoff
+from common.clock import HubClock, TimeFloor
 from common.config import Config, CredentialSettings, UplinkSettings
+from common.credential_files import (
+    ClientCertificate,
+    read_passphrase,
+    validate_credential_files,
+)
+from common.credential_guard import CredentialGuard, DateSource, TokenState
 from common.credentials import (
     ConnectionString,
     SasToken,
-    describe_expiry,
     mint_sas_token,
     read_connection_string,
     read_password_file,
@@ -61,9 +69,12 @@ from common.tap import Tap
 
 PROCESS = "uplink"
 
-# A minted SAS token is replaced at this fraction of its lifetime, as Azure's C SDK does, so
-# the hub never closes the connection for an expired token.
-SAS_RENEW_FRACTION = 0.8
+# A minted SAS token is replaced at a random fraction of its remaining lifetime in this
+# range. 0.8 is what Azure's C SDK uses. The jitter keeps a fleet whose gateways started
+# together from reconnecting to the hub at the same moment, and the renewal still comes
+# well before the hub closes the connection for an expired token.
+SAS_RENEW_FRACTION_MIN = 0.75
+SAS_RENEW_FRACTION_MAX = 0.85
 
 # How long the main thread waits in one poll; it also bounds how late it notices a stop.
 MAIN_POLL_S = 0.2
@@ -132,6 +143,7 @@ class Identity:
     c2d_filter: str | None
     password: PasswordSource
     description: str
+    client_certificate: ClientCertificate | None = None
 
     def topic(self, page_seq: int) -> str:
         return self.topic_format.format(page_seq=page_seq)
@@ -139,9 +151,14 @@ class Identity:
 
 def load_identity(config: Config, logger: logging.Logger) -> Identity:
     """Read the credential files named in the configuration; raise CredentialError if unusable."""
+    # The same validation as the credential watcher's, so a bad file gets the same clear
+    # error, such as a client key that does not match its certificate.
+    loaded = validate_credential_files(config.credentials)
     if config.uplink.mode == "azure":
-        return _azure_identity(config, logger)
-    return _mqtt_identity(config, logger)
+        identity = _azure_identity(config, logger)
+    else:
+        identity = _mqtt_identity(config, logger)
+    return dataclasses.replace(identity, client_certificate=loaded.client_certificate)
 
 
 def _azure_identity(config: Config, logger: logging.Logger) -> Identity:
@@ -283,6 +300,8 @@ def build_tls_context(credentials: CredentialSettings) -> ssl.SSLContext:
 
     ca_file = credentials.ca_file
     try:
+        # Every certificate in the file is loaded, so a bundle with the current and the next
+        # root keeps working across the hub's change of CA.
         context.load_verify_locations(cafile=str(ca_file))
     except FileNotFoundError as exc:
         raise CredentialError(
@@ -298,6 +317,11 @@ def build_tls_context(credentials: CredentialSettings) -> ssl.SSLContext:
             f"{ca_file}: no usable PEM certificate in the CA file ({exc}); "
             "expected the broker's root certificates in PEM form"
         ) from exc
+    if context.cert_store_stats()["x509"] == 0:
+        raise CredentialError(
+            f"{ca_file}: no certificate in the CA file; expected the broker's root "
+            "certificates in PEM form"
+        )
 
     if credentials.client_cert_file is not None and credentials.client_key_file is not None:
         _load_client_certificate(context, credentials)
@@ -307,8 +331,13 @@ def build_tls_context(credentials: CredentialSettings) -> ssl.SSLContext:
 def _load_client_certificate(context: ssl.SSLContext, credentials: CredentialSettings) -> None:
     cert_file = credentials.client_cert_file
     key_file = credentials.client_key_file
+    passphrase_file = credentials.client_key_passphrase_file
+    passphrase = read_passphrase(passphrase_file) if passphrase_file is not None else None
     try:
-        context.load_cert_chain(certfile=str(cert_file), keyfile=str(key_file))
+        # The certificate file may carry the device certificate followed by its chain, and
+        # OpenSSL then sends the whole chain in the handshake.
+        context.load_cert_chain(certfile=str(cert_file), keyfile=str(key_file),
+                                password=passphrase)
     except FileNotFoundError as exc:
         raise CredentialError(
             f"client certificate {cert_file} or key {key_file} not found: {exc.filename}"
@@ -374,8 +403,9 @@ class Wakeup:
 class LinkEvent:
     """Something that happened on the network thread, for the main thread to act on.
 
-    kind is one of connecting, connected, connect_failed, disconnected, puback, c2d and
-    fatal. connection numbers the connection attempt it belongs to.
+    kind is one of connecting, connected, connect_failed, disconnected, puback, c2d, tap
+    and fatal. connection numbers the connection attempt it belongs to. A tap event has its
+    tap kind in reason and its values in values.
     """
 
     kind: str
@@ -384,6 +414,7 @@ class LinkEvent:
     reason: str = ""
     topic: str = ""
     size: int = 0
+    values: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -402,6 +433,7 @@ class Connection:
     connected: bool = False
     closed: bool = False
     refused: str | None = None
+    refused_code: int | None = None
     close_reason: str = ""
     renew_at: float | None = None
     mid_to_page: dict[int, int] = field(default_factory=dict)
@@ -415,11 +447,21 @@ class Outcome:
     reason: str
     renew: bool = False
     connected_s: float = 0.0
+    rejected: bool = False
 
 
 # ---------------------------------------------------------------------------------------
 # The network thread: paho, connects, reconnects.
 # ---------------------------------------------------------------------------------------
+
+# paho 2.x reason code values of a CONNACK that rejects the credentials: MQTT 3.1.1's
+# return codes 4 (bad user name or password) and 5 (not authorized) arrive converted to
+# the MQTT 5 values. IoT Hub answers every failed CONNECT with 5.
+CREDENTIALS_REJECTED_CODES = (134, 135)
+
+
+class CredentialsRejectedError(UplinkError):
+    """The broker answered CONNECT with a CONNACK that rejects the credentials."""
 
 
 class MqttLink(threading.Thread):
@@ -433,13 +475,23 @@ class MqttLink(threading.Thread):
         logger: logging.Logger,
         events: queue.Queue[LinkEvent],
         events_wakeup: Wakeup,
+        state_dir: Path,
     ) -> None:
         super().__init__(name="mqtt-network", daemon=True)
         self._identity = identity
         self._settings = settings
         self._ca_file = credentials.ca_file
-        self._sas_warning_s = credentials.sas_warning_days * 86400
         self._logger = logger
+        self._clock = HubClock()
+        date_source = None
+        if identity.tls_context is not None:
+            date_source = DateSource(identity.connect_host, settings.date_port,
+                                     identity.tls_context)
+        self._guard = CredentialGuard(
+            credentials, TimeFloor(state_dir, logger), self._clock, date_source,
+            identity.client_certificate, logger, self._report_tap,
+        )
+        self._rejected_attempts = 0
         self._events = events
         self._events_wakeup = events_wakeup
         self._requests: queue.Queue[PublishRequest] = queue.Queue()
@@ -487,6 +539,9 @@ class MqttLink(threading.Thread):
             outcome = self._run_connection(number, retrying=backoff.attempts > 0)
             if self._stop_requested.is_set():
                 return
+            if outcome.rejected:
+                self._rejected_attempts += 1
+                self._guard.after_rejection()
 
             # Only a connection that held for a while resets the backoff, so a broker that
             # accepts and then drops at once (another client with the same id, for example)
@@ -498,6 +553,10 @@ class MqttLink(threading.Thread):
                 continue
 
             delay_s = backoff.next_delay_s()
+            if outcome.rejected:
+                self._report_rejection(outcome.reason, delay_s)
+                self._stop_requested.wait(delay_s)
+                continue
             event = "disconnected" if outcome.was_connected else "connect_failed"
             self._logger.warning(
                 "%s %s",
@@ -510,10 +569,41 @@ class MqttLink(threading.Thread):
             )
             self._stop_requested.wait(delay_s)
 
+    def _report_rejection(self, reason: str, delay_s: float) -> None:
+        """Raise one alert for a run of rejected connects, then log each retry at INFO."""
+        if self._rejected_attempts > 1:
+            self._logger.info(
+                "connect_rejected_again %s",
+                fields(rejected_attempts=self._rejected_attempts, next_delay_s=f"{delay_s:.2f}"),
+            )
+            return
+
+        if self._identity.password.key is not None:
+            remedy = "a freshly minted SAS token is tried on each attempt"
+        elif self._identity.password.token is not None:
+            remedy = "only a new SAS token or device key in the connection string fixes this"
+        else:
+            remedy = "check the device's registration and certificate"
+        self._logger.error(
+            "credentials_rejected %s",
+            fields(reason=reason, next_delay_s=f"{delay_s:.2f}",
+                   max_delay_s=f"{self._settings.reconnect_max_s:g}", remedy=remedy,
+                   consequence="pages wait in the buffer; retries are logged at INFO"),
+        )
+        self._report_tap("credentials_rejected", reason=reason, remedy=remedy)
+
+    def _report_tap(self, kind: str, **values: Any) -> None:
+        """Publish an event on the uplink's tap; the main thread owns the tap's socket."""
+        self._post(LinkEvent("tap", 0, reason=kind, values=values))
+
     def _run_connection(self, number: int, retrying: bool) -> Outcome:
         """Connect, wait for CONNACK, serve the connection; return how it ended."""
-        issued = self._identity.password.issue(time.time())
-        self._log_expiry(issued, retrying)
+        self._guard.before_connect(retrying)
+        issued = self._identity.password.issue(self._clock.now())
+        token = None
+        if issued.expiry_s is not None:
+            token = TokenState(issued.expiry_s, issued.minted)
+        self._guard.check_token(token, retrying)
         connection = Connection(number, self._new_client(issued))
         connection.client.user_data_set(connection)
         host, port = self._identity.connect_host, self._identity.port
@@ -529,14 +619,18 @@ class MqttLink(threading.Thread):
             self._await_connack(connection)
         except UplinkError as exc:
             self._close(connection)
+            rejected = isinstance(exc, CredentialsRejectedError)
             if not self._stop_requested.is_set():
-                self._post(LinkEvent("connect_failed", number, reason=str(exc)))
-            return Outcome(False, str(exc))
+                self._post(LinkEvent("connect_failed", number, reason=str(exc),
+                                     values={"rejected": rejected}))
+            return Outcome(False, str(exc), rejected=rejected)
 
+        self._note_accepted()
         # Serve the connection until it drops, a stop is requested or the token is due.
         if issued.minted and issued.expiry_s is not None:
-            lifetime_s = self._settings.sas_ttl_s * SAS_RENEW_FRACTION
-            connection.renew_at = time.monotonic() + lifetime_s
+            remaining_s = max(0.0, issued.expiry_s - self._clock.now())
+            fraction = random.uniform(SAS_RENEW_FRACTION_MIN, SAS_RENEW_FRACTION_MAX)
+            connection.renew_at = time.monotonic() + remaining_s * fraction
         self._post(LinkEvent("connected", number, reason=f"{host}:{port}"))
         self._subscribe_c2d(connection)
         connected_at = time.monotonic()
@@ -578,25 +672,13 @@ class MqttLink(threading.Thread):
         client.on_subscribe = self._on_subscribe
         return client
 
-    def _log_expiry(self, issued: IssuedPassword, retrying: bool) -> None:
-        """Log the token's expiry against the clock: a wrong clock shows up here first.
-
-        A healthy result is logged at INFO on the first attempt after start or after a
-        working connection, and at DEBUG while retrying, so a long outage does not repeat
-        it every attempt.
-        """
-        if issued.expiry_s is None:
-            return
-
-        # A freshly minted token is always young; only a given token can be close to expiry.
-        warning_s = 0.0 if issued.minted else self._sas_warning_s
-        healthy, sentence = describe_expiry(issued.expiry_s, warning_s)
-        if not healthy:
-            self._logger.warning("sas_check %s", sentence)
-        elif retrying:
-            self._logger.debug("sas_check %s", sentence)
-        else:
-            self._logger.info("sas_check %s", sentence)
+    def _note_accepted(self) -> None:
+        self._guard.on_connected()
+        if self._rejected_attempts:
+            attempts = self._rejected_attempts
+            self._logger.info("credentials_accepted %s", fields(after_rejected_attempts=attempts))
+            self._report_tap("credentials_accepted", after_rejected_attempts=attempts)
+            self._rejected_attempts = 0
 
     def _open(self, connection: Connection) -> None:
         """Open TCP and TLS and send CONNECT, each bounded by connect_timeout_s in paho."""
@@ -642,7 +724,10 @@ class MqttLink(threading.Thread):
         deadline = time.monotonic() + timeout_s
         while not connection.connected:
             if connection.refused is not None:
-                raise UplinkError(
+                error = UplinkError
+                if connection.refused_code in CREDENTIALS_REJECTED_CODES:
+                    error = CredentialsRejectedError
+                raise error(
                     f"broker {where} refused the connection: CONNACK {connection.refused!r}"
                     f"{self._refusal_hint()}"
                 )
@@ -673,6 +758,7 @@ class MqttLink(threading.Thread):
             now = time.monotonic()
             if connection.renew_at is not None and now >= connection.renew_at:
                 return Outcome(True, "the SAS token reached its renewal time", renew=True)
+            self._guard.watchdog()
             wait_s = 1.0
             if connection.renew_at is not None:
                 wait_s = max(0.0, min(wait_s, connection.renew_at - now))
@@ -804,7 +890,9 @@ class MqttLink(threading.Thread):
         _properties: Any,
     ) -> None:
         if reason_code.is_failure:
+            # .value is a plain attribute; int(reason_code) is what crashed paho's thread.
             connection.refused = str(reason_code)
+            connection.refused_code = reason_code.value
         else:
             connection.connected = True
 
@@ -886,11 +974,12 @@ class Uplink:
             "disconnected": self._on_disconnected,
             "puback": self._on_puback,
             "c2d": self._on_c2d,
+            "tap": self._on_tap,
             "fatal": self._on_fatal,
         }
         self._link = MqttLink(
             identity, config.uplink, config.credentials, logger, self._events,
-            self._events_wakeup,
+            self._events_wakeup, config.gateway.state_dir,
         )
 
         # Link state as the buffer should see it.
@@ -1043,7 +1132,12 @@ class Uplink:
 
     def _on_connect_failed(self, event: LinkEvent) -> None:
         self._tap.publish("connect_failed", reason=event.reason, attempt=event.connection)
-        self._tap.publish("error", message=event.reason)
+        # A run of rejected connects gets one credentials_rejected event instead.
+        if not event.values.get("rejected"):
+            self._tap.publish("error", message=event.reason)
+
+    def _on_tap(self, event: LinkEvent) -> None:
+        self._tap.publish(event.reason, **event.values)
 
     def _on_disconnected(self, event: LinkEvent) -> None:
         if event.connection != self._connection:

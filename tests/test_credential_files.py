@@ -133,7 +133,8 @@ def test_credential_files_encrypted_key_rejected(tmp_path: Path) -> None:
     error = validation_error(files)
 
     assert error.path == tmp_path / "client.key"
-    assert error.reason == "client key is encrypted; the uplink needs an unencrypted PEM key"
+    assert error.reason.startswith("client key is encrypted; set "
+                                   "credentials.client_key_passphrase_file")
 
 
 def test_credential_files_key_type_mismatch(tmp_path: Path) -> None:

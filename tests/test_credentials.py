@@ -5,17 +5,22 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
+import shutil
+import subprocess
 import urllib.parse
 from pathlib import Path
 
 import pytest
 
 from common.credentials import (
+    check_validity,
     describe_expiry,
     mint_sas_token,
     parse_connection_string,
     parse_sas_token,
     read_connection_string,
+    redact_token,
 )
 from common.errors import CredentialError
 
@@ -259,3 +264,110 @@ def test_describe_expiry_expired() -> None:
     assert not healthy
     assert "expired or the clock is wrong" in sentence
     assert "now=1700000001" in sentence
+
+
+# A 16-byte key whose base64 text has '+', '/' and '==' padding, and signatures of it that
+# `openssl dgst -sha256 -mac HMAC -macopt hexkey:fbefff706c636272696467652d6b6579 -binary`
+# (OpenSSL 3.0) computed over "<encoded resource>\n1800000000", then base64-encoded and
+# URL-encoded by hand.
+OPENSSL_KEY_TEXT = "++//cGxjYnJpZGdlLWtleQ=="
+OPENSSL_DEVICE_SIG = "reXYZa2z4H9CTGQiY9QxhmlZLSUocIo6sJ%2BnOxkqWcY%3D"
+OPENSSL_MODULE_SIG = "nnMVgcNCzn6FaxF7QWwwFWKVQwv6iJYusIpSa84JwE8%3D"
+
+
+def test_mint_sas_token_matches_openssl_vector_device() -> None:
+    parsed = parse_connection_string(
+        f"HostName={HUB};DeviceId=gw-1;SharedAccessKey={OPENSSL_KEY_TEXT}"
+    )
+    assert parsed.shared_access_key is not None
+
+    token = mint_sas_token(parsed.resource_uri, parsed.shared_access_key, 1800000000)
+
+    assert token == (
+        f"SharedAccessSignature sr=hub-1.azure-devices.net%2Fdevices%2Fgw-1"
+        f"&sig={OPENSSL_DEVICE_SIG}&se=1800000000"
+    )
+
+
+def test_mint_sas_token_matches_openssl_vector_module() -> None:
+    parsed = parse_connection_string(
+        f"HostName={HUB};DeviceId=gw-1;ModuleId=uplink;SharedAccessKey={OPENSSL_KEY_TEXT};"
+        "GatewayHostName=edge.plant.local"
+    )
+    assert parsed.shared_access_key is not None
+
+    token = mint_sas_token(parsed.resource_uri, parsed.shared_access_key, 1800000000)
+
+    # The gateway is where TLS goes; the token is still signed for the hub's name.
+    assert token == (
+        "SharedAccessSignature sr=hub-1.azure-devices.net%2Fdevices%2Fgw-1%2Fmodules%2Fuplink"
+        f"&sig={OPENSSL_MODULE_SIG}&se=1800000000"
+    )
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+@pytest.mark.parametrize("expiry_s", [1, 1800000000, 4102444800])
+def test_mint_sas_token_matches_openssl_run(expiry_s: int) -> None:
+    key = base64.b64decode(KEY_TEXT)
+    resource = f"{HUB}/devices/gw 1/modules/m+1"
+    encoded = "hub-1.azure-devices.net%2Fdevices%2Fgw%201%2Fmodules%2Fm%2B1"
+
+    result = subprocess.run(
+        ["openssl", "dgst", "-sha256", "-mac", "HMAC", "-macopt", f"hexkey:{key.hex()}",
+         "-binary"],
+        input=f"{encoded}\n{expiry_s}".encode(), capture_output=True, check=True,
+    )
+    signature = base64.b64encode(result.stdout).decode()
+    signature = signature.replace("+", "%2B").replace("/", "%2F").replace("=", "%3D")
+
+    token = mint_sas_token(resource, key, expiry_s)
+
+    assert token == f"SharedAccessSignature sr={encoded}&sig={signature}&se={expiry_s}"
+
+
+def test_connection_string_key_kept_byte_exact() -> None:
+    parsed = parse_connection_string(
+        f"HostName={HUB};DeviceId=gw-1;SharedAccessKey={OPENSSL_KEY_TEXT}"
+    )
+
+    assert parsed.shared_access_key == bytes.fromhex("fbefff706c636272696467652d6b6579")
+
+
+@pytest.mark.parametrize(
+    ("now_s", "state", "level"),
+    [
+        (1_700_000_000 - 8 * 86400, "valid", logging.INFO),
+        (1_700_000_000 - 86400, "warning", logging.WARNING),
+        (1_700_000_000 + 60, "expired", logging.WARNING),
+        (1_700_000_000 + 301, "expired", logging.ERROR),
+    ],
+    ids=["valid", "within-warning", "expired-within-margin", "expired-past-margin"],
+)
+def test_check_validity_states(now_s: int, state: str, level: int) -> None:
+    result = check_validity("SAS token", 1_700_000_000, now_s, 7 * 86400, 300)
+
+    assert result.state == state
+    assert result.level == level
+    assert "se=1700000000 (2023-11-14T22:13:20Z)" in result.message
+    assert f"now={now_s} (" in result.message
+
+
+def test_check_validity_not_yet_valid_distinct() -> None:
+    result = check_validity("client certificate", 1_800_000_000, 1_600_000_000, 0, 0,
+                            not_before_s=1_700_000_000, field_name="notAfter")
+
+    assert result.state == "not_yet_valid"
+    assert result.level == logging.ERROR
+    assert "not valid yet" in result.message
+    assert "notBefore=1700000000 (2023-11-14T22:13:20Z)" in result.message
+    assert "expired" not in result.message
+
+
+def test_redact_token_hides_signature() -> None:
+    token = mint_sas_token(f"{HUB}/devices/gw-1", KEY_BYTES, 1800000000)
+    signature = token.split("sig=")[1].split("&")[0]
+
+    redacted = redact_token(token)
+
+    assert signature not in redacted
+    assert "sig=<redacted>&se=1800000000" in redacted

@@ -526,8 +526,11 @@ def test_uplink_connack_refused_logs_reason(
     try:
         write_connection_string(base)
         uplink = uplinks(base, azure_config(base, refusing.port, refusing.ca_file))
-        lines = uplink.wait_log(r"connect_failed .*refused the connection", 10, count=2)
-        assert "Not authorized" in lines[0]
+        uplink.wait_log(r"INFO .*connect_rejected_again ", 10, count=2)
+        alerts = [line for line in uplink.log().splitlines() if "credentials_rejected" in line]
+        assert len(alerts) == 1
+        assert " ERROR " in alerts[0]
+        assert "Not authorized" in alerts[0]
         assert "Traceback" not in uplink.log()
     finally:
         refusing.stop()

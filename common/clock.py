@@ -1,0 +1,192 @@
+"""How far the gateway trusts its wall clock when it signs and checks credentials.
+
+Timers use time.monotonic() everywhere. The wall clock matters only for timestamps and for
+credentials: a SAS token's `se` and a certificate's notBefore and notAfter. A gateway
+without NTP, or with a flat RTC battery, can start months in the past, so the gateway keeps
+two corrections:
+
+- A persistent lower bound on the real time, `<state_dir>/time-floor.json`: the newest of
+  RELEASE_TIME_S, the last time that the hub's Date header confirmed, and the time of the
+  last successful connection. A wall clock below it is "behind" for certain.
+- An offset learnt from the hub's HTTPS `Date` header, which TLS authenticates. Credentials
+  are minted and checked against the wall clock plus that offset. The system clock is
+  never set.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.client
+import json
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from common.atomic_file import write_atomically
+from common.errors import PlcBridgeError
+from common.logs import fields
+
+# 2026-12-04T00:00:00Z, the day this release was built. No real clock can be earlier on a
+# gateway that runs it. Raise it with each release.
+RELEASE_TIME_S = 1_796_342_400
+
+TIME_FLOOR_FILE = "time-floor.json"
+TIME_FLOOR_VERSION = 1
+
+# The Date header has whole seconds, and the request takes a round trip. Offsets smaller
+# than this are that noise, not a wrong clock, so they are not applied.
+MIN_OFFSET_S = 5.0
+
+
+class ClockError(PlcBridgeError):
+    """The hub's time could not be read: the message names the endpoint."""
+
+
+def format_utc(epoch_s: float) -> str:
+    """Format epoch seconds as an ISO 8601 UTC time to the second."""
+    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class ClockCheck:
+    """The wall clock compared with the lower bound on the real time."""
+
+    now_s: float
+    floor_s: float
+    floor_source: str
+
+    @property
+    def behind(self) -> bool:
+        return self.now_s < self.floor_s
+
+    def describe(self) -> str:
+        return fields(
+            now=int(self.now_s), now_utc=format_utc(self.now_s),
+            floor=int(self.floor_s), floor_utc=format_utc(self.floor_s),
+            floor_source=self.floor_source,
+        )
+
+
+class TimeFloor:
+    """The persistent lower bound on the real time, in <state_dir>/time-floor.json.
+
+    A file that cannot be read or written is logged and the bound falls back to
+    RELEASE_TIME_S, so a broken state folder never stops the uplink.
+    """
+
+    def __init__(self, state_dir: Path, logger: logging.Logger) -> None:
+        self.path = state_dir / TIME_FLOOR_FILE
+        self._logger = logger
+        self.floor_s = float(RELEASE_TIME_S)
+        self.source = "release time"
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            document = json.loads(self.path.read_bytes())
+            floor_s = float(document["floor_s"])
+            source = str(document["source"])
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self._logger.warning(
+                "time_floor_invalid %s",
+                fields(file=self.path, reason=exc,
+                       consequence="the release time is the only lower bound on the real time"),
+            )
+            return
+        if floor_s > self.floor_s:
+            self.floor_s = floor_s
+            self.source = source
+
+    def check(self, now_s: float) -> ClockCheck:
+        return ClockCheck(now_s, self.floor_s, self.source)
+
+    def raise_to(self, time_s: float, source: str) -> None:
+        """Raise the bound to time_s when that is newer; a lower time_s changes nothing."""
+        if time_s > self.floor_s:
+            self._store(time_s, source)
+
+    def reset_to(self, hub_time_s: float) -> None:
+        """Lower the bound to the hub's time, because a bound above it was written by a clock
+        that ran ahead; the TLS-authenticated Date header is the better source."""
+        if hub_time_s < self.floor_s:
+            self._logger.warning(
+                "time_floor_lowered %s",
+                fields(old=int(self.floor_s), old_utc=format_utc(self.floor_s),
+                       old_source=self.source, new=int(hub_time_s),
+                       new_utc=format_utc(hub_time_s),
+                       reason="the hub's Date header is earlier than the stored bound"),
+            )
+        self._store(max(hub_time_s, float(RELEASE_TIME_S)), "hub Date header")
+
+    def _store(self, time_s: float, source: str) -> None:
+        self.floor_s = time_s
+        self.source = source
+        document = {"version": TIME_FLOOR_VERSION, "floor_s": int(time_s),
+                    "floor_utc": format_utc(time_s), "source": source}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.path, (json.dumps(document) + "\n").encode())
+        except OSError as exc:
+            self._logger.warning(
+                "time_floor_not_saved %s",
+                fields(file=self.path, reason=exc.strerror or exc,
+                       consequence="after a restart a clock that is behind may go unnoticed"),
+            )
+
+
+class HubClock:
+    """The wall clock plus the offset that the hub's Date header showed, if one was applied.
+
+    The network thread writes the offset and the main thread reads it. A float assignment is
+    atomic in CPython, so no lock is needed.
+    """
+
+    def __init__(self) -> None:
+        self.offset_s = 0.0
+
+    def now(self) -> float:
+        return time.time() + self.offset_s
+
+    @property
+    def corrected(self) -> bool:
+        return self.offset_s != 0.0
+
+
+def fetch_hub_offset(
+    host: str, port: int, context: ssl.SSLContext, timeout_s: float
+) -> tuple[float, float]:
+    """Read the hub's HTTPS Date header; return (hub time, hub time minus the wall clock).
+
+    TLS uses context, so the CA bundle and the host name check authenticate the time. The
+    hub's time is taken at the middle of the request, plus half a second for the header's
+    truncation to whole seconds. Raises ClockError naming the endpoint.
+    """
+    where = f"https://{host}:{port}/"
+    connection = http.client.HTTPSConnection(host, port, timeout=timeout_s, context=context)
+    try:
+        sent_s = time.time()
+        connection.request("HEAD", "/")
+        response = connection.getresponse()
+        received_s = time.time()
+        header = response.getheader("Date")
+    except ssl.SSLCertVerificationError as exc:
+        raise ClockError(
+            f"cannot read the time from {where}: certificate verify failed: {exc.verify_message}"
+        ) from exc
+    except (OSError, http.client.HTTPException) as exc:
+        raise ClockError(f"cannot read the time from {where}: {exc}") from exc
+    finally:
+        connection.close()
+
+    if header is None:
+        raise ClockError(f"cannot read the time from {where}: the response has no Date header")
+    try:
+        hub_time_s = email.utils.parsedate_to_datetime(header).timestamp() + 0.5
+    except (TypeError, ValueError) as exc:
+        raise ClockError(f"cannot read the time from {where}: invalid Date {header!r}") from exc
+    return hub_time_s, hub_time_s - (sent_s + received_s) / 2
