@@ -70,7 +70,7 @@ def check_credentials(args: argparse.Namespace) -> int:
         if validity.state in (EXPIRED, NOT_YET_VALID):
             problems.append(f"client certificate {validity.state.replace('_', ' ')}")
     print(f"CA file: {config.credentials.ca_file} "
-          f"({credentials.ca_certificate_count} certificates)")
+          f"(certificates: {credentials.ca_certificate_count})")
 
     clock = TimeFloor(config.gateway.state_dir, _quiet_logger()).check(time.time())
     print(f"clock: {'behind' if clock.behind else 'ok'}: {clock.describe()}")

@@ -258,10 +258,14 @@ def _check_private_key(cert_path: Path, key_path: Path, passphrase_path: Path | 
                 f"private key does not match the client certificate {cert_path}; "
                 "install the key that belongs to that certificate",
             ) from exc
-        if passphrase is not None and getattr(exc, "reason", None) in WRONG_PASSPHRASE_REASONS:
+        # OpenSSL 3.0 reports a wrong passphrase as BAD_DECRYPT or, through CPython's
+        # callback, only as "PEM lib" without a reason.
+        reason = getattr(exc, "reason", None)
+        if passphrase is not None and (reason is None or reason in WRONG_PASSPHRASE_REASONS):
             raise CredentialFileError(
                 key_path, "cannot decrypt the client key with the passphrase in "
-                f"{passphrase_path}; write the key's passphrase there"
+                f"{passphrase_path}, or the key is not a valid PEM key; write the key's "
+                "passphrase there"
             ) from exc
         raise CredentialFileError(
             key_path, f"client key file is not a valid PEM private key: {_openssl_reason(exc)}"
