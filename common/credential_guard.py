@@ -99,9 +99,10 @@ class CredentialGuard:
         check = self._floor.check(time.time())
         if check.behind and not self._clock_behind:
             self._logger.error(
-                "clock_behind %s; the wall clock is earlier than a time this gateway has "
-                "already seen, so SAS tokens and certificates are judged wrongly until it is "
-                "fixed; connecting with the credentials as given",
+                "clock_behind %s; the wall clock is earlier than the stored lower bound on the "
+                "real time, so it is wrong. SAS tokens and certificates are judged with the "
+                "hub's time if it can be read, and the uplink connects with the credentials "
+                "as given; fix the gateway's time source (NTP or RTC)",
                 check.describe(),
             )
             self._report("clock_behind", now=int(check.now_s), floor=int(check.floor_s),
