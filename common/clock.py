@@ -111,8 +111,8 @@ class TimeFloor:
             self._store(time_s, source)
 
     def reset_to(self, hub_time_s: float) -> None:
-        """Lower the bound to the hub's time, because a bound above it was written by a clock
-        that ran ahead; the TLS-authenticated Date header is the better source."""
+        """Lower the bound to the hub's time. A bound above it was written by a clock that ran
+        ahead, and the TLS-authenticated Date header is the better source."""
         if hub_time_s < self.floor_s:
             self._logger.warning(
                 "time_floor_lowered %s",

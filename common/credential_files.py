@@ -126,7 +126,7 @@ def check_sas_expiry(
     )
     message = result.message
     if result.state != "valid":
-        # A given token cannot be renewed by the gateway, so say what fixes it.
+        # The gateway cannot renew a given token, so the message names the fix.
         message += ("; only a new SAS token fixes this: write a new connection string, and "
                     "pages keep buffering meanwhile")
     return SasExpiry(result.state, message, expiry_s, result.level)

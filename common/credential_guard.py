@@ -49,7 +49,7 @@ Report = Callable[..., None]
 
 @dataclass(frozen=True)
 class DateSource:
-    """Where the hub's HTTPS Date header is read: the MQTT host, over the same TLS trust."""
+    """Endpoint of the hub's HTTPS Date header: the MQTT host, with the same TLS trust."""
 
     host: str
     port: int
@@ -206,7 +206,9 @@ class CredentialGuard:
         """Log a state change at its level; repeat an unchanged state at INFO or DEBUG."""
         changed = self._states.get(credential) != result.state
         self._states[credential] = result.state
-        level = result.level if changed else (logging.DEBUG if retrying else logging.INFO)
+        level = result.level
+        if not changed:
+            level = logging.DEBUG if retrying else logging.INFO
         if result.state == VALID and retrying:
             level = logging.DEBUG
         self._logger.log(level, "%s %s", CHECK_EVENTS[credential], result.message)

@@ -456,12 +456,12 @@ class Outcome:
 
 # paho 2.x reason code values of a CONNACK that rejects the credentials: MQTT 3.1.1's
 # return codes 4 (bad user name or password) and 5 (not authorized) arrive converted to
-# the MQTT 5 values. IoT Hub answers every failed CONNECT with 5.
+# the MQTT 5 values. IoT Hub rejects every failed CONNECT with 5.
 CREDENTIALS_REJECTED_CODES = (134, 135)
 
 
 class CredentialsRejectedError(UplinkError):
-    """The broker answered CONNECT with a CONNACK that rejects the credentials."""
+    """A CONNACK that rejects the credentials: bad user name or password, or not authorized."""
 
 
 class MqttLink(threading.Thread):

@@ -69,6 +69,7 @@ def write_backdated_certs(folder: Path) -> None:
                        critical=False)
         .sign(ca_key, hashes.SHA256())
     )
+
     server_key = ec.generate_private_key(ec.SECP256R1())
     names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     server = (
@@ -81,6 +82,7 @@ def write_backdated_certs(folder: Path) -> None:
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
+
     for name, key in (("ca.key", ca_key), ("server.key", server_key)):
         (folder / name).write_bytes(key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -218,7 +220,7 @@ def test_uplink_empty_ca_bundle_exits(base: Path, uplinks: Any, content: bytes) 
 def test_uplink_expired_given_token_alerts(
     base: Path, broker: Broker, buffer: StandInBuffer, uplinks: Any
 ) -> None:
-    # mosquitto does not check SAS tokens, so the link comes up; the uplink still says loudly
+    # mosquitto does not check SAS tokens, so the link comes up. The uplink still logs
     # that the hub would reject this token and that only a new one fixes it.
     expired_s = int(time.time()) - 3600
     write_connection_string(base, given_token(expired_s))
