@@ -12,6 +12,8 @@ import json
 import os
 import re
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,16 +25,19 @@ import zmq
 from common import wire
 from devstack.dev_certs import make_client_cert
 from tests import test_uplink as uplink_tests
+from tests.gateway_files import stop_process
 from tests.support.broker import Subscriber
 from tests.support.hub import HubStack
 from tests.test_uplink import (
     DEVICE_ID,
     DEVICE_KEY,
     LIBFAKETIME,
+    ROOT,
     StandInBuffer,
     UplinkProcess,
     azure_config,
     sample_page,
+    wait_until,
     write_connection_string,
 )
 from tests.test_uplink_credentials import (
@@ -399,3 +404,86 @@ def drive_pages(buffer: StandInBuffer, duration_s: float,
                 buffer.send_page(page_seq, sample_page(page_seq))
                 unacked[page_seq] = True
                 in_flight += 1
+
+
+SUPERVISORD = Path(sys.executable).parent / "supervisord"
+
+# supervisord with the real uplink alone, so that the credential watcher can restart it.
+UPLINK_SUPERVISORD_CONF = """
+[unix_http_server]
+file={runtime}/supervisord.sock
+chmod=0700
+
+[supervisord]
+logfile={runtime}/supervisord.log
+pidfile={runtime}/supervisord.pid
+childlogdir={runtime}
+nodaemon=true
+
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+
+[group:plcbridge]
+programs=uplink
+
+[program:uplink]
+command={python} -m processes.uplink --config {config}
+directory={repo}
+startsecs=0
+autorestart=true
+stopsignal=TERM
+stopwaitsecs=5
+redirect_stderr=true
+stdout_logfile={base}/uplink.out
+"""
+
+
+def test_azure_x509_mismatched_key_keeps_connection(
+    base: Path, certs: Path, hubs: Any, buffer: StandInBuffer
+) -> None:
+    cert, key = make_client_cert(base / "device", certs / "ca.pem", certs / "ca.key", DEVICE_ID)
+    _other_cert, other_key = make_client_cert(base / "other", certs / "ca.pem",
+                                              certs / "ca.key", "other")
+    thumbprint = hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert.read_text())).hexdigest()
+    stack = hubs(certs, {DEVICE_ID: {"primary_thumbprint": thumbprint}},
+                 client_ca_file=certs / "ca.pem")
+    write_connection_string(base, f"HostName=localhost;DeviceId={DEVICE_ID};x509=true")
+    config = base / "uplink.toml"
+    config.write_text(azure_credentials_config(
+        base, stack.mqtt_port, stack.ca_file,
+        f'client_cert_file = "{cert}"\nclient_key_file = "{key}"\ncheck_interval_s = 0.1\n',
+        uplink=f"date_port = {stack.https_port}"))
+    conf = base / "supervisord.conf"
+    conf.write_text(UPLINK_SUPERVISORD_CONF.format(
+        runtime=base / "run", python=sys.executable, config=config, repo=ROOT, base=base))
+
+    supervisord = subprocess.Popen([str(SUPERVISORD), "-n", "-c", str(conf)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    watcher_log = base / "watcher.out"
+    watcher = None
+    try:
+        link = buffer.wait_link("up", 20)
+        with watcher_log.open("wb") as stream:
+            watcher = subprocess.Popen(
+                [sys.executable, "-m", "processes.credential_watcher", "--config", str(config)],
+                cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT)
+        wait_until(lambda: "credentials_loaded" in watcher_log.read_text(), 10,
+                   "the watcher's credentials_loaded line")
+
+        # A rotation that pairs the certificate with the wrong key.
+        key.write_bytes(other_key.read_bytes())
+
+        wait_until(lambda: "credentials_invalid" in watcher_log.read_text(), 10,
+                   "the watcher's credentials_invalid line")
+        output = watcher_log.read_text()
+        assert "does not match the client certificate" in output
+        assert "uplink_restarted" not in output
+        # The link stays up in the same session: the connection was kept.
+        buffer.pump(1.5)
+        assert buffer.links[-1]["state"] == "up"
+        assert buffer.links[-1]["session"] == link["session"]
+        assert stack.log().count("x509 thumbprint") == 1
+    finally:
+        if watcher is not None:
+            stop_process(watcher)
+        stop_process(supervisord)
