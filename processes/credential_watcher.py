@@ -460,6 +460,15 @@ class CredentialWatcher:
                 fields(subject=certificate.subject,
                        not_after=f"{certificate.not_after:%Y-%m-%dT%H:%M:%SZ}"),
             )
+        if certificate is None or certificate.not_before is None:
+            return
+        if time.time() < certificate.not_before.timestamp():
+            self.logger.warning(
+                "client_certificate_not_yet_valid %s; the hub rejects it until then, unless "
+                "this gateway's clock is behind",
+                fields(subject=certificate.subject,
+                       not_before=f"{certificate.not_before:%Y-%m-%dT%H:%M:%SZ}"),
+            )
 
     def _recheck_sas_expiry(self) -> None:
         """Log the SAS expiry check at a load and whenever its state changes afterwards."""

@@ -1,12 +1,13 @@
 """The uplink against the hub emulator, which checks SAS tokens and certificates as IoT Hub does.
 
 The emulator rejects every failed CONNECT with CONNACK 5, closes a connection when its token
-expires, and serves its clock in an HTTPS Date header; its fault file sets a clock offset
-or refuses every client.
+expires, and serves its clock in an HTTPS Date header. Its fault file sets a clock offset
+or rejects every client.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -21,6 +22,10 @@ from typing import Any
 
 import pytest
 import zmq
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common import wire
 from devstack.dev_certs import make_client_cert
@@ -396,9 +401,10 @@ def drive_pages(buffer: StandInBuffer, duration_s: float,
         if latest["session"] != session:
             session = latest["session"]
             unacked = dict.fromkeys(unacked, False)
+        # Keep at most max_inflight_pages (20) unacknowledged pages at the uplink.
         in_flight = sum(1 for sent in unacked.values() if sent)
         for page_seq in sorted(unacked):
-            if in_flight >= latest["free"] + in_flight or in_flight >= 20:
+            if in_flight >= 20:
                 break
             if not unacked[page_seq]:
                 buffer.send_page(page_seq, sample_page(page_seq))
@@ -487,3 +493,80 @@ def test_azure_x509_mismatched_key_keeps_connection(
         if watcher is not None:
             stop_process(watcher)
         stop_process(supervisord)
+
+
+def write_chained_pair(folder: Path) -> tuple[Path, Path, Path]:
+    """Issue a root, an intermediate CA under it and a device certificate under that.
+
+    The device's file contains its certificate followed by the intermediate's, as a device
+    whose CA-signed certificate needs its chain has it. Returns the root's file, the
+    device's certificate file and its key file.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    validity = (now - datetime.timedelta(hours=1), now + datetime.timedelta(days=30))
+
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "plcbridge device root")])
+    root = (
+        x509.CertificateBuilder().subject_name(root_name).issuer_name(root_name)
+        .public_key(root_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(validity[0]).not_valid_after(validity[1])
+        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+        .sign(root_key, hashes.SHA256())
+    )
+
+    middle_key = ec.generate_private_key(ec.SECP256R1())
+    middle_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "plcbridge intermediate")])
+    middle = (
+        x509.CertificateBuilder().subject_name(middle_name).issuer_name(root.subject)
+        .public_key(middle_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(validity[0]).not_valid_after(validity[1])
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(root_key, hashes.SHA256())
+    )
+
+    device_key = ec.generate_private_key(ec.SECP256R1())
+    device = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, DEVICE_ID)]))
+        .issuer_name(middle_name).public_key(device_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(validity[0]).not_valid_after(validity[1])
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(middle_key, hashes.SHA256())
+    )
+
+    root_path = folder / "root.pem"
+    cert_path = folder / "device.pem"
+    key_path = folder / "device.key"
+    root_path.write_bytes(root.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(device.public_bytes(serialization.Encoding.PEM)
+                          + middle.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(device_key.private_bytes(serialization.Encoding.PEM,
+                                                  serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return root_path, cert_path, key_path
+
+
+def test_azure_x509_chain_sent(
+    base: Path, certs: Path, hubs: Any, buffer: StandInBuffer, uplinks: Any
+) -> None:
+    # The hub trusts only the root, so the handshake works only if the uplink sends the
+    # intermediate certificate along with the device's.
+    root, cert, key = write_chained_pair(base / "device")
+    stack = hubs(certs, {DEVICE_ID: {"ca_signed": True}}, client_ca_file=root)
+    write_connection_string(base, f"HostName=localhost;DeviceId={DEVICE_ID};x509=true")
+    credentials = f'client_cert_file = "{cert}"\nclient_key_file = "{key}"\n'
+
+    uplink = uplinks(base, azure_credentials_config(
+        base, stack.mqtt_port, stack.ca_file, credentials,
+        uplink=f"date_port = {stack.https_port}"))
+
+    try:
+        buffer.wait_link("up", 20)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nuplink:\n{uplink.log()}\nhub:\n{stack.log()}") from None
+    assert "x509 ca" in stack.log()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import subprocess
 import sys
@@ -10,7 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from common.credentials import parse_sas_token
 from tests.gateway_files import (
@@ -198,3 +202,34 @@ def test_sas_key_text_has_special_characters() -> None:
     assert "/" in KEY_TEXT
     assert KEY_TEXT.endswith("==")
     assert len(base64.b64decode(KEY_TEXT)) == 16
+
+
+def write_future_pair(cert_path: Path, key_path: Path) -> None:
+    """Write a self-signed certificate for DEVICE that becomes valid in 10 days."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, DEVICE)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now + datetime.timedelta(days=10))
+        .not_valid_after(now + datetime.timedelta(days=400))
+        .sign(key, hashes.SHA256())
+    )
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+
+
+def test_check_credentials_certificate_not_yet_valid(tmp_path: Path) -> None:
+    files = gateway(tmp_path, PAIR)
+    files.connection_string.write_text(f"HostName={HUB};DeviceId={DEVICE};x509=true\n")
+    write_future_pair(tmp_path / "client.pem", tmp_path / "client.key")
+
+    result = plcbridge("check-credentials", "--config", str(files.config))
+
+    assert result.returncode == 3, result
+    assert f"client certificate: CN={DEVICE}: not_yet_valid\n" in result.stdout
+    assert "not valid yet, or the clock is behind: notBefore=" in result.stdout
+    assert "problems: client certificate not yet valid" in result.stdout
