@@ -43,12 +43,33 @@ def setup_logging(process: str, level: str) -> logging.Logger:
     return logging.getLogger(f"plcbridge.{process}")
 
 
+# Escapes for characters that would break a log line or hide in it. Every other character
+# that str.isprintable() rejects is written as \xNN, \uNNNN or \UNNNNNNNN.
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
 def fields(**values: object) -> str:
-    """Format values as key=value pairs, quoting those that contain spaces."""
+    """Format values as key=value pairs, quoting those with spaces, quotes or control characters.
+
+    A quoted value has its backslashes, quotes and non-printable characters escaped, so a
+    value from a client (a newline in an MQTT client id, say) can never start a new line.
+    """
     parts = []
     for key, value in values.items():
         text = str(value)
-        if not text or any(ch.isspace() for ch in text) or '"' in text:
-            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if not text or '"' in text or not all(ch.isprintable() and not ch.isspace()
+                                               for ch in text):
+            text = '"' + "".join(_escape(ch) for ch in text) + '"'
         parts.append(f"{key}={text}")
     return " ".join(parts)
+
+
+def _escape(ch: str) -> str:
+    if ch in _ESCAPES:
+        return _ESCAPES[ch]
+    if ch.isprintable():
+        return ch
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
