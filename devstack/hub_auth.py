@@ -22,9 +22,13 @@ from cryptography.x509.oid import NameOID
 from common.credentials import parse_sas_token
 from common.errors import CredentialError
 from devstack.hub_registry import Identity, Registry
+from devstack.hub_topics import events_prefix
 from devstack.mqtt_frames import Connect
 
 _MQTT_PROTOCOL = ("MQTT", 4)
+# 9999-12-31T23:59:59Z. A later se has no calendar date, and one beyond a float's range
+# would overflow the expiry check.
+MAX_EXPIRY_S = 253_402_300_799
 
 
 class Rejected(Exception):
@@ -47,8 +51,12 @@ def authenticate(
     hub_host: str,
     now_s: float,
     skew_s: float,
+    trust_anchors: frozenset[bytes] = frozenset(),
 ) -> Admission:
-    """Check a CONNECT and the TLS client certificate (DER); raise Rejected with the reason."""
+    """Check a CONNECT and the TLS client certificate (DER); raise Rejected with the reason.
+
+    trust_anchors contains the DER of every certificate in the client CA file.
+    """
     if (connect.protocol_name, connect.protocol_level) != _MQTT_PROTOCOL:
         raise Rejected(
             f"protocol {connect.protocol_name!r} level {connect.protocol_level}; "
@@ -59,15 +67,15 @@ def authenticate(
     if identity is None:
         raise Rejected("client id not in the registry")
     _check_username(connect.username, identity, hub_host)
-    if connect.will_topic is not None and not connect.will_topic.startswith(
-        identity.topic_prefix
-    ):
-        raise Rejected(f"will topic {connect.will_topic!r} outside {identity.topic_prefix}")
+    will_prefix = events_prefix(identity)
+    if connect.will_topic is not None and not connect.will_topic.startswith(will_prefix):
+        raise Rejected(f"will topic {connect.will_topic!r} outside {will_prefix}")
 
     if identity.scheme == "sas":
         method, expiry_s = _check_sas(connect.password, identity, hub_host, now_s, skew_s)
         return Admission(identity, method, expiry_s)
-    return Admission(identity, _check_certificate(peer_certificate, identity, now_s), None)
+    method = _check_certificate(peer_certificate, identity, now_s, trust_anchors)
+    return Admission(identity, method, None)
 
 
 def _check_username(username: str | None, identity: Identity, hub_host: str) -> None:
@@ -94,11 +102,20 @@ def _check_sas(
         raise Rejected("no password; this device authenticates with a SAS token")
     try:
         text = password.decode("utf-8")
-        token = parse_sas_token(text, "password")
+        # The source is not just "password": the log redacts the word after "password:".
+        token = parse_sas_token(text, "password field")
     except UnicodeDecodeError as exc:
         raise Rejected("password is not UTF-8") from exc
     except CredentialError as exc:
         raise Rejected(str(exc)) from exc
+    except ValueError as exc:
+        # int() rejects more than 4300 digits (sys.int_info.default_max_str_digits).
+        raise Rejected("token se has more than 4300 digits; expected epoch seconds") from exc
+    if token.expiry_s > MAX_EXPIRY_S:
+        raise Rejected(
+            f"token se has {len(str(token.expiry_s))} digits and lies after 9999-12-31; "
+            "expected epoch seconds"
+        )
 
     fields = _raw_fields(text)
     expected_scope = identity.resource_uri(hub_host)
@@ -132,7 +149,10 @@ def _decode_signature(sig: str) -> bytes:
         raise Rejected("token signature is not URL-encoded base64") from exc
 
 
-def _check_certificate(certificate_der: bytes | None, identity: Identity, now_s: float) -> str:
+def _check_certificate(
+    certificate_der: bytes | None, identity: Identity, now_s: float,
+    trust_anchors: frozenset[bytes],
+) -> str:
     """Match the TLS client certificate by thumbprint, or by CA chain and common name.
 
     The TLS layer has already verified the chain against the client CA file, because the
@@ -148,6 +168,7 @@ def _check_certificate(certificate_der: bytes | None, identity: Identity, now_s:
         raise Rejected(f"client certificate expired at {certificate.not_valid_after_utc}")
 
     if identity.ca_signed:
+        _check_issued_by_ca(certificate, certificate_der, trust_anchors)
         names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         common_name = str(names[0].value) if names else None
         if common_name != identity.device_id:
@@ -159,6 +180,22 @@ def _check_certificate(certificate_der: bytes | None, identity: Identity, now_s:
     if sha1 in identity.thumbprints or sha256 in identity.thumbprints:
         return "x509 thumbprint"
     raise Rejected(f"certificate thumbprint sha1={sha1} matches no registered thumbprint")
+
+
+def _check_issued_by_ca(
+    certificate: x509.Certificate, certificate_der: bytes, trust_anchors: frozenset[bytes]
+) -> None:
+    """Reject a leaf that was its own trust anchor in the TLS handshake.
+
+    Thumbprint devices' self-signed certificates sit in the client CA file, so OpenSSL
+    accepts each of them as its own root. IoT Hub admits a CA-signed device only through a
+    registered CA, and a device's own certificate is not one.
+    """
+    if certificate_der in trust_anchors or certificate.issuer == certificate.subject:
+        raise Rejected(
+            "certificate is self-issued or is itself in the client CA file; a ca_signed "
+            "device needs a certificate issued by a CA in --client-ca"
+        )
 
 
 def _utc(epoch_s: float) -> str:

@@ -29,22 +29,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from common import __version__
 from common.logs import fields, setup_logging
 from devstack.hub_auth import Admission, Rejected, authenticate
 from devstack.hub_faults import FaultsFile
-from devstack.hub_registry import Registry, RegistryError, load_registry
+from devstack.hub_registry import Identity, Registry, RegistryError, load_registry
+from devstack.hub_topics import publish_allowed, subscribe_allowed
 from devstack.mqtt_frames import (
     CONNACK_NOT_AUTHORIZED,
     CONNACK_SERVER_UNAVAILABLE,
     CONNECT,
+    DISCONNECT,
     PUBACK,
     PUBLISH,
+    SUBSCRIBE,
     FrameError,
     Packet,
     connack,
     parse_connect,
     parse_publish,
+    parse_subscribe,
     read_packet,
 )
 
@@ -56,6 +63,13 @@ HANDSHAKE_TIMEOUT_S = 10.0
 WATCHDOG_PERIOD_S = 0.1
 # Request line and headers of one HTTP request; a longer head gets no response.
 MAX_HTTP_HEAD_BYTES = 16 * 1024
+# How long a closing TLS connection waits for the peer's close_notify. asyncio's default
+# ssl_shutdown_timeout is 30 s (Python 3.11), which held SIGTERM up behind a silent client.
+TLS_SHUTDOWN_TIMEOUT_S = 1.0
+# After accept() fails, for example with no file descriptor left (EMFILE), the listener
+# waits this long before it tries again, so that it does not spin. Clients wait meanwhile
+# in the kernel's backlog.
+ACCEPT_RETRY_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,7 @@ class HubEmulator:
         self.mqtt_tls = server_tls_context(options, request_client_certificate=True)
         self.https_tls = server_tls_context(options, request_client_certificate=False)
         self.upstream_tls = upstream_tls_context(options)
+        self.trust_anchors = load_trust_anchors(options.client_ca_file)
         self.sessions: dict[str, Session] = {}
         self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -139,8 +154,22 @@ class HubEmulator:
         port_name: str,
     ) -> None:
         loop = asyncio.get_running_loop()
+        failures = 0
         while True:
-            connection, address = await loop.sock_accept(listener)
+            try:
+                connection, address = await loop.sock_accept(listener)
+            except OSError as exc:
+                # EMFILE, ENFILE, ENOBUFS or ECONNABORTED end this accept(), not the listener.
+                if failures == 0:
+                    self.logger.warning(
+                        "accept_failed %s; new clients wait in the backlog, retrying every %g s",
+                        fields(port=port_name, error=exc), ACCEPT_RETRY_S)
+                failures += 1
+                await asyncio.sleep(ACCEPT_RETRY_S)
+                continue
+            if failures:
+                self.logger.info("accept_recovered %s", fields(port=port_name, failures=failures))
+                failures = 0
             self._spawn(self._handle(connection, serve, context, port_name),
                         f"{port_name}-{address[0]}:{address[1]}")
 
@@ -170,9 +199,7 @@ class HubEmulator:
                 # when the task is garbage-collected.
                 self.logger.exception("connection_failed %s", fields(port=port_name, peer=peer))
             finally:
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
+                await _close(writer)
         finally:
             connection.close()
 
@@ -197,10 +224,13 @@ class HubEmulator:
             transport, _ = await loop.connect_accepted_socket(
                 lambda: protocol, connection, ssl=context,
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S,
+                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT_S,
             )
         except OSError as exc:
-            # ssl.SSLError is an OSError: an untrusted client certificate ends here.
-            self.logger.info("tls_failed %s", fields(port=port_name, peer=peer, error=exc))
+            # ssl.SSLError is an OSError: an untrusted client certificate ends here. A client
+            # that closes before the handshake gives an exception without a message.
+            error = str(exc) or f"{type(exc).__name__}: closed during the TLS handshake"
+            self.logger.info("tls_failed %s", fields(port=port_name, peer=peer, error=error))
             return None
         return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
@@ -241,6 +271,9 @@ class HubEmulator:
             self.logger.info("connect_failed %s", fields(peer=peer, error=error))
             return None
         try:
+            if packet.flags:
+                raise FrameError(f"CONNECT with fixed header flags {packet.flags:#06b}; "
+                                 "expected 0")
             connect = parse_connect(packet.body)
         except FrameError as exc:
             self.logger.info("connect_failed %s", fields(peer=peer, error=exc))
@@ -253,7 +286,7 @@ class HubEmulator:
             certificate = ssl_object.getpeercert(binary_form=True) if ssl_object else None
             admission = authenticate(
                 connect, certificate, self.registry, self.options.hub_host, self.now(),
-                self.options.skew_s,
+                self.options.skew_s, self.trust_anchors,
             )
         except Rejected as exc:
             self.logger.info("connect_rejected %s", fields(
@@ -278,6 +311,7 @@ class HubEmulator:
                 asyncio.open_connection(
                     host, port, ssl=self.upstream_tls,
                     server_hostname=host if self.upstream_tls else None,
+                    ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT_S if self.upstream_tls else None,
                 ),
                 HANDSHAKE_TIMEOUT_S,
             )
@@ -333,6 +367,9 @@ class Session:
         self._connack_sent = asyncio.Event()
         self._reason = ""
         self._delayed: set[asyncio.Task[None]] = set()
+        # The PUBACK held last. Each held PUBACK waits for the one before it, because MQTT
+        # 3.1.1 section 4.6 requires PUBACKs in PUBLISH order even when the delay changes.
+        self._last_delayed: asyncio.Task[None] | None = None
 
     def close(self, reason: str) -> None:
         """Ask the session to end; the first reason given is the one logged."""
@@ -371,35 +408,26 @@ class Session:
         """Forward the client's packets to the broker, enforcing the hub's publish rules."""
         reader, _ = self.client
         _, upstream_writer = self.upstream
-        prefix = self.admission.identity.topic_prefix
+        identity = self.admission.identity
         try:
             while True:
                 packet = await read_packet(reader)
                 if packet is None:
                     self.close("client closed the connection")
                     return
-                violation = self._check_client_packet(packet, prefix)
+                violation = _check_client_packet(packet, identity)
                 if violation:
                     self.close(violation)
                     return
                 upstream_writer.write(packet.raw)
                 await upstream_writer.drain()
+                if packet.packet_type == DISCONNECT:
+                    # The broker closes its side next, which would otherwise be logged as
+                    # the reason.
+                    self.close("client sent DISCONNECT")
+                    return
         except (FrameError, OSError, asyncio.IncompleteReadError) as exc:
             self.close(f"client stream failed: {exc!r}")
-
-    @staticmethod
-    def _check_client_packet(packet: Packet, prefix: str) -> str | None:
-        """Return why the hub would close the connection over this packet, or None."""
-        if packet.packet_type == CONNECT:
-            return "second CONNECT on one connection"
-        if packet.packet_type != PUBLISH:
-            return None
-        publish = parse_publish(packet.flags, packet.body)
-        if publish.qos == 2:
-            return f"QoS 2 publish to {publish.topic!r}; IoT Hub supports QoS 0 and 1 only"
-        if not publish.topic.startswith(prefix):
-            return f"publish to {publish.topic!r} outside {prefix}"
-        return None
 
     async def _pump_from_broker(self) -> None:
         """Forward the broker's packets to the client, delaying PUBACKs by puback_delay_s."""
@@ -412,10 +440,8 @@ class Session:
                     self.close("broker closed the connection")
                     return
                 delay_s = self.hub.faults.current().puback_delay_s
-                if packet.packet_type == PUBACK and delay_s > 0:
-                    task = asyncio.create_task(self._send_later(delay_s, packet.raw))
-                    self._delayed.add(task)
-                    task.add_done_callback(self._delayed.discard)
+                if packet.packet_type == PUBACK and (delay_s > 0 or self._delayed):
+                    self._hold_puback(delay_s, packet.raw)
                     continue
                 client_writer.write(packet.raw)
                 await client_writer.drain()
@@ -423,9 +449,18 @@ class Session:
         except (FrameError, OSError, asyncio.IncompleteReadError) as exc:
             self.close(f"broker stream failed: {exc!r}")
 
-    async def _send_later(self, delay_s: float, data: bytes) -> None:
-        # Every PUBACK waits the same time, so PUBACKs keep the order of their PUBLISHes.
+    def _hold_puback(self, delay_s: float, data: bytes) -> None:
+        task = asyncio.create_task(self._send_later(delay_s, data, self._last_delayed))
+        self._last_delayed = task
+        self._delayed.add(task)
+        task.add_done_callback(self._delayed.discard)
+
+    async def _send_later(
+        self, delay_s: float, data: bytes, previous: asyncio.Task[None] | None
+    ) -> None:
         await asyncio.sleep(delay_s)
+        if previous is not None:
+            await asyncio.wait({previous})
         writer = self.client[1]
         if not writer.is_closing():
             writer.write(data)
@@ -449,6 +484,35 @@ class Session:
                 self.close(f"close_after_s fault: {close_after_s:g} s since CONNACK")
                 return
             await asyncio.sleep(WATCHDOG_PERIOD_S)
+
+
+def _check_client_packet(packet: Packet, identity: Identity) -> str | None:
+    """Return why the hub would close the connection over this packet, or None."""
+    if packet.packet_type == CONNECT:
+        return "second CONNECT on one connection"
+    if packet.packet_type == SUBSCRIBE:
+        for topic_filter in parse_subscribe(packet.flags, packet.body):
+            if not subscribe_allowed(identity, topic_filter):
+                return (f"subscribe to {topic_filter!r}, which IoT Hub does not offer to "
+                        f"{identity.client_id}")
+        return None
+    if packet.packet_type != PUBLISH:
+        return None
+    publish = parse_publish(packet.flags, packet.body)
+    if publish.qos == 2:
+        return f"QoS 2 publish to {publish.topic!r}; IoT Hub supports QoS 0 and 1 only"
+    if not publish_allowed(identity, publish.topic):
+        return (f"publish to {publish.topic!r}, which IoT Hub does not accept from "
+                f"{identity.client_id}")
+    return None
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    """Close a stream, and abort it if the peer does not finish the TLS close in time."""
+    writer.close()
+    with contextlib.suppress(OSError, TimeoutError):
+        await asyncio.wait_for(writer.wait_closed(), TLS_SHUTDOWN_TIMEOUT_S * 2)
+    writer.transport.abort()
 
 
 def server_tls_context(options: Options, request_client_certificate: bool) -> ssl.SSLContext:
@@ -486,6 +550,17 @@ def upstream_tls_context(options: Options) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as exc:
         raise OptionsError(f"cannot load --upstream-ca {options.upstream_ca_file}: {exc}") from exc
     return context
+
+
+def load_trust_anchors(client_ca_file: Path | None) -> frozenset[bytes]:
+    """Return the DER of every certificate in the client CA file, for the CA-signed check."""
+    if client_ca_file is None:
+        return frozenset()
+    try:
+        certificates = x509.load_pem_x509_certificates(client_ca_file.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise OptionsError(f"cannot load --client-ca {client_ca_file}: {exc}") from exc
+    return frozenset(certificate.public_bytes(Encoding.DER) for certificate in certificates)
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:

@@ -59,12 +59,6 @@ class Identity:
             return "sas"
         return "x509-ca" if self.ca_signed else "x509-thumbprint"
 
-    @property
-    def topic_prefix(self) -> str:
-        """Return the prefix under which this identity may publish."""
-        prefix = f"devices/{self.device_id}/"
-        return f"{prefix}modules/{self.module_id}/" if self.module_id else prefix
-
     def resource_uri(self, hub_host: str) -> str:
         """Return the resource that this identity's SAS tokens must be scoped to."""
         uri = f"{hub_host}/devices/{self.device_id}"
@@ -94,6 +88,11 @@ def load_registry(path: Path) -> Registry:
         raise RegistryError(f"{path}: cannot read registry file: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise RegistryError(f"{path}: invalid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        # The message gives the offset only: the bad bytes may sit inside a key.
+        raise RegistryError(
+            f"{path}: invalid TOML: not UTF-8 at byte {exc.start}; save the file as UTF-8"
+        ) from exc
 
     for section in document:
         if section not in ("devices", "modules"):

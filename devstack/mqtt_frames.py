@@ -128,8 +128,7 @@ def parse_connect(body: bytes) -> Connect:
     protocol_level = fields.take(1)[0]
     flags = fields.take(1)[0]
     keep_alive_s = fields.uint16()
-    if flags & 0x01:
-        raise FrameError("CONNECT: reserved flag bit 0 is set")
+    _check_connect_flags(flags)
 
     client_id = fields.text("client id")
     will_topic = None
@@ -138,6 +137,8 @@ def parse_connect(body: bytes) -> Connect:
         fields.binary()  # the will message is forwarded, never inspected
     username = fields.text("user name") if flags & 0x80 else None
     password = fields.binary() if flags & 0x40 else None
+    if fields.rest():
+        raise FrameError(f"CONNECT: {len(fields.rest())} bytes after the last field")
 
     return Connect(
         protocol_name=protocol_name,
@@ -151,6 +152,20 @@ def parse_connect(body: bytes) -> Connect:
     )
 
 
+def _check_connect_flags(flags: int) -> None:
+    """Apply the connect flag rules of section 3.1.2.3 that make a CONNECT malformed."""
+    will = bool(flags & 0x04)
+    will_qos = (flags >> 3) & 0x03
+    if flags & 0x01:
+        raise FrameError("CONNECT: reserved flag bit 0 is set")
+    if not will and (will_qos or flags & 0x20):
+        raise FrameError("CONNECT: will QoS or will retain set without the will flag")
+    if will_qos == 3:
+        raise FrameError("CONNECT: will QoS 3, which MQTT 3.1.1 forbids")
+    if flags & 0x40 and not flags & 0x80:
+        raise FrameError("CONNECT: password flag set without the user name flag")
+
+
 def parse_publish(flags: int, body: bytes) -> Publish:
     """Decode a PUBLISH variable header (section 3.3); the payload is left alone."""
     qos = (flags >> 1) & 0x03
@@ -160,6 +175,23 @@ def parse_publish(flags: int, body: bytes) -> Publish:
     topic = fields.text("topic")
     packet_id = fields.uint16() if qos > 0 else None
     return Publish(topic=topic, qos=qos, retain=bool(flags & 0x01), packet_id=packet_id)
+
+
+def parse_subscribe(flags: int, body: bytes) -> list[str]:
+    """Decode a SUBSCRIBE (section 3.8) and return its topic filters in order."""
+    if flags != 0x02:
+        raise FrameError(f"SUBSCRIBE with fixed header flags {flags:#06b}; expected 0b0010")
+    fields = _Fields(body, "SUBSCRIBE")
+    fields.uint16()  # the packet id
+    topic_filters: list[str] = []
+    while fields.rest():
+        topic_filters.append(fields.text("topic filter"))
+        requested_qos = fields.take(1)[0]
+        if requested_qos > 2:
+            raise FrameError(f"SUBSCRIBE: requested QoS byte {requested_qos:#04x}; expected 0 to 2")
+    if not topic_filters:
+        raise FrameError("SUBSCRIBE without a topic filter")
+    return topic_filters
 
 
 def connack(return_code: int) -> bytes:

@@ -7,7 +7,10 @@ import email.utils
 import hashlib
 import hmac
 import http.client
+import json
+import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -22,6 +25,7 @@ import pytest
 
 from common.credentials import mint_sas_token
 from devstack.dev_certs import make_client_cert
+from devstack.hub_faults import FaultsError, parse_faults
 from tests.support.broker import Subscriber, client_tls_context
 from tests.support.hub import HubStack, RawMqttClient, new_device_key, username
 
@@ -177,7 +181,8 @@ def _rejected_cases() -> dict[str, tuple[str, str | None, str | None, str]]:
         "user name without api-version": ("gw-01", f"{HUB}/gw-01/?api-version=", good_token,
                                           "has no api-version"),
         "user name without query": ("gw-01", f"{HUB}/gw-01", good_token, "does not match"),
-        "no user name": ("gw-01", None, good_token, "no user name"),
+        # A password without a user name is malformed in MQTT 3.1.1, so none is sent here.
+        "no user name": ("gw-01", None, None, "no user name"),
         "no password": ("gw-01", good_user, None, "no password"),
         "not a SAS token": ("gw-01", good_user, "secret", "does not start with"),
         "expired se": ("gw-01", good_user,
@@ -185,6 +190,17 @@ def _rejected_cases() -> dict[str, tuple[str, str | None, str | None, str]]:
         "se beyond skew": ("gw-01", good_user,
                            token_for(f"{HUB}/devices/gw-01", PRIMARY, now - 310),
                            "token expired"),
+        "se too large for a float": ("gw-01", good_user,
+                                     signed_token("localhost%2Fdevices%2Fgw-01", PRIMARY,
+                                                  10**400),
+                                     "token se has 401 digits"),
+        "se of 5000 digits": ("gw-01", good_user,
+                              "SharedAccessSignature sr=localhost%2Fdevices%2Fgw-01&sig=AAAA"
+                              f"&se={'9' * 5000}",
+                              "more than 4300 digits"),
+        # The log's password redaction must not swallow the word after "password field:".
+        "duplicate se": ("gw-01", good_user, good_token + f"&se={int(now) + 600}",
+                         "duplicate SAS token field 'se'"),
     }
 
 
@@ -222,8 +238,11 @@ def test_hub_emulator_token_expiry_closes_connection(clean_hub: HubStack) -> Non
 @pytest.mark.parametrize(
     ("topic", "qos", "reason"),
     [
-        ("devices/gw-02/messages/events/", 1, "outside devices/gw-01/"),
-        ("plain/topic", 0, "outside devices/gw-01/"),
+        ("devices/gw-02/messages/events/", 1, "does not accept from gw-01"),
+        ("plain/topic", 0, "does not accept from gw-01"),
+        ("devices/gw-01/modules/historian/messages/events/", 1, "does not accept from gw-01"),
+        ("devices/gw-01/messages/devicebound/forged", 1, "does not accept from gw-01"),
+        ("$iothub/twin/PATCH/properties/desired/?$version=2", 1, "does not accept from gw-01"),
         ("devices/gw-01/messages/events/", 2, "QoS 2"),
     ],
 )
@@ -233,16 +252,111 @@ def test_hub_emulator_bad_publish_closes(
     with connect_device(clean_hub) as device:
         device.publish(topic, b"forbidden", qos=qos)
         assert device.wait_closed(5.0) == []
-    clean_hub.wait_for_log(reason)
+    line = clean_hub.wait_for_log(f"publish to {topic!r}")
+    assert reason in line
     assert all(payload != b"forbidden" for _topic, payload in subscriber.messages)
 
 
-def test_hub_emulator_subscribe_passes_through(clean_hub: HubStack) -> None:
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "$iothub/twin/GET/?$rid=1",
+        "$iothub/twin/PATCH/properties/reported/?$rid=2",
+        "$iothub/methods/res/200/?$rid=3",
+        "devices/gw-01/messages/events/%24.mid=1",
+    ],
+)
+def test_hub_emulator_device_publish_allowed(clean_hub: HubStack, topic: str) -> None:
     with connect_device(clean_hub) as device:
-        device.subscribe("devices/gw-01/messages/devicebound/#")
-        packet = device.read_packet(5.0)
-        assert packet is not None
-        assert packet[0] >> 4 == 9, "expected SUBACK"
+        wait_puback(device, device.publish(topic, b"{}"))
+
+
+def wait_suback(device: RawMqttClient, packet_id: int) -> None:
+    packet = device.read_packet(5.0)
+    assert packet is not None, "connection closed before the SUBACK"
+    assert packet[0] >> 4 == 9, f"expected SUBACK, got packet type {packet[0] >> 4}"
+    assert int.from_bytes(packet[1][:2], "big") == packet_id
+    assert packet[1][2] in (0, 1), f"SUBACK return code {packet[1][2]:#04x}"
+
+
+@pytest.mark.parametrize(
+    "topic_filter",
+    [
+        "devices/gw-01/messages/devicebound/#",
+        "$iothub/twin/res/#",
+        "$iothub/twin/PATCH/properties/desired/#",
+        "$iothub/methods/POST/#",
+    ],
+)
+def test_hub_emulator_device_subscribe_allowed(clean_hub: HubStack, topic_filter: str) -> None:
+    with connect_device(clean_hub) as device:
+        wait_suback(device, device.subscribe(topic_filter))
+
+
+@pytest.mark.parametrize(
+    "topic_filter",
+    [
+        "devices/gw-02/messages/events/#",
+        "devices/gw-02/messages/devicebound/#",
+        "devices/+/messages/devicebound/#",
+        "devices/gw-01/messages/events/#",
+        "#",
+        "$iothub/#",
+    ],
+)
+def test_hub_emulator_bad_subscribe_closes(clean_hub: HubStack, topic_filter: str) -> None:
+    with connect_device(clean_hub) as device:
+        device.subscribe(topic_filter)
+        assert device.wait_closed(5.0) == [], "a SUBACK for a forbidden topic filter"
+    line = clean_hub.wait_for_log(f"subscribe to {topic_filter!r}")
+    assert "disconnected client_id=gw-01" in line
+
+
+def connect_module(hub: HubStack) -> RawMqttClient:
+    module = client(hub)
+    password = token_for(f"{HUB}/devices/gw-01/modules/historian", MODULE_KEY, time.time() + 600)
+    code = module.connect("gw-01/historian", username(HUB, "gw-01/historian"), password)
+    assert code == 0, f"CONNACK {code}:\n{hub.log()}"
+    return module
+
+
+def test_hub_emulator_module_topics(clean_hub: HubStack) -> None:
+    with connect_module(clean_hub) as module:
+        wait_suback(module, module.subscribe("$iothub/methods/POST/#"))
+        wait_puback(module, module.publish("$iothub/twin/PATCH/properties/reported/?$rid=1",
+                                           b"{}"))
+
+    # A module publishes under its own module only, and gets no cloud-to-device messages.
+    with connect_module(clean_hub) as module:
+        module.publish("devices/gw-01/messages/events/", b"as the device")
+        assert module.wait_closed(5.0) == []
+    clean_hub.wait_for_log("publish to 'devices/gw-01/messages/events/'")
+    with connect_module(clean_hub) as module:
+        module.subscribe("devices/gw-01/messages/devicebound/#")
+        assert module.wait_closed(5.0) == []
+    clean_hub.wait_for_log("subscribe to 'devices/gw-01/messages/devicebound/#'")
+
+
+def test_hub_emulator_twin_and_methods_reach_broker(clean_hub: HubStack) -> None:
+    # The test plays the cloud side on mosquitto: it receives the reported properties and
+    # sends a direct-method request that the device receives.
+    cloud = Subscriber(clean_hub.broker.port, clean_hub.ca_file, "$iothub/twin/PATCH/#")
+    cloud.start()
+    try:
+        with connect_device(clean_hub) as device:
+            wait_suback(device, device.subscribe("$iothub/methods/POST/#"))
+            reported = "$iothub/twin/PATCH/properties/reported/?$rid=7"
+            wait_puback(device, device.publish(reported, b'{"fw": "1.2"}'))
+            cloud.wait_for(lambda messages: (reported, b'{"fw": "1.2"}') in messages, 5.0,
+                           "the reported properties")
+
+            cloud.client.publish("$iothub/methods/POST/reboot/?$rid=8", b"{}", qos=0)
+            packet = device.read_packet(5.0)
+            assert packet is not None
+            assert packet[0] >> 4 == 3, f"expected PUBLISH, got packet type {packet[0] >> 4}"
+            assert b"$iothub/methods/POST/reboot/?$rid=8" in packet[1]
+    finally:
+        cloud.stop()
 
 
 def test_hub_emulator_refuse_fault(clean_hub: HubStack) -> None:
@@ -508,3 +622,234 @@ def test_hub_emulator_bad_options_exit_2(certs: Path, base: Path) -> None:
         assert len(result.stderr.splitlines()) == 1, result.stderr
         assert expected in result.stderr, result.stderr
 
+
+
+def test_hub_emulator_non_utf8_registry_exits_2(certs: Path, base: Path) -> None:
+    registry = base / "registry.toml"
+    registry.write_bytes(b'[devices.gw-01]\nprimary_key = "\xff\xfeAAAA"\n')
+    result = run_emulator(
+        "--cert", str(certs / "server.pem"), "--key", str(certs / "server.key"),
+        "--registry", str(registry), "--upstream", "127.0.0.1:1", "--hub-host", HUB,
+    )
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert f"{registry}: invalid TOML: not UTF-8 at byte 31" in result.stderr
+
+
+def count_lines(hub: HubStack, text: str) -> int:
+    return sum(text in line for line in hub.log().splitlines())
+
+
+def wait_for_count(hub: HubStack, text: str, count: int, timeout_s: float = 5.0) -> None:
+    """Wait until at least count lines of the emulator's log contain text."""
+    deadline = time.monotonic() + timeout_s
+    while count_lines(hub, text) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"fewer than {count} lines with {text!r}:\n{hub.log()}")
+        time.sleep(0.05)
+
+
+def write_faults_text(hub: HubStack, text: str) -> None:
+    temporary = hub.faults_file.with_name(".faults.json.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, hub.faults_file)
+
+
+@pytest.mark.parametrize(
+    ("document", "error"),
+    [
+        ({"clock_offset_s": 10**400}, "<a number of 401 digits>"),
+        ({"clock_offset_s": 1e20}, "clock_offset_s = 1e+20"),
+        ({"clock_offset_s": -11 * 366 * 86400}, "clock_offset_s"),
+        ({"close_after_s": 10**6}, "close_after_s"),
+        ({"puback_delay_s": -1}, "puback_delay_s"),
+        ({"puback_delay_s": 1e9}, "puback_delay_s"),
+        ({"refuse": 1}, "refuse"),
+    ],
+)
+def test_hub_emulator_parse_faults_rejects(document: dict[str, object], error: str) -> None:
+    with pytest.raises(FaultsError, match="invalid") as raised:
+        parse_faults(document)
+    assert error in str(raised.value)
+
+
+def test_hub_emulator_parse_faults_bounds_accepted() -> None:
+    faults = parse_faults({"clock_offset_s": -10 * 365 * 86400, "close_after_s": 86400,
+                           "puback_delay_s": 3600})
+    assert faults.clock_offset_s == -10 * 365 * 86400
+    assert faults.close_after_s == 86400.0
+
+
+def test_hub_emulator_bad_faults_files_keep_previous(clean_hub: HubStack) -> None:
+    password = token_for(f"{HUB}/devices/gw-01", PRIMARY, time.time() + 600)
+    clean_hub.set_faults(refuse=True)
+    with client(clean_hub) as device:
+        assert device.connect("gw-01", username(HUB, "gw-01"), password) == 5
+
+    cases = {
+        "integer of 401 digits": json.dumps({"clock_offset_s": 10**400}),
+        "clock offset of 1e20 s": json.dumps({"clock_offset_s": 1e20}),
+        "nesting 100000 deep": "[" * 100000,
+        "file over 64 KiB": json.dumps({"refuse": False}) + " " * 70000,
+        "not UTF-8": '{"refuse": false, "x": "\udcff"}',
+    }
+    for case, text in cases.items():
+        invalid_lines = count_lines(clean_hub, "faults_invalid")
+        if case == "not UTF-8":
+            temporary = clean_hub.faults_file.with_name(".faults.json.tmp")
+            temporary.write_bytes(b'{"refuse": false, "x": "\xff"}')
+            os.replace(temporary, clean_hub.faults_file)
+        else:
+            write_faults_text(clean_hub, text)
+        with client(clean_hub) as device:
+            code = device.connect("gw-01", username(HUB, "gw-01"), password)
+            assert code == 5, f"{case}: CONNACK {code}\n{clean_hub.log()}"
+        wait_for_count(clean_hub, "faults_invalid", invalid_lines + 1)
+
+    assert "Traceback" not in clean_hub.log()
+
+
+def test_hub_emulator_faults_fifo_does_not_block(clean_hub: HubStack) -> None:
+    password = token_for(f"{HUB}/devices/gw-01", PRIMARY, time.time() + 600)
+    clean_hub.set_faults(refuse=True)
+    with client(clean_hub) as device:
+        assert device.connect("gw-01", username(HUB, "gw-01"), password) == 5
+
+    fifo = clean_hub.faults_file.with_name(".faults.fifo")
+    os.mkfifo(fifo)
+    os.replace(fifo, clean_hub.faults_file)
+    # No writer ever opens the FIFO: the emulator must not wait for one.
+    with client(clean_hub) as device:
+        assert device.connect("gw-01", username(HUB, "gw-01"), password) == 5
+    line = clean_hub.wait_for_log("not a regular file")
+    assert "faults_invalid" in line
+
+    clean_hub.faults_file.unlink()
+    connect_device(clean_hub).close()
+
+
+def test_hub_emulator_newline_client_id_one_line(clean_hub: HubStack) -> None:
+    forged = ("x\n2026-12-04 00:00:00,000 INFO plcbridge.hub_emulator connect_accepted "
+              "client_id=gw-01 FORGED")
+    with client(clean_hub) as device:
+        assert device.connect(forged, username(HUB, "gw-01"), None) == 5
+    clean_hub.wait_for_log("FORGED")
+    for line in clean_hub.log().splitlines():
+        if "FORGED" in line:
+            assert "connect_rejected client_id=\"x\\n2026-12-04" in line, line
+
+
+def mqtt_text(value: str) -> bytes:
+    data = value.encode()
+    return len(data).to_bytes(2, "big") + data
+
+
+def connect_body(flags: int, *fields: bytes, trailer: bytes = b"") -> bytes:
+    return mqtt_text("MQTT") + bytes((4, flags)) + (60).to_bytes(2, "big") + b"".join(
+        fields) + trailer
+
+
+def _malformed_connects() -> dict[str, tuple[int, bytes, str]]:
+    """Map each case to (first header byte, CONNECT body, the error logged)."""
+    password = token_for(f"{HUB}/devices/gw-01", PRIMARY, time.time() + 600)
+    cid, user, secret = mqtt_text("gw-01"), mqtt_text(username(HUB, "gw-01")), mqtt_text(password)
+    will = mqtt_text("devices/gw-01/messages/events/") + mqtt_text("gone")
+    return {
+        "trailing bytes": (0x10, connect_body(0xC2, cid, user, secret, trailer=b"xx"),
+                           "2 bytes after the last field"),
+        "fixed header flags": (0x1F, connect_body(0xC2, cid, user, secret),
+                               "fixed header flags"),
+        "will QoS without will": (0x10, connect_body(0xCA, cid, user, secret),
+                                  "without the will flag"),
+        "will retain without will": (0x10, connect_body(0xE2, cid, user, secret),
+                                     "without the will flag"),
+        "will QoS 3": (0x10, connect_body(0xDE, cid, will, user, secret), "will QoS 3"),
+        "password without user name": (0x10, connect_body(0x42, cid, secret),
+                                       "password flag set without the user name flag"),
+    }
+
+
+def test_hub_emulator_malformed_connect_closed(clean_hub: HubStack) -> None:
+    accepted = count_lines(clean_hub, "connect_accepted")
+    for case, (first_byte, body, error) in _malformed_connects().items():
+        with client(clean_hub) as device:
+            device.send_packet(first_byte, body)
+            assert device.wait_closed(5.0) == [], f"{case}: a CONNACK for a malformed CONNECT"
+        line = clean_hub.wait_for_log(error)
+        assert "connect_failed" in line, case
+    assert count_lines(clean_hub, "connect_accepted") == accepted
+
+
+def test_hub_emulator_pubacks_keep_order(clean_hub: HubStack) -> None:
+    # PUBLISH 1 is held with a delay that is then lowered to 0 before PUBLISH 2.
+    clean_hub.set_faults(puback_delay_s=1.5)
+    with connect_device(clean_hub) as device:
+        first = device.publish("devices/gw-01/messages/events/", b"1")
+        with pytest.raises(TimeoutError):
+            device.read_packet(timeout_s=0.3)
+        # The emulator reads the faults file again when PUBACK 2 arrives from the broker.
+        clean_hub.set_faults()
+        second = device.publish("devices/gw-01/messages/events/", b"2")
+        wait_puback(device, first, timeout_s=3.0)
+        wait_puback(device, second, timeout_s=3.0)
+
+
+def test_hub_emulator_disconnect_logged_as_client(clean_hub: HubStack) -> None:
+    with connect_device(clean_hub) as device:
+        device.disconnect()
+        assert device.wait_closed(5.0) == []
+    line = clean_hub.wait_for_log("client sent DISCONNECT")
+    assert "disconnected client_id=gw-01" in line
+
+
+def test_hub_emulator_close_before_tls_logged(clean_hub: HubStack) -> None:
+    raw = socket.create_connection(("127.0.0.1", clean_hub.mqtt_port), timeout=5)
+    peer = f"127.0.0.1:{raw.getsockname()[1]}"
+    raw.close()
+    line = clean_hub.wait_for_log(f"peer={peer}")
+    assert "tls_failed port=mqtt" in line
+    assert 'error=""' not in line
+
+
+def test_hub_emulator_accept_failure_keeps_listening(certs: Path, base: Path) -> None:
+    # With 40 file descriptors, idle TCP clients use up the rest and accept() fails.
+    stack = HubStack(certs, base / "hub", devices={"gw-01": {"primary_key": PRIMARY}},
+                     fd_limit=40)
+    with stack:
+        idle = [socket.create_connection(("127.0.0.1", stack.mqtt_port), timeout=5)
+                for _ in range(45)]
+        try:
+            line = stack.wait_for_log("accept_failed")
+            assert "Too many open files" in line
+        finally:
+            for connection in idle:
+                connection.close()
+
+        connect_device(stack).close()
+        stack.wait_for_log("accept_recovered port=mqtt")
+        assert "Task exception was never retrieved" not in stack.log()
+
+
+def test_hub_emulator_sigterm_with_idle_clients(certs: Path, base: Path) -> None:
+    stack = HubStack(certs, base / "hub", devices={"gw-01": {"primary_key": PRIMARY}})
+    with stack:
+        context = client_tls_context(stack.ca_file)
+        silent_tls = context.wrap_socket(
+            socket.create_connection(("127.0.0.1", stack.mqtt_port), timeout=5),
+            server_hostname="localhost")
+        silent_https = context.wrap_socket(
+            socket.create_connection(("127.0.0.1", stack.https_port), timeout=5),
+            server_hostname="localhost")
+        session = connect_device(stack)
+        process = stack.process
+        assert process is not None
+        try:
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=10) == 0
+            elapsed_s = time.monotonic() - started
+        finally:
+            for connection in (silent_tls, silent_https, session.sock):
+                connection.close()
+        assert elapsed_s < 3.0, f"exit took {elapsed_s:.1f} s"
+        assert "stopped version=" in stack.log()

@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import re
+import resource
 import secrets
 import signal
 import socket
@@ -66,6 +67,7 @@ class HubStack:
         skew_s: float = 300.0,
         client_ca_file: Path | None = None,
         extra_args: tuple[str, ...] = (),
+        fd_limit: int | None = None,
     ) -> None:
         self.certs = dev_cert_paths(certs_dir)
         self.ca_file = self.certs.ca_cert
@@ -74,6 +76,8 @@ class HubStack:
         self.skew_s = skew_s
         self.client_ca_file = client_ca_file
         self.extra_args = extra_args
+        # Soft RLIMIT_NOFILE of the emulator process, to run it out of file descriptors.
+        self.fd_limit = fd_limit
         self.registry_file = workdir / "registry.toml"
         self.faults_file = workdir / "faults.json"
         self.log_file = workdir / "hub_emulator.log"
@@ -117,8 +121,14 @@ class HubStack:
     def start(self, timeout_s: float = 15.0) -> None:
         self.broker.start()
         with self.log_file.open("wb") as log:
-            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                            preexec_fn=self._limit_fds if self.fd_limit else None)
         self._wait_ready(timeout_s)
+
+    def _limit_fds(self) -> None:
+        assert self.fd_limit is not None
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.fd_limit, hard))
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -227,11 +237,20 @@ class RawMqttClient:
         self.sock.sendall(_packet(0x30 | (qos << 1), body + payload))
         return packet_id
 
-    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+    def subscribe(self, topic_filter: str, qos: int = 1) -> int:
+        """Send SUBSCRIBE with one topic filter and return its packet id."""
         packet_id = self._next_packet_id
         self._next_packet_id += 1
         body = packet_id.to_bytes(2, "big") + _text(topic_filter) + bytes((qos,))
         self.sock.sendall(_packet(0x82, body))
+        return packet_id
+
+    def disconnect(self) -> None:
+        self.sock.sendall(_packet(0xE0, b""))
+
+    def send_packet(self, first_byte: int, body: bytes) -> None:
+        """Send any packet, well-formed or not, with a correct remaining length."""
+        self.sock.sendall(_packet(first_byte, body))
 
     def read_packet(self, timeout_s: float = 5.0) -> tuple[int, bytes] | None:
         """Return (first header byte, body) of the next packet, or None when closed."""
