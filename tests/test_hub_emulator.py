@@ -465,12 +465,17 @@ def x509_hub(certs: Path) -> Iterator[tuple[HubStack, dict[str, tuple[Path, Path
         sha1_colons = ":".join(
             f"{byte:02X}" for byte in hashlib.sha1(_der(pairs["self-signed"][0])).digest()
         )
+        # A thumbprint device whose self-signed certificate has the CN of a ca_signed
+        # device: as its own trust anchor it must not pass as that device.
+        impostor = hashlib.sha256(_der(pairs["line-3-self-signed"][0])).hexdigest()
         client_ca = workdir / "client-ca.pem"
         client_ca.write_bytes((certs / "ca.pem").read_bytes()
-                              + pairs["self-signed"][0].read_bytes())
+                              + pairs["self-signed"][0].read_bytes()
+                              + pairs["line-3-self-signed"][0].read_bytes())
         stack = HubStack(
             certs, workdir,
             devices={"meter-7": {"primary_thumbprint": thumbprint},
+                     "meter-9": {"primary_thumbprint": impostor},
                      "self-signed": {"primary_thumbprint": "00" * 20,
                                      "secondary_thumbprint": sha1_colons},
                      "line-3": {"ca_signed": True},
@@ -494,14 +499,16 @@ def _client_certificates(certs: Path, workdir: Path) -> dict[str, tuple[Path, Pa
     pairs["line-3-wrong-cn"] = make_client_cert(workdir, ca, ca_key, "line-4",
                                                 name="line-3-wrong-cn")
     pairs["self-signed"] = _self_signed(workdir, "self-signed")
+    pairs["line-3-self-signed"] = _self_signed(workdir, "line-3-self-signed", common_name="line-3")
     return pairs
 
 
-def _self_signed(workdir: Path, name: str) -> tuple[Path, Path]:
+def _self_signed(workdir: Path, name: str, common_name: str | None = None) -> tuple[Path, Path]:
     cert, key = workdir / f"{name}.pem", workdir / f"{name}.key"
+    subject = f"/CN={common_name or name}"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "30", "-subj", f"/CN={name}",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "30", "-subj", subject,
          "-addext", "extendedKeyUsage=clientAuth",
          "-addext", "basicConstraints=critical,CA:FALSE"],
         check=True, capture_output=True,
@@ -518,6 +525,8 @@ def _self_signed(workdir: Path, name: str) -> tuple[Path, Path]:
         ("line-3", "line-3-wrong-cn", 5),
         ("meter-7", "unregistered", 5),
         ("meter-7", None, 5),
+        ("meter-9", "line-3-self-signed", 0),
+        ("line-3", "line-3-self-signed", 5),
     ],
 )
 def test_hub_emulator_x509_device(
@@ -529,6 +538,8 @@ def test_hub_emulator_x509_device(
     with RawMqttClient(stack.mqtt_port, stack.ca_file, certificate=pair) as device:
         code = device.connect(device_id, username(HUB, device_id), None)
         assert code == expected, stack.log()
+        if certificate == "line-3-self-signed" and device_id == "line-3":
+            assert "is itself in the client CA file" in stack.wait_for_log("self-issued")
         if expected == 0:
             device.publish(f"devices/{device_id}/messages/events/", b"x509")
             wait_puback(device, 1)
