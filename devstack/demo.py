@@ -3,12 +3,13 @@
 `make run` calls this after it has installed the project and generated the development
 certificates. The gateway runs in azure mode with a device-key connection string and
 connects to the hub emulator, which checks its SAS tokens as Azure IoT Hub does and passes
-its traffic to mosquitto. Ctrl-C stops everything.
+its traffic to mosquitto. Ctrl-C, SIGTERM or SIGHUP (a closed terminal) stops everything.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import os
 import secrets
 import signal
@@ -16,7 +17,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 from common.config import load_config
 from common.credentials import read_connection_string
@@ -31,6 +34,17 @@ CERTS = ROOT / "var" / "dev-certs"
 BROKER_PORT = 18884
 DATE_PORT = 18443
 HUB_HOST = "localhost"
+# Seconds each child has to exit after SIGTERM before it is killed.
+CHILD_STOP_TIMEOUT_S = 15.0
+
+StartChild = Callable[..., subprocess.Popen[bytes]]
+
+
+class StopRequested(BaseException):
+    """SIGTERM or SIGHUP arrived, and the demo stops its children as it does on Ctrl-C.
+
+    A BaseException like KeyboardInterrupt, so that no handler for Exception swallows it.
+    """
 
 
 def write_connection_string(path: Path, host: str) -> None:
@@ -99,6 +113,75 @@ def wait_for_port(port: int, timeout_s: float) -> None:
     raise SystemExit(f"demo: nothing listens on 127.0.0.1:{port} after {timeout_s:g} s")
 
 
+def check_ports_free(ports: list[int]) -> None:
+    """Exit naming the port if another process, such as an old demo, listens on a fixed port."""
+    for port in ports:
+        with socket.socket() as probe:
+            # SO_REUSEADDR ignores connections in TIME_WAIT, which do not stop a listener.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                raise SystemExit(
+                    f"demo: 127.0.0.1:{port} is already in use, perhaps by a demo that is still "
+                    f"running; find the process with: ss -ltnp 'sport = :{port}'"
+                ) from exc
+
+
+def _raise_stop_requested(signal_number: int, _frame: FrameType | None) -> None:
+    # Python turns SIGINT into KeyboardInterrupt the same way. Raising here also ends a
+    # start-up wait at once, which a flag checked by the main loop would not.
+    raise StopRequested(signal.Signals(signal_number).name)
+
+
+def supervise(start_all: Callable[[StartChild], None]) -> int:
+    """Run the children that start_all starts until one exits or a stop arrives; stop all.
+
+    Return 1 when a child exited by itself, and 0 after Ctrl-C, SIGTERM or SIGHUP.
+    """
+    children: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str, log_file: Path | None = None) -> subprocess.Popen[bytes]:
+        command = [sys.executable, "-m", *args]
+        if log_file is None:
+            child = subprocess.Popen(command, cwd=ROOT)
+        else:
+            with log_file.open("wb") as log:
+                child = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        children.append(child)
+        return child
+
+    for signal_number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signal_number, _raise_stop_requested)
+    try:
+        start_all(start)
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+        return 1
+    except (KeyboardInterrupt, StopRequested):
+        return 0
+    finally:
+        # A second signal must not cut the cleanup short and leave children behind.
+        for signal_number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signal_number, signal.SIG_IGN)
+        stop_children(children)
+
+
+def stop_children(children: list[subprocess.Popen[bytes]]) -> None:
+    """Send SIGTERM to every child that runs, in reverse start order, and wait for each."""
+    for child in reversed(children):
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    for child in reversed(children):
+        try:
+            child.wait(timeout=CHILD_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
 def main() -> int:
     config = load_config(CONFIG)
     connection_string_file = config.credentials.connection_string_file
@@ -109,20 +192,10 @@ def main() -> int:
     faults_file = workdir / "hub-faults.json"
     emulator_log = workdir / "hub_emulator.log"
     write_registry(connection_string_file, registry_file)
+    check_ports_free([config.plc.port, BROKER_PORT, config.uplink.port, DATE_PORT])
     python = sys.executable
-    children: list[subprocess.Popen[bytes]] = []
 
-    def start(*args: str, log_file: Path | None = None) -> subprocess.Popen[bytes]:
-        if log_file is None:
-            child = subprocess.Popen([python, "-m", *args], cwd=ROOT)
-        else:
-            with log_file.open("wb") as log:
-                child = subprocess.Popen([python, "-m", *args], cwd=ROOT, stdout=log,
-                                         stderr=subprocess.STDOUT)
-        children.append(child)
-        return child
-
-    try:
+    def start_all(start: StartChild) -> None:
         start("devstack.plc_simulator", "--host", "127.0.0.1", "--port", str(config.plc.port))
         start("devstack.mosquitto", "--port", str(BROKER_PORT), "--certs", str(CERTS),
               "--workdir", str(workdir / "mosquitto"))
@@ -134,7 +207,7 @@ def main() -> int:
         start("cli.main", "run", "--config", str(CONFIG))
 
         print(f"""
-plcbridge demo is running. Ctrl-C stops it.
+plcbridge demo is running. Ctrl-C (or SIGTERM) stops it.
 
 The gateway sends to the IoT Hub emulator on 127.0.0.1:{config.uplink.port}, which checks
 its SAS tokens and passes the pages to mosquitto. Watch them arrive there:
@@ -155,20 +228,8 @@ Restart one program:
 
 Logs: {config.gateway.log_dir}
 """, flush=True)
-        while all(child.poll() is None for child in children):
-            time.sleep(0.5)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        for child in reversed(children):
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in reversed(children):
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.kill()
+
+    return supervise(start_all)
 
 
 if __name__ == "__main__":
