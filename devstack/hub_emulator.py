@@ -405,7 +405,7 @@ class Session:
             client_id=self.client_id, reason=self._reason or "emulator stopping"))
 
     async def _pump_from_client(self) -> None:
-        """Forward the client's packets to the broker, enforcing the hub's publish rules."""
+        """Forward the client's packets to the broker, enforcing the hub's topic rules."""
         reader, _ = self.client
         _, upstream_writer = self.upstream
         identity = self.admission.identity

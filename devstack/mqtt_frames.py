@@ -1,4 +1,4 @@
-"""A small MQTT 3.1.1 framer for the hub emulator: packet boundaries, CONNECT and PUBLISH.
+"""A small MQTT 3.1.1 framer for the hub emulator: packet boundaries, CONNECT, PUBLISH, SUBSCRIBE.
 
 Only what the emulator inspects is decoded. Every packet keeps its exact bytes, so the
 emulator can forward it unchanged to the broker behind it.
