@@ -57,9 +57,40 @@ REGISTER_COUNT = {
     "uint32": 2,
     "float32": 2,
     "int64": 4,
+    "uint64": 4,
     "float64": 4,
 }
+# A string's register count follows from its length in bytes, two bytes a register.
+STRING_TYPE = "string"
+VALUE_TYPES = (*REGISTER_COUNT, STRING_TYPE)
+MAX_STRING_BYTES = 2 * MAX_REGISTERS_PER_READ
 WORD_ORDERS = ("big", "little")
+
+# Byte orders named after the bytes of the big-endian value, A the most significant:
+# (word order, whether the two bytes of each register are swapped). word_order "big" is
+# ABCD and "little" is CDAB. A 64-bit value may use the 4-letter names, which describe the
+# same word reversal and byte swap, or the 8-letter ones.
+BYTE_ORDERS = {
+    "AB": ("big", False),
+    "BA": ("big", True),
+    "ABCD": ("big", False),
+    "CDAB": ("little", False),
+    "BADC": ("big", True),
+    "DCBA": ("little", True),
+    "ABCDEFGH": ("big", False),
+    "GHEFCDAB": ("little", False),
+    "BADCFEHG": ("big", True),
+    "HGFEDCBA": ("little", True),
+}
+ORDERS_BY_REGISTERS = {
+    1: ("AB", "BA"),
+    2: ("ABCD", "CDAB", "BADC", "DCBA"),
+    4: ("ABCD", "CDAB", "BADC", "DCBA", "ABCDEFGH", "GHEFCDAB", "BADCFEHG", "HGFEDCBA"),
+}
+STRING_PADDINGS = ("nul", "space", "none")
+TRANSPORTS = ("tcp", "rtu", "rtu_over_tcp")
+PARITIES = ("N", "E", "O")
+DEFAULT_DEVICE = "plc"
 UPLINK_MODES = ("azure", "mqtt")
 SYNC_MODES = ("full", "nometasync", "off")
 OVERFLOW_POLICIES = ("drop-oldest", "reject-new")
@@ -82,6 +113,8 @@ class TagGroup:
 
 @dataclass(frozen=True)
 class Tag:
+    """One value read from a PLC. address is always the zero-based protocol address."""
+
     name: str
     group: str
     table: str
@@ -90,15 +123,60 @@ class Tag:
     word_order: str
     scale: float
     offset: float
+    byte_swap: bool = False
+    # Bit 0 is the least significant bit of the register; None reads the whole register.
+    bit: int | None = None
+    # Engineering unit, sent as the sample's "unit" field when not empty.
+    unit: str = ""
+    string_bytes: int = 0
+    string_padding: str = "nul"
+    device: str = DEFAULT_DEVICE
+    # None means the unit id of the tag's device.
+    unit_id: int | None = None
+    deadband: float = 0.0
+    deadband_percent: float = 0.0
+    max_silence_s: float = 0.0
 
     @property
     def register_count(self) -> int:
         """Number of protocol addresses the tag occupies: one for a bit table."""
-        return 1 if self.table in BIT_TABLES else REGISTER_COUNT[self.type]
+        if self.table in BIT_TABLES:
+            return 1
+        if self.type == STRING_TYPE:
+            return (self.string_bytes + 1) // 2
+        return REGISTER_COUNT[self.type]
+
+
+@dataclass(frozen=True)
+class PlcDevice:
+    """One Modbus connection: a TCP endpoint, a serial port, or a serial-to-Ethernet gateway."""
+
+    name: str
+    transport: str
+    host: str
+    port: int
+    unit_id: int
+    serial_port: str
+    baudrate: int
+    parity: str
+    stop_bits: int
+    byte_size: int
+    timeout_s: float
+    max_registers_per_read: int
+    max_gap_registers: int
+    request_pause_ms: int
+    one_request_per_tag: bool
+    address_base: int
+
+    @property
+    def endpoint(self) -> str:
+        return self.serial_port if self.transport == "rtu" else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
 class PlcSettings:
+    # host, port and unit_id describe the default device, used when no [[plc.devices]] are
+    # listed. host is "" when devices are listed and [plc] sets none.
     host: str
     port: int
     unit_id: int
@@ -113,6 +191,13 @@ class PlcSettings:
     ack_timeout_s: float
     tag_groups: tuple[TagGroup, ...]
     tags: tuple[Tag, ...]
+    devices: tuple[PlcDevice, ...] = ()
+
+    def device(self, name: str) -> PlcDevice:
+        for device in self.devices:
+            if device.name == name:
+                return device
+        raise KeyError(name)
 
 
 @dataclass(frozen=True)
@@ -442,26 +527,59 @@ def _longest_socket_name() -> str:
     return max(names, key=lambda name: len(os.fsencode(name)))
 
 
+# Built-in defaults of every device key. RTU's 19200 baud, even parity and one stop bit are
+# the defaults of the Modbus over serial line specification v1.02.
+_BUILTIN_DEVICE = PlcDevice(
+    name=DEFAULT_DEVICE,
+    transport="tcp",
+    host="",
+    port=502,
+    unit_id=1,
+    serial_port="",
+    baudrate=19200,
+    parity="E",
+    stop_bits=1,
+    byte_size=8,
+    timeout_s=1.0,
+    max_registers_per_read=MAX_REGISTERS_PER_READ,
+    max_gap_registers=8,
+    request_pause_ms=0,
+    one_request_per_tag=False,
+    address_base=0,
+)
+
+
 def _parse_plc(table: _Table) -> PlcSettings:
+    # The connection keys of [plc] describe the default device, used when [[plc.devices]]
+    # lists none, and are the defaults of every listed device.
+    device_tables = table.array_of_tables("devices")
+    default_device = _parse_device(table, _BUILTIN_DEVICE, DEFAULT_DEVICE, not device_tables)
+    listed = [
+        (item, _parse_device(item, default_device, item.text("name", _REQUIRED), True))
+        for item in device_tables
+    ]
+    device_sources = listed or [(table, default_device)]
+    devices = tuple(device for _item, device in device_sources)
+    _check_unique(table, "devices", [device.name for device in devices])
+
     groups = tuple(_parse_group(item) for item in table.array_of_tables("tag_groups"))
-    tags = tuple(_parse_tag(item) for item in table.array_of_tables("tags"))
+    tags = tuple(_parse_tag(item, devices) for item in table.array_of_tables("tags"))
     settings = PlcSettings(
-        host=table.text("host", _REQUIRED),
-        port=table.integer("port", 502, 1, 65535),
-        unit_id=table.integer("unit_id", 1, 0, 255),
-        timeout_s=table.number("timeout_s", 1.0, 0.05, 60.0),
+        host=default_device.host,
+        port=default_device.port,
+        unit_id=default_device.unit_id,
+        timeout_s=default_device.timeout_s,
         reconnect_min_s=table.number("reconnect_min_s", 0.5, 0.05, 60.0),
         reconnect_max_s=table.number("reconnect_max_s", 30.0, 0.05, 3600.0),
-        max_registers_per_read=table.integer(
-            "max_registers_per_read", MAX_REGISTERS_PER_READ, 1, MAX_REGISTERS_PER_READ
-        ),
-        max_gap_registers=table.integer("max_gap_registers", 8, 0, MAX_REGISTERS_PER_READ),
+        max_registers_per_read=default_device.max_registers_per_read,
+        max_gap_registers=default_device.max_gap_registers,
         batch_max_samples=table.integer("batch_max_samples", 2000, 1, 100_000),
         queue_max_samples=table.integer("queue_max_samples", 200_000, 1, 100_000_000),
         max_unacked_batches=table.integer("max_unacked_batches", 16, 1, 1000),
         ack_timeout_s=table.number("ack_timeout_s", 2.0, 0.1, 600.0),
         tag_groups=groups,
         tags=tags,
+        devices=devices,
     )
     table.reject_unknown()
 
@@ -473,16 +591,60 @@ def _parse_plc(table: _Table) -> PlcSettings:
         raise ConfigError(f"{table.source}: missing [[plc.tag_groups]]; define at least one")
     if not tags:
         raise ConfigError(f"{table.source}: missing [[plc.tags]]; define at least one")
-    _check_tags_fit_one_read(table, settings)
+    for device_table, device in device_sources:
+        _check_tags_fit_one_read(device_table, device, settings.tags)
     return settings
 
 
-def _check_tags_fit_one_read(table: _Table, settings: PlcSettings) -> None:
+def _parse_device(
+    table: _Table, base: PlcDevice, name: str, connection_required: bool
+) -> PlcDevice:
+    """Read the connection keys of [plc] or of one [[plc.devices]], defaulting to base's."""
+    transport = table.text("transport", base.transport, TRANSPORTS)
+    serial = transport == "rtu"
+    host_default = _REQUIRED if connection_required and not serial and not base.host else base.host
+    port_default = _REQUIRED if connection_required and serial and not base.serial_port else (
+        base.serial_port
+    )
+    device = PlcDevice(
+        name=name,
+        transport=transport,
+        host=table.text("host", host_default),
+        port=table.integer("port", base.port, 1, 65535),
+        unit_id=table.integer("unit_id", base.unit_id, 0, 255),
+        serial_port=table.text("serial_port", port_default),
+        baudrate=table.integer("baudrate", base.baudrate, 50, 4_000_000),
+        parity=table.text("parity", base.parity, PARITIES),
+        stop_bits=table.integer("stop_bits", base.stop_bits, 1, 2),
+        byte_size=table.integer("byte_size", base.byte_size, 7, 8),
+        timeout_s=table.number("timeout_s", base.timeout_s, 0.05, 60.0),
+        max_registers_per_read=table.integer(
+            "max_registers_per_read", base.max_registers_per_read, 1, MAX_REGISTERS_PER_READ
+        ),
+        max_gap_registers=table.integer(
+            "max_gap_registers", base.max_gap_registers, 0, MAX_REGISTERS_PER_READ
+        ),
+        request_pause_ms=table.integer("request_pause_ms", base.request_pause_ms, 0, 60_000),
+        one_request_per_tag=table.flag("one_request_per_tag", base.one_request_per_tag),
+        address_base=table.integer("address_base", base.address_base, 0, 1),
+    )
+    if table.prefix != "plc":
+        table.reject_unknown()
+    return device
+
+
+def _check_unique(table: _Table, key: str, names: list[str]) -> None:
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ConfigError(f"{table.source}: duplicate name {duplicates[0]!r} in plc.{key}")
+
+
+def _check_tags_fit_one_read(table: _Table, device: PlcDevice, tags: tuple[Tag, ...]) -> None:
     # The reader never splits one value across two requests, so each register tag must
     # fit in the largest request. Bit tables take one bit per tag and always fit.
-    limit = settings.max_registers_per_read
-    for index, tag in enumerate(settings.tags):
-        if tag.table in BIT_TABLES or tag.register_count <= limit:
+    limit = device.max_registers_per_read
+    for index, tag in enumerate(tags):
+        if tag.device != device.name or tag.table in BIT_TABLES or tag.register_count <= limit:
             continue
         raise table.error(
             "max_registers_per_read", limit,
@@ -500,27 +662,103 @@ def _parse_group(table: _Table) -> TagGroup:
     return group
 
 
-def _parse_tag(table: _Table) -> Tag:
+def _parse_tag(table: _Table, devices: tuple[PlcDevice, ...]) -> Tag:
     tag_table = table.text("table", _REQUIRED, TABLES)
     value_type = table.text("type", "bool" if tag_table in BIT_TABLES else "uint16",
-                            tuple(REGISTER_COUNT))
+                            VALUE_TYPES)
+    device = _tag_device(table, devices)
+
+    # address_base 1 shifts the addresses of a 1-based register map onto the protocol's 0.
+    base = device.address_base
+    first = table.integer("address", _REQUIRED, base, 65535 + base)
+    word_order, byte_swap = _tag_order(table, tag_table, value_type)
+    string_bytes = _optional_integer(table, "length_bytes", 1, MAX_STRING_BYTES)
     tag = Tag(
         name=table.text("name", _REQUIRED),
         group=table.text("group", _REQUIRED),
         table=tag_table,
-        address=table.integer("address", _REQUIRED, 0, 65535),
+        address=first - base,
         type=value_type,
-        word_order=table.text("word_order", "big", WORD_ORDERS),
+        word_order=word_order,
         scale=table.number("scale", 1.0, -1e300, 1e300),
         offset=table.number("offset", 0.0, -1e300, 1e300),
+        byte_swap=byte_swap,
+        bit=_optional_integer(table, "bit", 0, 15),
+        unit=table.text("unit", ""),
+        string_bytes=string_bytes or 0,
+        string_padding=table.text("padding", "nul", STRING_PADDINGS),
+        device=device.name,
+        unit_id=_optional_integer(table, "unit_id", 0, 255),
+        deadband=table.number("deadband", 0.0, 0.0, 1e300),
+        deadband_percent=table.number("deadband_percent", 0.0, 0.0, 100.0),
+        max_silence_s=table.number("max_silence_s", 60.0, 0.001, 86_400.0),
     )
     table.reject_unknown()
+    _check_tag(table, tag, first)
+    return tag
 
+
+def _tag_device(table: _Table, devices: tuple[PlcDevice, ...]) -> PlcDevice:
+    names = [device.name for device in devices]
+    expected = "one of the device names " + ", ".join(names)
+    default = devices[0].name if len(devices) == 1 else _REQUIRED
+    name = table.get("device", str, default, expected)
+    for device in devices:
+        if device.name == name:
+            return device
+    raise table.error("device", name, expected)
+
+
+def _tag_order(table: _Table, tag_table: str, value_type: str) -> tuple[str, bool]:
+    """Return (word order, byte swap) from the tag's order key or its older word_order key."""
+    order = table.get("order", str, None, "a byte order such as ABCD")
+    word_order = table.text("word_order", None, WORD_ORDERS)
+    if order is None:
+        return word_order or "big", False
+    if word_order is not None:
+        raise table.error("word_order", word_order, "no word_order when order is set")
+
+    if tag_table in BIT_TABLES:
+        allowed: tuple[str, ...] = ()
+    elif value_type == STRING_TYPE:
+        allowed = ORDERS_BY_REGISTERS[1]
+    else:
+        allowed = ORDERS_BY_REGISTERS[REGISTER_COUNT[value_type]]
+    if order not in allowed:
+        expected = f"one of {', '.join(allowed)} for type {value_type}" if allowed else (
+            f"no order, because a {tag_table} contains one bit"
+        )
+        raise table.error("order", order, expected)
+    return BYTE_ORDERS[order]
+
+
+def _optional_integer(table: _Table, key: str, low: int, high: int) -> int | None:
+    if key not in table.data:
+        table.used.add(key)
+        return None
+    value: int = table.integer(key, _REQUIRED, low, high)
+    return value
+
+
+def _check_tag(table: _Table, tag: Tag, configured_address: int) -> None:
     if tag.table in BIT_TABLES and tag.type != "bool":
         raise table.error("type", tag.type, f"bool, because a {tag.table} contains one bit")
+    if tag.bit is not None and (tag.table in BIT_TABLES or tag.type != "bool"):
+        raise table.error("bit", tag.bit, "no bit unless the tag is a bool on a register table")
+    if (tag.type == STRING_TYPE) != (tag.string_bytes > 0):
+        expected = "a length for a string tag" if tag.type == STRING_TYPE else (
+            "no length_bytes unless the type is string"
+        )
+        raise table.error("length_bytes", tag.string_bytes or None, expected)
+    if tag.deadband and tag.deadband_percent:
+        raise table.error("deadband_percent", tag.deadband_percent,
+                          "no deadband_percent when deadband is set; choose one")
+    if (tag.deadband or tag.deadband_percent) and tag.type in ("bool", STRING_TYPE):
+        raise table.error("deadband", tag.deadband or tag.deadband_percent,
+                          f"no deadband on a {tag.type} tag, which is sent on every change")
     if tag.address + tag.register_count > 65536:
-        raise table.error("address", tag.address, "an address whose last register is 65535")
-    return tag
+        raise table.error("address", configured_address,
+                          "an address whose last register is 65535")
 
 
 def _parse_buffer(table: _Table) -> BufferSettings:

@@ -2,8 +2,10 @@
 
 Addresses are zero-based protocol addresses. A register is 16 bits, sent high byte first.
 Values that span several registers are sent high word first for word_order "big", and low
-word first for word_order "little". The reader turns each ReadRequest into one Modbus read and
-decodes every tag of the request from the response.
+word first for word_order "little". A tag with byte_swap set has the two bytes of each
+register swapped as well, so the byte orders ABCD, CDAB, BADC and DCBA are (big, no swap),
+(little, no swap), (big, swap) and (little, swap). The reader turns each ReadRequest into one
+Modbus read and decodes every tag of the request from the response.
 """
 
 from __future__ import annotations
@@ -13,7 +15,14 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from common.config import BIT_TABLES, MAX_BITS_PER_READ, Tag
+from common.config import (
+    BIT_TABLES,
+    DEFAULT_DEVICE,
+    MAX_BITS_PER_READ,
+    STRING_TYPE,
+    PlcDevice,
+    Tag,
+)
 
 # struct formats of the multi-register types, applied to the registers' big-endian bytes.
 _STRUCT_FORMATS = {
@@ -23,24 +32,31 @@ _STRUCT_FORMATS = {
     "uint32": ">I",
     "float32": ">f",
     "int64": ">q",
+    "uint64": ">Q",
     "float64": ">d",
 }
+
+# Characters stripped from the end of a string tag for each padding setting.
+_PADDING_CHARACTERS = {"nul": "\0", "space": " \0", "none": ""}
 
 # A hole of one register costs two bytes on the wire, and so does a hole of 16 bits.
 BITS_PER_REGISTER = 16
 
-TagValue = bool | int | float
+TagValue = bool | int | float | str
 
 
 @dataclass(frozen=True)
 class ReadRequest:
-    """One Modbus read covering the tags of one tag group in one table."""
+    """One Modbus read covering the tags of one tag group in one table of one unit."""
 
     group: str
     table: str
     address: int
     count: int
     tags: tuple[Tag, ...]
+    device: str = DEFAULT_DEVICE
+    # None means the unit id of the device.
+    unit_id: int | None = None
 
     @property
     def end(self) -> int:
@@ -49,86 +65,149 @@ class ReadRequest:
 
 
 def plan_requests(
-    tags: Iterable[Tag], max_registers_per_read: int, max_gap_registers: int
+    tags: Iterable[Tag],
+    max_registers_per_read: int,
+    max_gap_registers: int,
+    one_request_per_tag: bool = False,
 ) -> list[ReadRequest]:
     """Group tags into as few reads as the limits allow.
 
-    Tags are grouped by (tag group, table) and sorted by address. A tag joins the request
-    before it while the request then spans at most max_registers_per_read registers, or 2,000
-    bits for coils and discrete inputs. The hole between them must also be at most
-    max_gap_registers registers, or 16 times as many bits, which cost the same bytes.
+    Tags are grouped by (tag group, device, unit id, table) and sorted by address. A tag
+    joins the request before it while the request then spans at most max_registers_per_read
+    registers, or 2,000 bits for coils and discrete inputs. The hole between them must also be
+    at most max_gap_registers registers, or 16 times as many bits, which cost the same bytes.
+    Adding each tag to the open request while it fits gives the fewest requests, because a
+    value is never split. With one_request_per_tag every tag gets a read of its own, except
+    tags at the same address, such as several bits of one register.
     Raises ValueError for a tag that needs more registers than one read may span.
     """
-    by_key: dict[tuple[str, str], list[Tag]] = {}
+    by_key: dict[tuple[str, str, int | None, str], list[Tag]] = {}
     for tag in tags:
-        by_key.setdefault((tag.group, tag.table), []).append(tag)
+        by_key.setdefault((tag.group, tag.device, tag.unit_id, tag.table), []).append(tag)
 
     requests: list[ReadRequest] = []
-    for (group, table), members in by_key.items():
+    for (group, device, unit_id, table), members in by_key.items():
         if table in BIT_TABLES:
             max_span = MAX_BITS_PER_READ
             max_gap = max_gap_registers * BITS_PER_REGISTER
         else:
             max_span = max_registers_per_read
             max_gap = max_gap_registers
+        if one_request_per_tag:
+            max_span = max_gap = 0
         ordered = sorted(members, key=lambda tag: tag.address)
-        requests += _merge_sorted(group, table, ordered, max_span, max_gap)
+        for start, count, merged in _merge_sorted(ordered, max_span, max_gap):
+            requests.append(ReadRequest(group, table, start, count, merged, device, unit_id))
     return requests
 
 
+def plan_device_requests(
+    tags: Iterable[Tag], devices: Iterable[PlcDevice]
+) -> dict[str, list[ReadRequest]]:
+    """Plan the reads of every device with that device's limits, keyed by device name."""
+    plans: dict[str, list[ReadRequest]] = {}
+    all_tags = list(tags)
+    for device in devices:
+        members = [tag for tag in all_tags if tag.device == device.name]
+        plans[device.name] = plan_requests(
+            members,
+            device.max_registers_per_read,
+            device.max_gap_registers,
+            device.one_request_per_tag,
+        )
+    return plans
+
+
 def _merge_sorted(
-    group: str, table: str, tags: list[Tag], max_span: int, max_gap: int
-) -> list[ReadRequest]:
-    requests: list[ReadRequest] = []
+    tags: list[Tag], max_span: int, max_gap: int
+) -> list[tuple[int, int, tuple[Tag, ...]]]:
+    """Split address-sorted tags into (start, count, tags) runs within the limits.
+
+    A max_span of 0 gives one run per address, however wide each value is.
+    """
+    runs: list[tuple[int, int, tuple[Tag, ...]]] = []
     members: list[Tag] = []
     start = end = 0
     for tag in tags:
         tag_end = tag.address + tag.register_count
-        if tag.register_count > max_span:
+        if max_span and tag.register_count > max_span:
             raise ValueError(
                 f"tag {tag.name!r} needs {tag.register_count} registers, but one read "
                 f"may span only {max_span}. Raise plc.max_registers_per_read"
             )
 
         # Overlapping tags give a negative gap, which always merges.
-        fits = tag.address - end <= max_gap and max(end, tag_end) - start <= max_span
+        if max_span:
+            fits = tag.address - end <= max_gap and max(end, tag_end) - start <= max_span
+        else:
+            fits = tag.address == start and tag_end <= end
         if members and fits:
             members.append(tag)
             end = max(end, tag_end)
             continue
 
         if members:
-            requests.append(ReadRequest(group, table, start, end - start, tuple(members)))
+            runs.append((start, end - start, tuple(members)))
         members = [tag]
         start, end = tag.address, tag_end
 
     if members:
-        requests.append(ReadRequest(group, table, start, end - start, tuple(members)))
-    return requests
+        runs.append((start, end - start, tuple(members)))
+    return runs
 
 
-def decode_registers(words: Sequence[int], value_type: str, word_order: str) -> int | float:
+def decode_registers(
+    words: Sequence[int], value_type: str, word_order: str, byte_swap: bool = False
+) -> int | float:
     """Decode the registers of one value, without modifying words."""
-    ordered = list(words) if word_order == "big" else list(reversed(words))
-    data = struct.pack(f">{len(ordered)}H", *ordered)
+    data = _ordered_bytes(words, word_order, byte_swap)
     value: int | float = struct.unpack(_STRUCT_FORMATS[value_type], data)[0]
     return value
+
+
+def decode_string(words: Sequence[int], length_bytes: int, padding: str, byte_swap: bool) -> str:
+    """Decode a string of length_bytes bytes, first character in the first register's high byte.
+
+    Invalid UTF-8 bytes become U+FFFD, so a register full of garbage still gives a string.
+    The padding setting names the characters stripped from the end: nul strips NUL bytes,
+    space strips spaces and NUL bytes, none keeps everything.
+    """
+    data = _ordered_bytes(words, "big", byte_swap)[:length_bytes]
+    text = data.decode("utf-8", errors="replace")
+    strip = _PADDING_CHARACTERS[padding]
+    return text.rstrip(strip) if strip else text
+
+
+def _ordered_bytes(words: Sequence[int], word_order: str, byte_swap: bool) -> bytes:
+    ordered = list(words) if word_order == "big" else list(reversed(words))
+    # Packing each register little-endian swaps its two bytes.
+    endian = "<" if byte_swap else ">"
+    return struct.pack(f"{endian}{len(ordered)}H", *ordered)
 
 
 def decode_tag(tag: Tag, values: Sequence[int] | Sequence[bool], start: int) -> TagValue:
     """Decode one tag from the registers or bits of a read that began at address start.
 
-    A bool tag on a register table is true when the register is not zero. Other values are
-    raw * scale + offset, and integer types stay int when scale is 1 and offset is 0.
+    A bool tag on a register table is its bit when bit is set, or else true when the
+    register is not zero. Other numbers are raw * scale + offset, and integer types stay int
+    when scale is 1 and offset is 0. Strings ignore scale and offset.
     """
     index = tag.address - start
     if tag.table in BIT_TABLES:
         return bool(values[index])
     if tag.type == "bool":
+        if tag.bit is not None:
+            return bool((int(values[index]) >> tag.bit) & 1)
         return values[index] != 0
+    if tag.type == STRING_TYPE:
+        words = [int(word) for word in values[index : index + tag.register_count]]
+        return decode_string(words, tag.string_bytes, tag.string_padding, tag.byte_swap)
 
     raw: int | float
-    if tag.type == "uint16":
+    if tag.byte_swap:
+        words = [int(word) for word in values[index : index + tag.register_count]]
+        raw = decode_registers(words, tag.type, tag.word_order, byte_swap=True)
+    elif tag.type == "uint16":
         # The two most common types skip struct, which cuts decoding from about 1.4 to
         # 0.25 us a tag (timeit, Python 3.11).
         raw = int(values[index])

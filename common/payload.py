@@ -5,8 +5,10 @@ A sample is one object:
     {"name": "line1.speed", "value": 12.5, "quality": "good", "ts_ms": 1764806400123,
      "epoch": 3, "seq": 41}
 
-value is null and a "reason" key is added when quality is "bad". ts_ms is the source
-timestamp in UTC milliseconds since the Unix epoch. seq counts the reader's samples from 0
+value is a number, true or false, or a string for a string tag. A good sample of a tag with
+an engineering unit adds "unit": "kPa" after the value; consumers must accept it and other
+optional fields. value is null and a "reason" key is added when quality is "bad". ts_ms is
+the source timestamp in UTC milliseconds since the Unix epoch. seq counts the reader's samples from 0
 within epoch, and epoch grows by one at every reader start, so a gap in seq within an epoch
 means lost samples and a new epoch shows a reader restart.
 

@@ -210,7 +210,7 @@ class PlcReader:
             if self._invalid_tags and tag.name in self._invalid_tags:
                 self._invalid_tags.discard(tag.name)
                 self._logger.info("value_recovered %s", fields(tag=tag.name))
-            samples.append(self._encoder.good(tag.name, value, ts_ms, self._next_seq))
+            samples.append(self._encoder.good(tag.name, value, ts_ms, self._next_seq, tag.unit))
             self._next_seq += 1
         return samples
 

@@ -27,6 +27,8 @@ def encode_value(value: TagValue) -> bytes:
         return b"false"
     if isinstance(value, int):
         return b"%d" % value
+    if isinstance(value, str):
+        return encode_json_string(value)
     return repr(value).encode()
 
 
@@ -38,7 +40,14 @@ class SampleEncoder:
         self._names: dict[str, bytes] = {}
         self._reasons: dict[str, bytes] = {}
 
-    def good(self, name: str, value: TagValue, ts_ms: int, seq: int) -> bytes:
+    def good(self, name: str, value: TagValue, ts_ms: int, seq: int, unit: str = "") -> bytes:
+        """Encode a good sample; a unit adds the optional "unit" field after the value."""
+        if unit:
+            return (
+                b'{"name":%b,"value":%b,"unit":%b,"quality":"good","ts_ms":%d,"epoch":%d,'
+                b'"seq":%d}'
+                % (self._name(name), encode_value(value), self._name(unit), ts_ms, self.epoch, seq)
+            )
         return b'{"name":%b,"value":%b,"quality":"good","ts_ms":%d,"epoch":%d,"seq":%d}' % (
             self._name(name),
             encode_value(value),
