@@ -14,7 +14,7 @@ from pymodbus.client import ModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
 
-from common.config import BIT_TABLES, PlcSettings
+from common.config import BIT_TABLES, PlcDevice, PlcSettings
 from common.errors import PlcError
 from common.modbus_tags import ReadRequest
 from processes.plc_reader.resolver import (
@@ -42,6 +42,7 @@ EXCEPTION_NAMES = {
 REASON_TIMEOUT = "timeout"
 REASON_CONNECTION = "connection failed"
 REASON_PROTOCOL = "protocol error"
+REASON_TRANSACTION_ID = "transaction id mismatch"
 
 
 class PlcReadError(PlcError):
@@ -114,7 +115,10 @@ class PlcConnection:
     """One Modbus TCP connection to the PLC, opened on request and closed on any failure."""
 
     def __init__(
-        self, settings: PlcSettings, logger: logging.Logger, resolve: Resolve = resolve_tcp
+        self,
+        settings: PlcSettings | PlcDevice,
+        logger: logging.Logger,
+        resolve: Resolve = resolve_tcp,
     ) -> None:
         self.endpoint = f"{settings.host}:{settings.port}"
         self.unit_id = settings.unit_id
@@ -153,13 +157,14 @@ class PlcConnection:
         connection or a malformed response closes it, because a late response to this
         request would otherwise be taken for the response to the next one.
         """
+        unit_id = self.unit_id if request.unit_id is None else request.unit_id
         where = (
-            f"{self.endpoint} unit {self.unit_id} {request.table} "
+            f"{self.endpoint} unit {unit_id} {request.table} "
             f"address {request.address} count {request.count}"
         )
         try:
             response = self._readers[request.table](
-                request.address, count=request.count, device_id=self.unit_id
+                request.address, count=request.count, device_id=unit_id
             )
         except (ConnectionException, OSError) as exc:
             # pymodbus 3.16 lets a reset connection's OSError out of recv() untranslated.
@@ -191,11 +196,22 @@ class PlcConnection:
     def _io_error(self, where: str, exc: ModbusIOException) -> PlcReadError:
         # pymodbus 3.16 raises ModbusIOException both for a request without a response
         # within the timeout and for a response with the wrong transaction or device id.
-        # Only the message text distinguishes them.
-        if "No response received" in str(exc):
+        # Only the message text distinguishes them. Its framer already skips a reply whose
+        # nonzero transaction id or unit id differs from the request's, so such a reply,
+        # a late one included, ends as a timeout. A reply with transaction id 0 passes the
+        # framer and is rejected by the id check that raises here.
+        text = str(exc)
+        if "No response received" in text:
             return PlcReadError(
                 f"read from {where} timed out after {self.timeout_s:g} s",
                 REASON_TIMEOUT,
+                connection_lost=True,
+            )
+        if "transaction id" in text:
+            return PlcReadError(
+                f"read from {where} failed: the reply's transaction id does not match the "
+                f"request's ({text})",
+                REASON_TRANSACTION_ID,
                 connection_lost=True,
             )
         return PlcReadError(

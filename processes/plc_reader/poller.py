@@ -1,0 +1,350 @@
+"""One polling thread per device, so that a dead or slow PLC delays only its own tags.
+
+Each DevicePoller owns one connection and the schedules of its device's tag groups. It reads
+what is due, turns every response into Readings and puts them, with its tap events, on the
+outbox queue. The reader's main thread owns the sample encoder, the sequence numbers, the
+ingest socket and the tap, because ZeroMQ sockets must stay on one thread.
+
+A group is due at next_due on the monotonic clock. A poll that ends after the next due time
+skips the missed cycles instead of catching up in a burst, and counts them as overruns.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from common.backoff import Backoff
+from common.config import PlcDevice, PlcSettings, Tag
+from common.logs import fields
+from common.modbus_tags import ReadRequest, TagValue, decode_tag, invalid_value_reason
+from common.ratelimit import RateLimit
+from processes.plc_reader.client import PlcReadError
+from processes.plc_reader.report import ReportFilter
+from processes.plc_reader.schedule import GroupSchedule
+
+RECONNECT_LOG_INTERVAL_S = 10.0
+
+# Lateness of this many recent polls per device is kept for the tap's percentiles.
+LATENESS_WINDOW = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One tag's result from one poll: a value, or None and the reason it is bad."""
+
+    tag: Tag
+    value: TagValue | None
+    reason: str
+    ts_ms: int
+
+
+# Outbox messages: ("readings", list[Reading]), ("event", kind, values) for the tap, and
+# ("crashed", device name, exception) when a polling thread fails unexpectedly.
+Outbox = queue.SimpleQueue[tuple[Any, ...]]
+
+
+class Connection(Protocol):
+    endpoint: str
+    unit_id: int
+
+    @property
+    def connected(self) -> bool: ...
+
+    def connect(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def read(self, request: ReadRequest) -> list[int] | list[bool]: ...
+
+
+class DevicePoller:
+    """Polls the tag groups of one device on a thread of its own."""
+
+    def __init__(
+        self,
+        device: PlcDevice,
+        settings: PlcSettings,
+        schedules: list[GroupSchedule],
+        connection: Connection,
+        logger: logging.Logger,
+        outbox: Outbox,
+    ) -> None:
+        self.device = device
+        self.schedules = schedules
+        self._connection = connection
+        self._logger = logger
+        self._outbox = outbox
+        self._pause_s = device.request_pause_ms / 1000
+        self._last_request_end = 0.0
+        self._backoff = Backoff(settings.reconnect_min_s, settings.reconnect_max_s)
+        self._reconnect_log = RateLimit(RECONNECT_LOG_INTERVAL_S)
+        self._report = ReportFilter()
+        self._thread: threading.Thread | None = None
+
+        # Connection state: "starting" until the PLC first responds or fails, then
+        # "connected" or "disconnected". Only a change of state is logged at WARNING or INFO.
+        self.state = "starting"
+        self._reconnect_at = 0.0
+        self._down_since = 0.0
+        self._down_reason = ""
+        self._request_errors: dict[tuple[str, str, int, int | None], str] = {}
+        self._invalid_tags: set[str] = set()
+
+        # Counters, written only by this poller's thread and read by the main thread.
+        self.polls = 0
+        self.read_errors = 0
+        self.overruns = 0
+        self.lateness_s: deque[float] = deque(maxlen=LATENESS_WINDOW)
+
+    def start(self, stop: threading.Event) -> None:
+        self._thread = threading.Thread(
+            target=self._run, args=(stop,), name=f"poll-{self.device.name}", daemon=True
+        )
+        self._thread.start()
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait for the thread to end after stop was set; return whether it ended."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def _run(self, stop: threading.Event) -> None:
+        # An unexpected error must stop the process, not leave one device silently unpolled.
+        try:
+            while not stop.is_set():
+                self.poll_due()
+                next_due = min(schedule.next_due for schedule in self.schedules)
+                stop.wait(max(next_due - time.monotonic(), 0.0))
+        except Exception as exc:
+            self._outbox.put(("crashed", self.device.name, exc))
+
+    def poll_due(self) -> None:
+        """Poll every group that is due now."""
+        now = time.monotonic()
+        for schedule in self.schedules:
+            if schedule.next_due > now:
+                continue
+            started = time.monotonic()
+            self.lateness_s.append(started - schedule.next_due)
+            self._poll_group(schedule)
+            finished = time.monotonic()
+            self.overruns += schedule.advance(finished)
+            if self._logger.isEnabledFor(logging.DEBUG):
+                self._logger.debug(
+                    "poll %s",
+                    fields(
+                        device=self.device.name,
+                        group=schedule.name,
+                        duration_ms=round((finished - started) * 1000, 2),
+                    ),
+                )
+
+    def _poll_group(self, schedule: GroupSchedule) -> None:
+        self.polls += 1
+        readings: list[Reading] = []
+        for request in schedule.requests:
+            readings += self._read(request)
+        if readings:
+            self._outbox.put(("readings", readings))
+
+    def _read(self, request: ReadRequest) -> list[Reading]:
+        """Read one request and return its readings, bad ones when the read failed."""
+        if not self._ensure_connected():
+            self.read_errors += 1
+            return self._bad_readings(request.tags, self._down_reason)
+
+        self._pause_before_request()
+        try:
+            values = self._connection.read(request)
+        except PlcReadError as exc:
+            self.read_errors += 1
+            if exc.connection_lost:
+                self._on_link_failure(exc)
+            else:
+                self._on_link_up()
+                self._on_request_error(request, exc)
+            return self._bad_readings(request.tags, exc.reason)
+        finally:
+            self._last_request_end = time.monotonic()
+
+        ts_ms = time.time_ns() // 1_000_000
+        self._on_link_up()
+        self._on_request_ok(request)
+        return self._good_readings(request, values, ts_ms)
+
+    def _pause_before_request(self) -> None:
+        # Some PLCs and serial gateways drop a request that follows the last reply too soon.
+        if self._pause_s:
+            remaining = self._last_request_end + self._pause_s - time.monotonic()
+            if remaining > 0:
+                time.sleep(remaining)
+
+    def _good_readings(
+        self, request: ReadRequest, values: list[int] | list[bool], ts_ms: int
+    ) -> list[Reading]:
+        readings = []
+        now_s = time.monotonic()
+        for tag in request.tags:
+            value = decode_tag(tag, values, request.address)
+            reason = invalid_value_reason(value)
+            if reason is not None:
+                self._on_invalid_value(tag, reason)
+                if self._report.should_report(tag, None, reason, now_s):
+                    readings.append(Reading(tag, None, reason, ts_ms))
+                continue
+            if self._invalid_tags and tag.name in self._invalid_tags:
+                self._invalid_tags.discard(tag.name)
+                self._logger.info("value_recovered %s", fields(tag=tag.name))
+            if self._report.should_report(tag, value, "", now_s):
+                readings.append(Reading(tag, value, "", ts_ms))
+        return readings
+
+    def _bad_readings(self, tags: tuple[Tag, ...], reason: str) -> list[Reading]:
+        ts_ms = time.time_ns() // 1_000_000
+        now_s = time.monotonic()
+        return [
+            Reading(tag, None, reason, ts_ms)
+            for tag in tags
+            if self._report.should_report(tag, None, reason, now_s)
+        ]
+
+    def _on_invalid_value(self, tag: Tag, reason: str) -> None:
+        if tag.name in self._invalid_tags:
+            return
+        self._invalid_tags.add(tag.name)
+        self._logger.warning(
+            "value_invalid %s",
+            fields(
+                tag=tag.name,
+                table=tag.table,
+                address=tag.address,
+                reason=reason,
+                consequence="the tag reads as bad until the PLC writes a finite value",
+            ),
+        )
+
+    def _event(self, kind: str, **values: Any) -> None:
+        self._outbox.put(("event", kind, values))
+
+    def _ensure_connected(self) -> bool:
+        """Connect when the backoff allows, and return whether a connection is open."""
+        if self._connection.connected:
+            return True
+        if time.monotonic() < self._reconnect_at:
+            return False
+
+        try:
+            self._connection.connect()
+        except PlcReadError as exc:
+            self._on_link_failure(exc)
+            return False
+        self._logger.debug(
+            "plc_link_open %s", fields(device=self.device.name, endpoint=self._connection.endpoint)
+        )
+        return True
+
+    def _on_link_up(self) -> None:
+        """Mark the PLC reachable once it responds to a request, not when the link opens.
+
+        A PLC that accepts connections but never responds would otherwise flap between
+        connected and disconnected at every reconnect, and reset the backoff each time.
+        """
+        if self.state == "connected":
+            return
+        self._backoff.reset()
+        endpoint = self._connection.endpoint
+        where = fields(device=self.device.name, endpoint=endpoint, unit_id=self.device.unit_id)
+        if self.state == "disconnected":
+            down_s = round(time.monotonic() - self._down_since, 1)
+            self._logger.info("plc_reconnected %s down_s=%s", where, down_s)
+        else:
+            self._logger.info("plc_connected %s", where)
+        self.state = "connected"
+        self._event("plc_connected", device=self.device.name, endpoint=endpoint)
+
+    def _on_link_failure(self, exc: PlcReadError) -> None:
+        """Schedule the next connect attempt and log the failure if it changes the state."""
+        delay_s = self._backoff.next_delay_s()
+        now = time.monotonic()
+        self._reconnect_at = now + delay_s
+        self._down_reason = exc.reason
+        if self.state == "disconnected":
+            self._log_reconnect_failed(exc, delay_s)
+            return
+
+        event = "plc_disconnected" if self.state == "connected" else "plc_unreachable"
+        self._down_since = now
+        self.state = "disconnected"
+        self._request_errors.clear()
+        self._logger.warning(
+            "%s %s",
+            event,
+            fields(
+                device=self.device.name,
+                error=exc,
+                retry_in_s=round(delay_s, 2),
+                consequence="every tag of this device reads as bad until the PLC answers "
+                "again",
+            ),
+        )
+        self._event(
+            "plc_disconnected",
+            device=self.device.name,
+            endpoint=self._connection.endpoint,
+            reason=exc.reason,
+        )
+        self._event("error", message=str(exc))
+
+    def _log_reconnect_failed(self, exc: PlcReadError, delay_s: float) -> None:
+        # The backoff already spaces the attempts, and the rate limit keeps a short
+        # plc.reconnect_max_s from filling the log during a long outage.
+        suppressed = self._reconnect_log.allow()
+        if suppressed is not None:
+            self._logger.info(
+                "plc_reconnect_failed %s",
+                fields(
+                    device=self.device.name,
+                    attempt=self._backoff.attempts,
+                    error=exc,
+                    retry_in_s=round(delay_s, 2),
+                    suppressed=suppressed,
+                ),
+            )
+
+    def _on_request_error(self, request: ReadRequest, exc: PlcReadError) -> None:
+        key = (request.group, request.table, request.address, request.unit_id)
+        if self._request_errors.get(key) == exc.reason:
+            return
+        self._request_errors[key] = exc.reason
+        names = ",".join(tag.name for tag in request.tags)
+        self._logger.warning(
+            "read_failed %s",
+            fields(
+                device=self.device.name, error=exc, tags=names,
+                consequence="these tags read as bad",
+            ),
+        )
+        self._event("error", message=str(exc), tags=names)
+
+    def _on_request_ok(self, request: ReadRequest) -> None:
+        key = (request.group, request.table, request.address, request.unit_id)
+        if self._request_errors.pop(key, None) is not None:
+            self._logger.info(
+                "read_recovered %s",
+                fields(
+                    device=self.device.name,
+                    group=request.group,
+                    table=request.table,
+                    address=request.address,
+                ),
+            )
