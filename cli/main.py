@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from cli import buffer as buffer_command
 from cli import checks, launch
+from cli import read as read_command
 from cli import sas as sas_command
 from cli import tap as tap_command
 from common import wire
@@ -26,6 +27,7 @@ exit codes:
   3  check-credentials: a SAS token or certificate has expired or is not valid
      yet, or the clock is behind the gateway's lower bound on the real time
   4  ctl: supervisord is not running
+  read exits 1 when any tag read as bad.
   run and ctl otherwise exit with supervisord's or supervisorctl's own code.
   ctl, tap and buffer use the last good copy of an invalid configuration file, when there
   is one.
@@ -72,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     sas_command.add_arguments(sas)
     sas.set_defaults(handler=sas_command.sas)
+
+    # read takes --config as an option, because an ad-hoc tag needs no configuration.
+    summary = ("read tags once and print the requests, raw registers, decoded values and "
+               "quality; --config FILE [--tag NAME ...], or one ad-hoc tag")
+    read = commands.add_parser("read", help=summary, description=summary, epilog=EXIT_CODES,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    read_command.add_arguments(read)
+    read.set_defaults(handler=read_command.read)
 
     ctl = _add_command(commands, "ctl", launch.ctl,
                        "run supervisorctl against the gateway's supervisord, e.g. "

@@ -596,6 +596,14 @@ def _parse_plc(table: _Table) -> PlcSettings:
     return settings
 
 
+def parse_plc_table(source: str, data: dict[str, Any]) -> PlcSettings:
+    """Validate a [plc] table given as a dict, for example one built from command-line options.
+
+    Errors name source in place of a file, and the keys as a configuration file would.
+    """
+    return _parse_plc(_Table(Path(source), "plc", data))
+
+
 def _parse_device(
     table: _Table, base: PlcDevice, name: str, connection_required: bool
 ) -> PlcDevice:

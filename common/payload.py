@@ -8,9 +8,9 @@ A sample is one object:
 value is a number, true or false, or a string for a string tag. A good sample of a tag with
 an engineering unit adds "unit": "kPa" after the value; consumers must accept it and other
 optional fields. value is null and a "reason" key is added when quality is "bad". ts_ms is
-the source timestamp in UTC milliseconds since the Unix epoch. seq counts the reader's samples from 0
-within epoch, and epoch grows by one at every reader start, so a gap in seq within an epoch
-means lost samples and a new epoch shows a reader restart.
+the source timestamp in UTC milliseconds since the Unix epoch. seq counts the reader's
+samples from 0 within epoch, and epoch grows by one at every reader start, so a gap in seq
+within an epoch means lost samples and a new epoch shows a reader restart.
 
 A page is what one MQTT message carries:
 
