@@ -1,10 +1,13 @@
 """A Modbus TCP server that replaces the PLC in the demo and in tests.
 
 Run it with ``python -m devstack.plc_simulator --host 127.0.0.1 --port 15020``. It responds
-to every unit id. A tick counter grows by one every 10 ms of the server's monotonic clock, and
-every value below is derived from that tick. Each table is written with one setValues call
-per tick, so one read request gets a consistent snapshot and a test can check every sample
-against the others read with it.
+to every unit id. With ``--framer rtu`` it speaks Modbus RTU frames over TCP, as a
+serial-to-Ethernet converter in transparent mode does.
+
+A tick counter grows by one every 10 ms of the server's monotonic clock, and every value
+below is derived from that tick. Each table is written with one setValues call per tick, so
+one read request gets a consistent snapshot and a test can check every sample against the
+others read with it.
 
 Register map, with zero-based protocol addresses:
 
@@ -36,6 +39,7 @@ import struct
 import sys
 import time
 
+from pymodbus.framer import FramerType
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
@@ -140,21 +144,24 @@ async def run_ticks(server: ModbusTcpServer, bench_registers: int) -> None:
         await asyncio.sleep(TICK_S - (elapsed % TICK_S))
 
 
-async def serve(host: str, port: int, bench_registers: int) -> int:
+async def serve(host: str, port: int, bench_registers: int, framer: str = "socket") -> int:
     """Serve until SIGTERM or SIGINT, and return the exit code."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
-    server = ModbusTcpServer(build_device(bench_registers), address=(host, port))
+    server = ModbusTcpServer(
+        build_device(bench_registers), address=(host, port), framer=FramerType(framer)
+    )
     try:
         await server.serve_forever(background=True)
     except RuntimeError as exc:
         logger.error("listen_failed address=%s:%d error=%s", host, port, exc)
         return 1
     logger.info(
-        "listening address=%s:%d bench_registers=%d", host, port, bench_registers
+        "listening address=%s:%d framer=%s bench_registers=%d",
+        host, port, framer, bench_registers,
     )
 
     ticker = asyncio.create_task(run_ticks(server, bench_registers), name="ticks")
@@ -178,6 +185,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1000,
         help="number of benchmark holding registers from address 100 (0 to 65436)",
     )
+    parser.add_argument(
+        "--framer",
+        choices=("socket", "rtu"),
+        default="socket",
+        help="socket: Modbus TCP; rtu: Modbus RTU frames over TCP",
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.bench_registers <= 65536 - BENCH_START:
         parser.error(f"--bench-registers {args.bench_registers} is not between 0 and 65436")
@@ -195,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     # pymodbus 3.16 logs its listen and every client connection at INFO.
     logging.getLogger("pymodbus").setLevel(logging.WARNING)
-    return asyncio.run(serve(args.host, args.port, args.bench_registers))
+    return asyncio.run(serve(args.host, args.port, args.bench_registers, args.framer))
 
 
 if __name__ == "__main__":

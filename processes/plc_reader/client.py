@@ -1,4 +1,7 @@
-"""The reader's Modbus TCP connection: pymodbus enters the gateway here and nowhere else.
+"""The reader's Modbus connections: pymodbus enters the gateway here and nowhere else.
+
+Three transports: Modbus TCP, Modbus RTU on a serial port, and RTU frames over TCP for
+serial-to-Ethernet converters in transparent mode.
 
 Every pymodbus exception and Modbus exception response is translated into PlcReadError,
 which names the endpoint, unit id, table and address and carries the short reason that bad
@@ -9,9 +12,12 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 
-from pymodbus.client import ModbusTcpClient
+import serial
+from pymodbus.client import ModbusSerialClient, ModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
 
 from common.config import BIT_TABLES, PlcDevice, PlcSettings
@@ -62,10 +68,14 @@ class _TcpClient(ModbusTcpClient):
     logger and returns False, so the cause (refused, unreachable, timed out) would be lost.
     """
 
-    def __init__(self, resolver: HostResolver, timeout_s: float) -> None:
+    def __init__(
+        self, resolver: HostResolver, timeout_s: float, framer: FramerType = FramerType.SOCKET
+    ) -> None:
         # retries=0: a read without a response fails after timeout_s instead of waiting
         # for pymodbus's own retries (3 by default), so the reader's schedule stays on time.
-        super().__init__(resolver.host, port=resolver.port, timeout=timeout_s, retries=0)
+        super().__init__(
+            resolver.host, port=resolver.port, timeout=timeout_s, retries=0, framer=framer
+        )
         self._resolver = resolver
 
     def connect(self) -> bool:
@@ -111,8 +121,78 @@ def _open_socket(
     return sock
 
 
+class _SerialClient(ModbusSerialClient):
+    """ModbusSerialClient that raises the port's open error and starts with empty input.
+
+    pymodbus 3.16's connect() logs the error on the pymodbus logger and returns False, so
+    the cause (missing device, permission denied, port in use) would be lost.
+    """
+
+    def __init__(self, device: PlcDevice) -> None:
+        super().__init__(
+            device.serial_port,
+            framer=FramerType.RTU,
+            baudrate=device.baudrate,
+            bytesize=device.byte_size,
+            parity=device.parity,
+            stopbits=device.stop_bits,
+            timeout=device.timeout_s,
+            retries=0,
+        )
+
+    def connect(self) -> bool:
+        if self.socket:
+            return True
+        params = self.comm_params
+        try:
+            port = serial.serial_for_url(
+                params.host,
+                timeout=params.timeout_connect,
+                write_timeout=params.timeout_connect,
+                bytesize=params.bytesize,
+                stopbits=params.stopbits,
+                baudrate=params.baudrate,
+                parity=params.parity,
+                exclusive=True,
+            )
+        except (serial.SerialException, OSError, ValueError) as exc:
+            raise PlcReadError(
+                f"open serial port {params.host} failed: {exc}",
+                REASON_CONNECTION,
+                connection_lost=True,
+            ) from exc
+        port.inter_byte_timeout = self.inter_byte_timeout
+        port.reset_input_buffer()
+        self.socket = port
+        return True
+
+    def flush_input(self) -> None:
+        """Discard what the line delivers until it has been quiet for timeout_s.
+
+        RTU frames carry no transaction id, so a late reply left in the input would be taken
+        as the reply to the next request with the same function code and length. Draining
+        until the line is quiet catches a reply up to timeout_s later than the timeout.
+        The drain stops after three times timeout_s on a line that never goes quiet.
+        """
+        quiet_s = self.comm_params.timeout_connect or 0.0
+        started = last_byte = time.monotonic()
+        try:
+            while self.socket is not None:
+                now = time.monotonic()
+                if now - last_byte >= quiet_s or now - started >= 3 * quiet_s:
+                    return
+                waiting = self.socket.in_waiting
+                if waiting:
+                    self.socket.read(waiting)
+                    last_byte = time.monotonic()
+                else:
+                    time.sleep(max(self._recv_interval, 0.002))
+        except (serial.SerialException, OSError):
+            self.close()
+
+
 class PlcConnection:
-    """One Modbus TCP connection to the PLC, opened on request and closed on any failure."""
+    """One Modbus connection to a device, opened on request and closed on any failure."""
 
     def __init__(
         self,
@@ -120,14 +200,21 @@ class PlcConnection:
         logger: logging.Logger,
         resolve: Resolve = resolve_tcp,
     ) -> None:
-        self.endpoint = f"{settings.host}:{settings.port}"
         self.unit_id = settings.unit_id
         self.timeout_s = settings.timeout_s
+        self._client: ModbusTcpClient | ModbusSerialClient
+        transport = settings.transport if isinstance(settings, PlcDevice) else "tcp"
 
-        resolver = HostResolver(
-            settings.host, settings.port, settings.timeout_s, logger, resolve
-        )
-        self._client = _TcpClient(resolver, settings.timeout_s)
+        if isinstance(settings, PlcDevice) and transport == "rtu":
+            self.endpoint = settings.serial_port
+            self._client = _SerialClient(settings)
+        else:
+            self.endpoint = f"{settings.host}:{settings.port}"
+            resolver = HostResolver(
+                settings.host, settings.port, settings.timeout_s, logger, resolve
+            )
+            framer = FramerType.RTU if transport == "rtu_over_tcp" else FramerType.SOCKET
+            self._client = _TcpClient(resolver, settings.timeout_s, framer)
         self._readers = {
             "holding_register": self._client.read_holding_registers,
             "input_register": self._client.read_input_registers,
@@ -140,10 +227,10 @@ class PlcConnection:
         return self._client.connected
 
     def connect(self) -> None:
-        """Resolve plc.host and open the TCP connection.
+        """Resolve the host and open the TCP connection, or open the serial port.
 
-        Raises PlcReadError naming the endpoint on failure. Blocks for at most plc.timeout_s
-        for the lookup, when one is started, plus plc.timeout_s for each address tried.
+        Raises PlcReadError naming the endpoint on failure. Blocks for at most timeout_s
+        for the lookup, when one is started, plus timeout_s for each address tried.
         """
         self._client.connect()
 
@@ -175,6 +262,8 @@ class PlcConnection:
                 connection_lost=True,
             ) from exc
         except ModbusIOException as exc:
+            if isinstance(self._client, _SerialClient):
+                self._client.flush_input()
             self.close()
             raise self._io_error(where, exc) from exc
         except ModbusException as exc:
