@@ -95,10 +95,10 @@ class SerialRelay:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            ready, _, _ = select.select([self._tty, self._plc], [], [], 0.05)
+            ready, _, _ = select.select([self._tty, self._plc.fileno()], [], [], 0.05)
             if self._tty in ready:
                 self._plc.sendall(os.read(self._tty, 4096))
-            if self._plc in ready:
+            if self._plc.fileno() in ready:
                 reply = self._plc.recv(4096)
                 if not reply:
                     return
