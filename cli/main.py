@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from cli import buffer as buffer_command
 from cli import checks, launch
+from cli import identity as identity_command
 from cli import read as read_command
 from cli import sas as sas_command
 from cli import tap as tap_command
@@ -82,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     read_command.add_arguments(read)
     read.set_defaults(handler=read_command.read)
+
+    confirm = _add_command(commands, "confirm-identity", identity_command.confirm_identity,
+                           "store the PLC's serial-number id after a PLC swap, so that the "
+                           "reader sends samples again")
+    identity_command.add_arguments(confirm)
 
     ctl = _add_command(commands, "ctl", launch.ctl,
                        "run supervisorctl against the gateway's supervisord, e.g. "

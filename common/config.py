@@ -174,6 +174,23 @@ class PlcDevice:
 
 
 @dataclass(frozen=True)
+class IdentitySettings:
+    """Where the PLC's serial number is read, to derive the id YYMMNNNN, such as 22091017.
+
+    Either serial_address names a uint32 (two registers, high word first) that already
+    contains the id, or year_address, month_address and unit_address name three uint16
+    registers: year 0-99 or 2000-2099, month 1-12, unit number 0-9999.
+    """
+
+    device: str
+    table: str
+    serial_address: int | None
+    year_address: int | None
+    month_address: int | None
+    unit_address: int | None
+
+
+@dataclass(frozen=True)
 class PlcSettings:
     # host, port and unit_id describe the default device, used when no [[plc.devices]] are
     # listed. host is "" when devices are listed and [plc] sets none.
@@ -192,6 +209,7 @@ class PlcSettings:
     tag_groups: tuple[TagGroup, ...]
     tags: tuple[Tag, ...]
     devices: tuple[PlcDevice, ...] = ()
+    identity: IdentitySettings | None = None
 
     def device(self, name: str) -> PlcDevice:
         for device in self.devices:
@@ -564,6 +582,8 @@ def _parse_plc(table: _Table) -> PlcSettings:
 
     groups = tuple(_parse_group(item) for item in table.array_of_tables("tag_groups"))
     tags = tuple(_parse_tag(item, devices) for item in table.array_of_tables("tags"))
+    identity_table = table.table("identity")
+    identity = _parse_identity(identity_table, devices) if identity_table.data else None
     settings = PlcSettings(
         host=default_device.host,
         port=default_device.port,
@@ -580,6 +600,7 @@ def _parse_plc(table: _Table) -> PlcSettings:
         tag_groups=groups,
         tags=tags,
         devices=devices,
+        identity=identity,
     )
     table.reject_unknown()
 
@@ -704,6 +725,31 @@ def _parse_tag(table: _Table, devices: tuple[PlcDevice, ...]) -> Tag:
     table.reject_unknown()
     _check_tag(table, tag, first)
     return tag
+
+
+def _parse_identity(table: _Table, devices: tuple[PlcDevice, ...]) -> IdentitySettings:
+    device = _tag_device(table, devices)
+    base = device.address_base
+    addresses = {
+        key: _optional_integer(table, key, base, 65535 + base)
+        for key in ("serial_address", "year_address", "month_address", "unit_address")
+    }
+    shifted = {key: None if value is None else value - base for key, value in addresses.items()}
+    identity = IdentitySettings(
+        device=device.name,
+        table=table.text("table", "input_register", ("holding_register", "input_register")),
+        **shifted,
+    )
+    table.reject_unknown()
+
+    parts = [identity.year_address, identity.month_address, identity.unit_address]
+    if identity.serial_address is None and None in parts:
+        raise table.error("serial_address", None, "serial_address, or all three of "
+                          "year_address, month_address and unit_address")
+    if identity.serial_address is not None and parts != [None, None, None]:
+        raise table.error("serial_address", addresses["serial_address"],
+                          "either serial_address or the three part addresses, not both")
+    return identity
 
 
 def _tag_device(table: _Table, devices: tuple[PlcDevice, ...]) -> PlcDevice:

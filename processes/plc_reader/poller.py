@@ -20,11 +20,17 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from common.backoff import Backoff
-from common.config import PlcDevice, PlcSettings, Tag
+from common.config import IdentitySettings, PlcDevice, PlcSettings, Tag
 from common.logs import fields
 from common.modbus_tags import ReadRequest, TagValue, decode_tag, invalid_value_reason
 from common.ratelimit import RateLimit
 from processes.plc_reader.client import PlcReadError
+from processes.plc_reader.identity import (
+    IdentityError,
+    decode_identity,
+    id_from_values,
+    identity_requests,
+)
 from processes.plc_reader.report import ReportFilter
 from processes.plc_reader.schedule import GroupSchedule
 
@@ -44,8 +50,9 @@ class Reading:
     ts_ms: int
 
 
-# Outbox messages: ("readings", list[Reading]), ("event", kind, values) for the tap, and
-# ("crashed", device name, exception) when a polling thread fails unexpectedly.
+# Outbox messages: ("readings", list[Reading]), ("event", kind, values) for the tap,
+# ("identity", id), ("identity_unreachable", reason) and ("identity_invalid", error) from the
+# identity device, and ("crashed", device name, exception) when a polling thread fails.
 Outbox = queue.SimpleQueue[tuple[Any, ...]]
 
 
@@ -74,6 +81,7 @@ class DevicePoller:
         connection: Connection,
         logger: logging.Logger,
         outbox: Outbox,
+        identity: IdentitySettings | None = None,
     ) -> None:
         self.device = device
         self.schedules = schedules
@@ -86,6 +94,12 @@ class DevicePoller:
         self._reconnect_log = RateLimit(RECONNECT_LOG_INTERVAL_S)
         self._report = ReportFilter()
         self._thread: threading.Thread | None = None
+
+        # The serial-number identity is read on this device's own connection, because a
+        # serial port can be opened only once, before every poll until it succeeds.
+        self._identity = identity
+        self._identity_failed = False
+        self._identity_error = ""
 
         # Connection state: "starting" until the PLC first responds or fails, then
         # "connected" or "disconnected". Only a change of state is logged at WARNING or INFO.
@@ -122,8 +136,12 @@ class DevicePoller:
         # An unexpected error must stop the process, not leave one device silently unpolled.
         try:
             while not stop.is_set():
+                if self._identity is not None:
+                    self._read_identity()
                 self.poll_due()
-                next_due = min(schedule.next_due for schedule in self.schedules)
+                # A device with only the identity to read retries it once a second.
+                next_due = min((schedule.next_due for schedule in self.schedules),
+                               default=time.monotonic() + 1.0)
                 stop.wait(max(next_due - time.monotonic(), 0.0))
         except Exception as exc:
             self._outbox.put(("crashed", self.device.name, exc))
@@ -181,6 +199,39 @@ class DevicePoller:
         self._on_link_up()
         self._on_request_ok(request)
         return self._good_readings(request, values, ts_ms)
+
+    def _read_identity(self) -> None:
+        """Read the serial-number id and post it; post the first failure, and each new error."""
+        settings = self._identity
+        assert settings is not None
+        if not self._ensure_connected():
+            self._post_identity_failure(self._down_reason)
+            return
+        try:
+            values: dict[str, int] = {}
+            for request in identity_requests(settings, self.device):
+                self._pause_before_request()
+                registers = self._connection.read(request)
+                self._last_request_end = time.monotonic()
+                values.update(decode_identity(settings, request, registers))
+            plc_id = id_from_values(settings, values)
+        except PlcReadError as exc:
+            if exc.connection_lost:
+                self._on_link_failure(exc)
+            self._post_identity_failure(exc.reason)
+            return
+        except IdentityError as exc:
+            if str(exc) != self._identity_error:
+                self._identity_error = str(exc)
+                self._outbox.put(("identity_invalid", str(exc)))
+            return
+        self._identity = None
+        self._outbox.put(("identity", plc_id))
+
+    def _post_identity_failure(self, reason: str) -> None:
+        if not self._identity_failed:
+            self._identity_failed = True
+            self._outbox.put(("identity_unreachable", reason))
 
     def _pause_before_request(self) -> None:
         # Some PLCs and serial gateways drop a request that follows the last reply too soon.

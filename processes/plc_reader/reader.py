@@ -28,6 +28,7 @@ from common.logs import fields
 from common.tap import Tap
 from processes.plc_reader.client import PlcConnection
 from processes.plc_reader.epoch import advance_epoch
+from processes.plc_reader.identity import IdentityGate, IdentityStore
 from processes.plc_reader.lock import ReaderLock
 from processes.plc_reader.poller import DevicePoller, Outbox, Reading
 from processes.plc_reader.samples import SampleEncoder
@@ -63,8 +64,10 @@ class PlcReader:
         sender: IngestSender,
         tap: Tap,
         epoch: int,
+        identity: IdentityGate | None = None,
     ) -> None:
         self._pollers = pollers
+        self._identity = identity
         self._outbox = outbox
         self._sender = sender
         self._tap = tap
@@ -81,6 +84,8 @@ class PlcReader:
         try:
             while not stop.is_set():
                 self._take_readings()
+                if self._identity is not None:
+                    self._identity.check_confirmation()
                 self._sender.pump()
                 self._publish_counters()
                 self._sender.wait_for_acks(MAX_WAIT_S)
@@ -102,7 +107,9 @@ class PlcReader:
         every device: how long after its due time each poll started.
         """
         lateness = sorted(value for poller in self._pollers for value in poller.lateness_s)
+        identity = self._identity.counters() if self._identity is not None else {}
         return {
+            **identity,
             "polls": sum(poller.polls for poller in self._pollers),
             "read_errors": sum(poller.read_errors for poller in self._pollers),
             "samples": self.samples,
@@ -133,12 +140,34 @@ class PlcReader:
                 self._enqueue(message[1])
             elif kind == "event":
                 self._tap.publish(message[1], **message[2])
+            elif kind.startswith("identity"):
+                self._on_identity(kind, message[1])
             else:
                 raise ReaderCrashed(
                     f"the polling thread of device {message[1]!r} failed: {message[2]!r}"
                 ) from message[2]
 
+    def _on_identity(self, kind: str, detail: str) -> None:
+        gate = self._identity
+        if gate is None:
+            return
+        before = gate.state
+        if kind == "identity":
+            gate.on_read(detail)
+        elif kind == "identity_unreachable":
+            gate.on_unreachable(detail)
+        else:
+            gate.on_invalid(detail)
+        if gate.state != before:
+            self._tap.publish("identity", state=gate.state, plc_id=gate.plc_id,
+                              stored_id=gate.stored_id)
+
     def _enqueue(self, readings: list[Reading]) -> None:
+        # Samples read while the PLC's identity is unknown or changed are never sent, so
+        # that no sample of a swapped PLC goes out under the old PLC's id.
+        if self._identity is not None and not self._identity.open_for_samples:
+            self._identity.withhold(len(readings))
+            return
         samples: list[Sample] = []
         encoder = self._encoder
         seq = self._next_seq
@@ -202,8 +231,11 @@ def run_epoch(
     pollers = build_pollers(config, logger, schedules, outbox)
     sender: IngestSender | None = None
     try:
+        identity = None
+        if config.plc.identity is not None:
+            identity = IdentityGate.open(IdentityStore(config.gateway.state_dir), logger)
         sender = IngestSender(context, endpoint, config.plc, epoch, logger, tap)
-        reader = PlcReader(pollers, outbox, sender, tap, epoch)
+        reader = PlcReader(pollers, outbox, sender, tap, epoch, identity)
         request_count = sum(len(s.requests) for group in schedules.values() for s in group)
         plc = ",".join(poller.device.endpoint for poller in pollers)
         logger.info(
@@ -260,14 +292,16 @@ def build_pollers(
     schedules: dict[str, list[GroupSchedule]],
     outbox: Outbox,
 ) -> list[DevicePoller]:
-    """Create one poller, with its own connection, for every device that has tags."""
+    """Create one poller, with its own connection, for every device with tags or the identity."""
+    identity = config.plc.identity
     pollers = []
     for device in config.plc.devices:
-        if device.name in schedules:
+        reads_identity = identity is not None and identity.device == device.name
+        if device.name in schedules or reads_identity:
             connection = PlcConnection(device, logger)
             pollers.append(
-                DevicePoller(device, config.plc, schedules[device.name], connection, logger,
-                             outbox)
+                DevicePoller(device, config.plc, schedules.get(device.name, []), connection,
+                             logger, outbox, identity if reads_identity else None)
             )
     return pollers
 
