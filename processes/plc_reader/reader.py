@@ -43,8 +43,8 @@ PROCESS = "plc_reader"
 # The pollers keep their own schedules, so this only delays the hand-over to the buffer.
 MAX_WAIT_S = 0.01
 
-# The tap counters, with their lateness percentiles, are recomputed at most this often.
-COUNTERS_INTERVAL_S = 0.5
+# The lateness percentiles on the tap are recomputed at most this often.
+LATENESS_INTERVAL_S = 0.5
 
 # On SIGTERM the reader waits this long for the buffer to acknowledge what it holds.
 FLUSH_TIMEOUT_S = 2.0
@@ -74,7 +74,8 @@ class PlcReader:
         self._epoch = epoch
         self._encoder = SampleEncoder(epoch)
         self._next_seq = 0
-        self._next_counters = 0.0
+        self._next_lateness = 0.0
+        self._lateness: dict[str, float | None] = {}
         self.samples = 0
 
     def run(self, stop: threading.Event) -> None:
@@ -87,8 +88,8 @@ class PlcReader:
                 if self._identity is not None:
                     self._identity.check_confirmation()
                 self._sender.pump()
-                self._publish_counters()
                 self._sender.wait_for_acks(MAX_WAIT_S)
+                self._publish_counters()
         finally:
             self._join_pollers()
         self._take_readings()
@@ -106,7 +107,6 @@ class PlcReader:
         sent while a PLC is unreachable. lateness_ms_p50 and p99 are over the last polls of
         every device: how long after its due time each poll started.
         """
-        lateness = sorted(value for poller in self._pollers for value in poller.lateness_s)
         identity = self._identity.counters() if self._identity is not None else {}
         return {
             **identity,
@@ -120,15 +120,23 @@ class PlcReader:
             "epoch": self._epoch,
             "plc_connected": all(poller.state == "connected" for poller in self._pollers),
             "devices_connected": sum(poller.state == "connected" for poller in self._pollers),
-            "lateness_ms_p50": _percentile_ms(lateness, 0.50),
-            "lateness_ms_p99": _percentile_ms(lateness, 0.99),
+            **self._lateness_ms(),
         }
 
-    def _publish_counters(self) -> None:
+    def _lateness_ms(self) -> dict[str, float | None]:
+        # Sorting thousands of values at every loop pass would cost more than the rest of it.
         now = time.monotonic()
-        if now >= self._next_counters:
-            self._next_counters = now + COUNTERS_INTERVAL_S
-            self._tap.counters = self.counters()
+        if now >= self._next_lateness:
+            self._next_lateness = now + LATENESS_INTERVAL_S
+            lateness = sorted(value for poller in self._pollers for value in poller.lateness_s)
+            self._lateness = {
+                "lateness_ms_p50": _percentile_ms(lateness, 0.50),
+                "lateness_ms_p99": _percentile_ms(lateness, 0.99),
+            }
+        return self._lateness
+
+    def _publish_counters(self) -> None:
+        self._tap.counters = self.counters()
         self._tap.publish_counters_if_due()
 
     def _take_readings(self) -> None:
