@@ -175,7 +175,7 @@ class PlcDevice:
 
 @dataclass(frozen=True)
 class IdentitySettings:
-    """Where the PLC's serial number is read, to derive the id YYMMNNNN, such as 22091017.
+    """The registers of the PLC's serial number, which give its id YYMMNNNN, such as 22091017.
 
     Either serial_address names a uint32 (two registers, high word first) that already
     contains the id, or year_address, month_address and unit_address name three uint16
@@ -545,8 +545,8 @@ def _longest_socket_name() -> str:
     return max(names, key=lambda name: len(os.fsencode(name)))
 
 
-# Built-in defaults of every device key. RTU's 19200 baud, even parity and one stop bit are
-# the defaults of the Modbus over serial line specification v1.02.
+# Built-in defaults of every device key. 19200 baud, even parity and one stop bit (8E1) is a
+# common factory setting of Modbus RTU devices.
 _BUILTIN_DEVICE = PlcDevice(
     name=DEFAULT_DEVICE,
     transport="tcp",

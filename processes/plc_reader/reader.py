@@ -91,6 +91,8 @@ class PlcReader:
                 self._sender.wait_for_acks(MAX_WAIT_S)
                 self._publish_counters()
         finally:
+            # Also after a crashed poller, so that the other pollers end before the exit.
+            stop.set()
             self._join_pollers()
         self._take_readings()
 
