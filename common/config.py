@@ -47,6 +47,7 @@ MAX_SHOWN_VALUE_CHARS = 200
 
 TABLES = ("holding_register", "input_register", "coil", "discrete_input")
 BIT_TABLES = ("coil", "discrete_input")
+WRITABLE_TABLES = ("holding_register", "coil")
 
 # Number of 16-bit registers that each value type occupies.
 REGISTER_COUNT = {
@@ -136,6 +137,10 @@ class Tag:
     deadband: float = 0.0
     deadband_percent: float = 0.0
     max_silence_s: float = 0.0
+    # A cloud-to-device write may set the tag only when writable, within min and max value.
+    writable: bool = False
+    min_value: float | None = None
+    max_value: float | None = None
 
     @property
     def register_count(self) -> int:
@@ -721,9 +726,13 @@ def _parse_tag(table: _Table, devices: tuple[PlcDevice, ...]) -> Tag:
         deadband=table.number("deadband", 0.0, 0.0, 1e300),
         deadband_percent=table.number("deadband_percent", 0.0, 0.0, 100.0),
         max_silence_s=table.number("max_silence_s", 60.0, 0.001, 86_400.0),
+        writable=table.flag("writable", False),
+        min_value=_optional_number(table, "min_value"),
+        max_value=_optional_number(table, "max_value"),
     )
     table.reject_unknown()
     _check_tag(table, tag, first)
+    _check_writable(table, tag)
     return tag
 
 
@@ -792,6 +801,32 @@ def _optional_integer(table: _Table, key: str, low: int, high: int) -> int | Non
         return None
     value: int = table.integer(key, _REQUIRED, low, high)
     return value
+
+
+def _optional_number(table: _Table, key: str) -> float | None:
+    if key not in table.data:
+        table.used.add(key)
+        return None
+    return table.number(key, _REQUIRED, -1e300, 1e300)
+
+
+def _check_writable(table: _Table, tag: Tag) -> None:
+    limits = tag.min_value is not None or tag.max_value is not None
+    if limits and not tag.writable:
+        raise table.error("writable", False, "true when min_value or max_value is set")
+    if not tag.writable:
+        return
+    if tag.table not in WRITABLE_TABLES:
+        raise table.error("writable", True, f"false, because a {tag.table} is read-only; "
+                          "only holding_register and coil tags can be written")
+    # NOTE: a bit inside a register would need a read-modify-write that another writer
+    # could interleave with, and string writes are not built yet.
+    if tag.bit is not None or tag.type == STRING_TYPE:
+        raise table.error("writable", True, "false for a string tag or a bit of a register, "
+                          "which cannot be written yet")
+    if limits and tag.min_value is not None and tag.max_value is not None \
+            and tag.min_value > tag.max_value:
+        raise table.error("min_value", tag.min_value, f"at most max_value {tag.max_value:g}")
 
 
 def _check_tag(table: _Table, tag: Tag, configured_address: int) -> None:

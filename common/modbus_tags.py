@@ -226,6 +226,50 @@ def decode_tag(tag: Tag, values: Sequence[int] | Sequence[bool], start: int) -> 
     return float(f"{raw * tag.scale + tag.offset:.15g}")
 
 
+# The range of each integer type, to reject a write that would wrap around.
+_INTEGER_RANGES = {
+    "int16": (-(2**15), 2**15 - 1),
+    "uint16": (0, 2**16 - 1),
+    "int32": (-(2**31), 2**31 - 1),
+    "uint32": (0, 2**32 - 1),
+    "int64": (-(2**63), 2**63 - 1),
+    "uint64": (0, 2**64 - 1),
+}
+
+
+def encode_tag(tag: Tag, value: float) -> list[int]:
+    """Encode an engineering value as the registers of a register tag, in the tag's order.
+
+    The raw value is (value - offset) / scale, rounded for integer types. Raises ValueError
+    when the raw value does not fit the type or is not finite.
+    """
+    # An int written unscaled stays an int: a float keeps only 53 bits of a 64-bit value.
+    raw: int | float
+    if isinstance(value, int) and tag.scale == 1.0 and tag.offset == 0.0:
+        raw = value
+    else:
+        raw = (value - tag.offset) / tag.scale
+    if not math.isfinite(raw):
+        raise ValueError(f"raw value {raw} is not finite")
+    packed: bytes
+    if tag.type in _INTEGER_RANGES:
+        low, high = _INTEGER_RANGES[tag.type]
+        whole = round(raw)
+        if not low <= whole <= high:
+            raise ValueError(f"raw value {whole} is outside the {tag.type} range {low} to {high}")
+        packed = struct.pack(_STRUCT_FORMATS[tag.type], whole)
+    else:
+        try:
+            packed = struct.pack(_STRUCT_FORMATS[tag.type], raw)
+        except OverflowError as exc:
+            raise ValueError(f"raw value {raw} is outside the {tag.type} range") from exc
+
+    words = list(struct.unpack(f">{len(packed) // 2}H", packed))
+    if tag.byte_swap:
+        words = [((word & 0xFF) << 8) | (word >> 8) for word in words]
+    return words if tag.word_order == "big" else words[::-1]
+
+
 def invalid_value_reason(value: TagValue) -> str | None:
     """Return why value cannot be sent as a good sample, or None when it can.
 

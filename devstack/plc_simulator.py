@@ -18,10 +18,13 @@ Register map, with zero-based protocol addresses:
     holding registers 6-7     float32 NaN, as a PLC register contains before its program writes one
     holding registers 8-99    always 0
     holding registers 100+i   (tick + i) & 0xFFFF for i < --bench-registers, for benchmarks
+    holding registers 100+N   16 registers after the N benchmark registers, 0 at start: a
+                              scratch area for write tests that the tick never overwrites
     input register 0          round(200 + 50 * sin(tick / 1000)), int16 in tenths of a degree
     input registers 1-9       always 0
     input registers 10-11     serial number 22091017, uint32, high word first
     coil 0                    running flag: (tick // 100) % 2 == 0
+    coils 1-15                false at start, never overwritten: scratch for write tests
     discrete input 0          stopped flag: the inverse of coil 0
 
 Reading past the end of a table returns Modbus exception 2 (illegal data address).
@@ -46,6 +49,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 TICK_S = 0.010
 SERIAL_NUMBER = 22091017
 BENCH_START = 100
+SCRATCH_REGISTERS = 16
 UNSET_FLOAT32 = [0x7FC0, 0x0000]  # the float32 quiet NaN, high word first
 
 # Function codes that select the table in pymodbus's setValues: 3 holding registers,
@@ -103,7 +107,7 @@ def build_device(bench_registers: int) -> SimDevice:
     SimData addresses are zero-based protocol addresses. The deprecated
     ModbusSequentialDataBlock, by contrast, maps protocol address 0 to its address 1.
     """
-    holding = holding_registers(0, bench_registers)
+    holding = holding_registers(0, bench_registers) + [0] * SCRATCH_REGISTERS
     inputs = input_registers(0)
     return SimDevice(
         id=ANY_UNIT,
@@ -183,7 +187,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--bench-registers",
         type=int,
         default=1000,
-        help="number of benchmark holding registers from address 100 (0 to 65436)",
+        help="number of benchmark holding registers from address 100 (0 to 65420)",
     )
     parser.add_argument(
         "--framer",
@@ -192,8 +196,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="socket: Modbus TCP; rtu: Modbus RTU frames over TCP",
     )
     args = parser.parse_args(argv)
-    if not 0 <= args.bench_registers <= 65536 - BENCH_START:
-        parser.error(f"--bench-registers {args.bench_registers} is not between 0 and 65436")
+    if not 0 <= args.bench_registers <= 65536 - BENCH_START - SCRATCH_REGISTERS:
+        parser.error(f"--bench-registers {args.bench_registers} is not between 0 and 65420")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port} is not between 0 and 65535")
     return args

@@ -20,7 +20,7 @@ from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOEx
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
 
-from common.config import BIT_TABLES, PlcDevice, PlcSettings
+from common.config import BIT_TABLES, PlcDevice, PlcSettings, Tag
 from common.errors import PlcError
 from common.modbus_tags import ReadRequest
 from processes.plc_reader.resolver import (
@@ -282,7 +282,58 @@ class PlcConnection:
             )
         return self._values(where, request, response)
 
-    def _io_error(self, where: str, exc: ModbusIOException) -> PlcReadError:
+    def write(self, tag: Tag, function_code: int, registers: list[int], coil: bool) -> None:
+        """Send one write request for tag; raise PlcReadError on any failure.
+
+        function_code 5 writes coil, 6 the one register and 16 the registers. Failures are
+        handled as for reads: an exception response keeps the connection, others close it.
+        """
+        unit_id = self.unit_id if tag.unit_id is None else tag.unit_id
+        where = (
+            f"{self.endpoint} unit {unit_id} {tag.table} address {tag.address} "
+            f"function code {function_code}"
+        )
+        try:
+            if function_code == 5:
+                response = self._client.write_coil(tag.address, coil, device_id=unit_id)
+            elif function_code == 6:
+                response = self._client.write_register(
+                    tag.address, registers[0], device_id=unit_id
+                )
+            else:
+                response = self._client.write_registers(
+                    tag.address, registers, device_id=unit_id
+                )
+        except (ConnectionException, OSError) as exc:
+            self.close()
+            raise PlcReadError(
+                f"write to {where} failed: connection lost: {exc}",
+                REASON_CONNECTION,
+                connection_lost=True,
+            ) from exc
+        except ModbusIOException as exc:
+            if isinstance(self._client, _SerialClient):
+                self._client.flush_input()
+            self.close()
+            raise self._io_error(where, exc, "write to") from exc
+        except ModbusException as exc:
+            self.close()
+            raise PlcReadError(
+                f"write to {where} failed: {exc}", REASON_PROTOCOL, connection_lost=True
+            ) from exc
+
+        if response.isError():
+            code = response.exception_code
+            name = EXCEPTION_NAMES.get(code, "unknown exception code")
+            raise PlcReadError(
+                f"write to {where} failed: modbus exception {code} ({name})",
+                f"modbus exception {code}",
+                connection_lost=False,
+            )
+
+    def _io_error(
+        self, where: str, exc: ModbusIOException, operation: str = "read from"
+    ) -> PlcReadError:
         # pymodbus 3.16 raises ModbusIOException both for a request without a response
         # within the timeout and for a response with the wrong transaction or device id.
         # Only the message text distinguishes them. Its framer already skips a reply whose
@@ -292,19 +343,19 @@ class PlcConnection:
         text = str(exc)
         if "No response received" in text:
             return PlcReadError(
-                f"read from {where} timed out after {self.timeout_s:g} s",
+                f"{operation} {where} timed out after {self.timeout_s:g} s",
                 REASON_TIMEOUT,
                 connection_lost=True,
             )
         if "transaction id" in text:
             return PlcReadError(
-                f"read from {where} failed: the reply's transaction id does not match the "
+                f"{operation} {where} failed: the reply's transaction id does not match the "
                 f"request's ({text})",
                 REASON_TRANSACTION_ID,
                 connection_lost=True,
             )
         return PlcReadError(
-            f"read from {where} failed: {exc}", REASON_PROTOCOL, connection_lost=True
+            f"{operation} {where} failed: {exc}", REASON_PROTOCOL, connection_lost=True
         )
 
     def _values(

@@ -1,0 +1,96 @@
+"""Writes of one value to a writable tag: checked, encoded, sent, and acknowledged with a result.
+
+A write is rejected before anything is sent when the tag is not marked writable, when the
+value has the wrong kind (true or false for a bool tag, a number otherwise), or when it lies
+outside the tag's min_value and max_value or the range of its type. Coils are written with
+function code 5, one register with function code 6 and several registers with 16. Function
+code 15 (several coils) is not used, because a tag is one coil.
+
+NOTE: nothing calls this for cloud commands yet. The uplink's cloud-to-device path and its
+ZeroMQ message to the reader are still to be built, so writes are reachable only from code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from common.config import BIT_TABLES, Tag
+from common.modbus_tags import encode_tag
+from processes.plc_reader.client import PlcConnection, PlcReadError
+
+REASON_NOT_WRITABLE = "not writable"
+REASON_OUT_OF_RANGE = "out of range"
+REASON_INVALID_VALUE = "invalid value"
+
+WRITE_SINGLE_COIL = 5
+WRITE_SINGLE_REGISTER = 6
+WRITE_MULTIPLE_REGISTERS = 16
+
+
+class WriteRejected(Exception):
+    """A write rejected before it reached the PLC, with the reason its result carries."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class PreparedWrite:
+    """One Modbus write request for one tag."""
+
+    tag: Tag
+    function_code: int
+    registers: tuple[int, ...] = ()
+    coil: bool = False
+
+
+def prepare_write(tag: Tag, value: Any) -> PreparedWrite:
+    """Check value against the tag and encode it; raise WriteRejected naming the reason."""
+    if not tag.writable:
+        raise WriteRejected(f"tag {tag.name!r} is not marked writable", REASON_NOT_WRITABLE)
+
+    if tag.table in BIT_TABLES or tag.type == "bool":
+        if not isinstance(value, bool):
+            raise WriteRejected(f"tag {tag.name!r} takes true or false, not {value!r}",
+                                REASON_INVALID_VALUE)
+        return PreparedWrite(tag, WRITE_SINGLE_COIL, coil=value)
+
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise WriteRejected(f"tag {tag.name!r} takes a finite number, not {value!r}",
+                            REASON_INVALID_VALUE)
+    _check_limits(tag, value)
+    try:
+        registers = encode_tag(tag, value)
+    except ValueError as exc:
+        raise WriteRejected(f"tag {tag.name!r}: {value!r} cannot be written: {exc}",
+                            REASON_OUT_OF_RANGE) from exc
+    code = WRITE_SINGLE_REGISTER if len(registers) == 1 else WRITE_MULTIPLE_REGISTERS
+    return PreparedWrite(tag, code, tuple(registers))
+
+
+def _check_limits(tag: Tag, value: float) -> None:
+    if tag.min_value is not None and value < tag.min_value:
+        raise WriteRejected(f"tag {tag.name!r}: {value!r} is below min_value {tag.min_value:g}",
+                            REASON_OUT_OF_RANGE)
+    if tag.max_value is not None and value > tag.max_value:
+        raise WriteRejected(f"tag {tag.name!r}: {value!r} is above max_value {tag.max_value:g}",
+                            REASON_OUT_OF_RANGE)
+
+
+def write_tag(connection: PlcConnection, tag: Tag, value: Any) -> dict[str, Any]:
+    """Write value to tag and return the acknowledgement: result ok, rejected or failed."""
+    ack: dict[str, Any] = {"tag": tag.name, "value": value}
+    try:
+        prepared = prepare_write(tag, value)
+        if not connection.connected:
+            connection.connect()
+        connection.write(prepared.tag, prepared.function_code, list(prepared.registers),
+                         prepared.coil)
+    except WriteRejected as exc:
+        return {**ack, "result": "rejected", "reason": exc.reason, "message": str(exc)}
+    except PlcReadError as exc:
+        return {**ack, "result": "failed", "reason": exc.reason, "message": str(exc)}
+    return {**ack, "result": "ok"}
