@@ -492,7 +492,7 @@ def test_watcher_restart_without_change_restarts_nothing(gateway: Gateway) -> No
     wait_for(lambda: "applied_record_matches" in gateway.output(), 10, "the record check")
     # A touch that the new watcher reports proves that its checks run.
     rewrite(path, path.read_text())
-    wait_for(lambda: f"file_touched content unchanged file={path}" in gateway.output(), 5,
+    wait_for(lambda: f"file_touched content unchanged file={path}" in gateway.output(), 15,
              "the new watcher to notice the new mtime")
 
     assert gateway.uplink_pid() == pid
