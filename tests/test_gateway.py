@@ -324,17 +324,34 @@ def test_gateway_sigterm_stops_everything(stack: Stack) -> None:
     assert "unacked_batches=0" in reader_log
 
 
+def process_state(pid: int) -> str:
+    """Return the one-letter state of a process from /proc, or "gone"."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "gone"
+    # The command name in parentheses may hold spaces, so the state follows the last ")".
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
 def test_gateway_supervisord_kill9_stops_programs(stack: Stack) -> None:
     pids = [stack.gateway.pid(name) for name in PROGRAMS]
     assert stack.gateway.process is not None
     stack.gateway.process.send_signal(signal.SIGKILL)
     stack.gateway.process.wait(timeout=10)
 
-    # Orphans would hold the buffer's and the reader's locks against the next start.
-    def all_gone() -> bool:
-        return not any(Path(f"/proc/{pid}").exists() for pid in pids)
+    # Orphans would hold the buffer's and the reader's locks against the next start. A
+    # program that has exited but waits for the container's init to reap it holds no lock
+    # any more, so a zombie counts as gone.
+    def running() -> list[str]:
+        states = {name: (pid, process_state(pid)) for name, pid in zip(PROGRAMS, pids, strict=True)}
+        return [f"{name} pid {pid} state {state}" for name, (pid, state) in states.items()
+                if state not in ("gone", "Z")]
 
-    wait_until(all_gone, 20, "the four programs to exit after supervisord died")
+    try:
+        wait_until(lambda: not running(), 20, "the four programs to exit after supervisord died")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; still running: {running()}") from None
 
     stack.gateway.start()
     stack.wait_for_samples(100)
