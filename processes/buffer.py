@@ -32,6 +32,7 @@ from typing import Any
 import zmq
 
 from common import wire
+from common.backoff import Backoff
 from common.config import BufferSettings, Config
 from common.errors import PlcBridgeError, StoreError
 from common.lifecycle import run_process
@@ -77,6 +78,10 @@ SEND_RETRY_MS = 10
 # no batch has come for STOP_QUIET_S, and at most STOP_GRACE_S, well within stopwaitsecs.
 STOP_QUIET_S = 0.3
 STOP_GRACE_S = 3.0
+
+# Retry delays of opening a store on a disk too full to open it.
+OPEN_RETRY_MIN_S = 0.5
+OPEN_RETRY_MAX_S = 10.0
 
 SOCKET_LINGER_MS = 200
 WARNING_INTERVAL_S = 10.0
@@ -966,9 +971,43 @@ def open_store(path: Path, settings: BufferSettings, logger: logging.Logger) -> 
     return PageStore(path, settings, logger)
 
 
+def wait_for_store(
+    path: Path, settings: BufferSettings, logger: logging.Logger, stop: threading.Event,
+) -> PageStore | None:
+    """Open the store, retrying while the disk is too full to open it, and return None
+    when stop is set first.
+
+    Exiting instead would make supervisord restart the buffer in a loop until it gives up.
+    While the buffer waits, no socket is bound, so the reader keeps its batches
+    unacknowledged in its own bounded queue and counts what overflows it.
+    """
+    backoff = Backoff(OPEN_RETRY_MIN_S, OPEN_RETRY_MAX_S)
+    warning = RateLimit(WARNING_INTERVAL_S)
+    while True:
+        try:
+            store = open_store(path, settings, logger)
+        except StoreFull as exc:
+            delay_s = backoff.next_delay_s()
+            suppressed = warning.allow()
+            if suppressed is not None:
+                logger.warning(
+                    "store_not_opened %s: the buffer accepts no batches until space returns, "
+                    "so the reader holds them",
+                    fields(reason=exc.reason, error=exc, retry_s=round(delay_s, 1),
+                           suppressed=suppressed))
+            if stop.wait(delay_s):
+                return None
+            continue
+        if backoff.attempts:
+            logger.info("store_opened %s", fields(path=path, attempts=backoff.attempts + 1))
+        return store
+
+
 def run_buffer(config: Config, logger: logging.Logger, stop: threading.Event) -> None:
     """Open the store, bind the sockets and run the loop until stop is set."""
-    store = open_store(config.gateway.state_dir / "buffer", config.buffer, logger)
+    store = wait_for_store(config.gateway.state_dir / "buffer", config.buffer, logger, stop)
+    if store is None:
+        return
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         process = BufferProcess(config, logger, store, context)

@@ -41,7 +41,7 @@ from common import payload
 from common.config import BufferSettings
 from common.errors import PlcBridgeError, StoreError
 from common.logs import fields
-from processes.buffer_files import DataFileInvalid, check_data_file
+from processes.buffer_files import DATA_FILE, LOCK_FILE, DataFileInvalid, check_data_file
 
 STORE_FORMAT = b"1"
 
@@ -184,6 +184,8 @@ class PageStore:
         self._lock_file = self._lock_folder()
         try:
             self._check_file()
+            self._fit_map_to_file()
+            self._check_room_for_new_files()
             self.env = self._open_env()
         except StoreError:
             os.close(self._lock_file)
@@ -200,6 +202,9 @@ class PageStore:
             raise StoreUnreadable(f"cannot read the LMDB store {self.path}: {exc}") from exc
         except lmdb.Error as exc:
             self.close()
+            if self.disk_nearly_full():
+                raise StoreFull(f"the disk of the LMDB store {self.path} is full: {exc}",
+                                REASON_DISK_FULL) from exc
             raise StoreError(f"cannot read the LMDB store {self.path}: {exc}") from exc
         except StoreError:
             self.close()
@@ -238,6 +243,46 @@ class PageStore:
                 f"the LMDB data file {self.path / 'data.mdb'} is damaged: {exc}"
             ) from exc
 
+    def _check_room_for_new_files(self) -> None:
+        """Raise StoreFull when LMDB must create data.mdb or lock.mdb on a full disk.
+
+        LMDB 0.9 extends a new lock.mdb with ftruncate and then writes to it through a
+        shared memory map. On a full tmpfs that write raises SIGBUS, which kills Python
+        before any error can be caught, so the free space is checked first.
+        """
+        missing = [name for name in (DATA_FILE, LOCK_FILE)
+                   if _is_missing_or_empty(self.path / name)]
+        if missing and self.disk_nearly_full():
+            raise StoreFull(
+                f"the disk of the LMDB store {self.path} is full, so LMDB cannot create "
+                f"{' and '.join(missing)}: less than {DISK_FULL_BYTES} bytes are free",
+                REASON_DISK_FULL,
+            )
+
+    def _fit_map_to_file(self) -> None:
+        """Raise the map size to the data file's size plus MAP_HEADROOM_BYTES when the
+        configured map leaves less room than that above the file.
+
+        A map grown by grow_map is not stored in the configuration, so a restart requests the
+        smaller map again. LMDB 0.9 then limits the map to the pages in use, and the first
+        commit that needs a new page fails with MapFull, so the overflow policy would drop
+        pages that fit before the restart.
+        """
+        try:
+            file_bytes = (self.path / DATA_FILE).stat().st_size
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StoreError(f"cannot read the size of {self.path / DATA_FILE}: "
+                             f"{exc.strerror or exc}") from exc
+        if file_bytes + MAP_HEADROOM_BYTES <= self.map_size_bytes:
+            return
+        new_size = file_bytes + MAP_HEADROOM_BYTES
+        self.logger.info("store_map_fitted %s", fields(
+            path=self.path, configured_bytes=self.map_size_bytes, file_bytes=file_bytes,
+            new_bytes=new_size))
+        self.map_size_bytes = new_size
+
     def _open_env(self) -> lmdb.Environment:
         # sync "nometasync" skips the fsync of the meta page, so a power loss can undo the
         # last commit, already acknowledged to the reader, but the store stays consistent.
@@ -259,6 +304,9 @@ class PageStore:
         except UNREADABLE_ERRORS as exc:
             raise StoreUnreadable(f"cannot open the LMDB store {self.path}: {exc}") from exc
         except lmdb.Error as exc:
+            if self.disk_nearly_full():
+                raise StoreFull(f"the disk of the LMDB store {self.path} is full: {exc}",
+                                REASON_DISK_FULL) from exc
             raise StoreError(
                 f"cannot open the LMDB store {self.path}: {exc}; check the folder's "
                 "permissions and free disk space"
@@ -277,6 +325,10 @@ class PageStore:
                 state.page_count = txn.stat(self.pages)["entries"]
                 last_page = self._last_page_seq(txn)
         except lmdb.Error as exc:
+            # A new store writes its format record, which fails on a full disk.
+            if self.disk_nearly_full():
+                raise StoreFull(f"the disk of the LMDB store {self.path} is full: {exc}",
+                                REASON_DISK_FULL) from exc
             raise StoreError(f"cannot read the LMDB store {self.path}: {exc}") from exc
 
         # Every stored page is below next_page_seq. This is checked because a repeated
@@ -487,6 +539,13 @@ class PageStore:
     def close(self) -> None:
         self.env.close()
         os.close(self._lock_file)
+
+
+def _is_missing_or_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except FileNotFoundError:
+        return True
 
 
 UNREADABLE_ERRORS = (lmdb.InvalidError, lmdb.CorruptedError, lmdb.VersionMismatchError,

@@ -273,9 +273,9 @@ def test_buffer_reject_new_reader_counts(make_buffer, context, caplog) -> None:
     # The gap record reports the same counts.
     uplink = UplinkPeer(context, run.runtime_dir)
     uplink.link("s", free=2)
-    first = uplink.receive_page(5.0)
-    assert first is not None
-    gap = gap_of(first[2])
+    first_page = uplink.receive_page(5.0)
+    assert first_page is not None
+    gap = gap_of(first_page[2])
     assert gap is not None
     assert (gap["reason"], gap["samples"], gap["batches"], gap["pages"]) == (
         "max_bytes", sender.rejected_samples, sender.rejected_batches, 0)
