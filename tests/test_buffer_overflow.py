@@ -40,6 +40,8 @@ from processes.buffer import (
     StoreUnreadable,
     sample_span,
 )
+from processes.plc_reader.client import PlcConnection
+from processes.plc_reader.reader import PlcReader
 from processes.plc_reader.sender import IngestSender
 from tests.support.broker import Broker, Subscriber
 from tests.support.zmq_peers import ReaderPeer, UplinkPeer, make_samples
@@ -251,6 +253,13 @@ def test_buffer_reject_new_reader_counts(make_buffer, context, caplog) -> None:
         assert rejected["epoch"] == 5
         assert rejected["samples"] == sender.rejected_samples
         assert rejected["batches"] == sender.rejected_batches
+
+        # The reader's tap shows the rejected samples apart from the other drops.
+        connection = PlcConnection(config.plc, LOGGER)
+        counters = PlcReader(config, LOGGER, connection, sender, tap, 5).counters()
+        connection.close()
+        assert counters["rejected_samples"] == sender.rejected_samples
+        assert counters["dropped_samples"] == sender.dropped_samples
         warnings = [record.getMessage() for record in caplog.records
                     if record.getMessage().startswith("buffer_rejected")]
         assert len(warnings) == 1  # rate-limited

@@ -116,6 +116,8 @@ class PlcReader:
             "read_errors": sum(poller.read_errors for poller in self._pollers),
             "samples": self.samples,
             "dropped_samples": self._sender.dropped_samples,
+            # The part of dropped_samples that the buffer rejected under reject-new.
+            "rejected_samples": self._sender.rejected_samples,
             "overruns": sum(poller.overruns for poller in self._pollers),
             "pending_samples": self._sender.pending_samples,
             "unacked_batches": self._sender.unacked_batches,
