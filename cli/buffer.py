@@ -32,13 +32,21 @@ def buffer(args: argparse.Namespace) -> int:
     """Print the buffer's status, as a table or with --json as one JSON object."""
     config = load_config_for_operator(args.config, "buffer")
     path = config.gateway.runtime_dir / STATUS_FILE
-    status = read_status(path)
-    if status is None:
+    if not path.exists():
         print(f"plcbridge buffer: the buffer is not running, or the gateway never started "
               f"with this configuration: no status file at {path}", file=sys.stderr)
         return EXIT_NOT_RUNNING
+    try:
+        status = read_status(path)
+    except InvalidStatus as exc:
+        print(f"plcbridge buffer: the status file {path} is invalid: {exc}. A running buffer "
+              "replaces it every second, so the buffer is not running; check its log",
+              file=sys.stderr)
+        return EXIT_NOT_RUNNING
 
-    age_s = max(0.0, time.time() - status.get("ts_ms", 0) / 1000)
+    # A status written before the clock was set back has a ts_ms in the future, and is as
+    # old as one written that long ago.
+    age_s = abs(time.time() - status["ts_ms"] / 1000)
     problem = not_running_reason(status, age_s)
     status["status_age_s"] = round(age_s, 1)
     status["running"] = problem is None
@@ -53,13 +61,55 @@ def buffer(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def read_status(path: Path) -> dict[str, Any] | None:
-    """Return the status object, or None when the file is missing or unreadable."""
+class InvalidStatus(Exception):
+    """A status file that is not the JSON object that the buffer writes."""
+
+
+# The status fields that the table formats, with the JSON types each may have. The buffer
+# writes more fields, which are shown with --json only and not checked.
+NUMBER = (int, float)
+STATUS_FIELDS: dict[str, tuple[type, ...]] = {
+    "pid": (int,), "running": (bool,), "path": (str,), "pages": NUMBER, "bytes": NUMBER,
+    "max_bytes": NUMBER, "open_samples": NUMBER, "oldest_ts_ms": (*NUMBER, type(None)),
+    "newest_ts_ms": (*NUMBER, type(None)), "link": (str,), "in_flight": NUMBER,
+    "gap_records": NUMBER, "gaps_open": (list,), "overflow_policy": (str,),
+    "dropped_by_reason": (dict,), "commits_per_s": NUMBER, "ingest_samples_per_s": NUMBER,
+    "drain_pages_per_s": NUMBER, "drain_samples_per_s": NUMBER,
+}
+
+# Times outside this range cannot be formatted as dates, so they are taken for damage.
+MAX_TS_MS = 253_402_300_799_000  # 9999-12-31 23:59:59 UTC
+
+
+def read_status(path: Path) -> dict[str, Any]:
+    """Read and check the status object. Raise InvalidStatus naming the bad part."""
     try:
         status = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return status if isinstance(status, dict) else None
+    except OSError as exc:
+        raise InvalidStatus(f"cannot read it: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise InvalidStatus(f"not JSON: {exc}") from exc
+    if not isinstance(status, dict):
+        raise InvalidStatus(f"expected a JSON object, found {type(status).__name__}")
+
+    ts_ms = status.get("ts_ms")
+    if isinstance(ts_ms, bool) or not isinstance(ts_ms, NUMBER) or not 0 <= ts_ms <= MAX_TS_MS:
+        raise InvalidStatus(f"ts_ms is {ts_ms!r}, expected a time in milliseconds")
+    for key, types in STATUS_FIELDS.items():
+        value = status.get(key)
+        if key in status and (not isinstance(value, types)
+                              or (isinstance(value, bool) and bool not in types)):
+            raise InvalidStatus(f"{key} is {value!r}, of an unexpected type")
+    for reason, counts in status.get("dropped_by_reason", {}).items():
+        if not isinstance(counts, dict):
+            raise InvalidStatus(f"dropped_by_reason.{reason} is {counts!r}, expected an object")
+    if not all(isinstance(reason, str) for reason in status.get("gaps_open", [])):
+        raise InvalidStatus(f"gaps_open is {status['gaps_open']!r}, expected reason names")
+    for key in ("oldest_ts_ms", "newest_ts_ms"):
+        value = status.get(key)
+        if value is not None and not 0 <= value <= MAX_TS_MS:
+            raise InvalidStatus(f"{key} is {value!r}, expected a time in milliseconds")
+    return status
 
 
 def not_running_reason(status: dict[str, Any], age_s: float) -> str | None:
@@ -70,7 +120,7 @@ def not_running_reason(status: dict[str, Any], age_s: float) -> str | None:
     if not isinstance(pid, int) or not process_exists(pid):
         return f"its process {pid} is gone"
     if age_s > STALE_AFTER_S:
-        return f"its status was last written {age_s:.0f} s ago"
+        return f"its status time is {age_s:.0f} s away from the current time"
     return None
 
 
