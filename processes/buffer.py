@@ -39,7 +39,7 @@ from common.lifecycle import run_process
 from common.logs import fields
 from common.ratelimit import RateLimit
 from common.tap import Tap
-from processes.buffer_files import move_aside
+from processes.buffer_files import DATA_FILE, move_aside
 
 # The store's names that tests and benchmarks import from here are re-exported as X as X.
 from processes.buffer_store import MAP_HEADROOM_BYTES as MAP_HEADROOM_BYTES
@@ -957,17 +957,18 @@ def open_store(path: Path, settings: BufferSettings, logger: logging.Logger) -> 
     except StoreUnreadable as exc:
         error = exc
     try:
-        moved = move_aside(path)
+        moved = move_aside(path, error.files)
     except OSError as exc:
         raise StoreError(
             f"{error}; moving it aside failed: {exc.strerror or exc}; move the folder {path} "
             "away by hand"
         ) from exc
+    consequence = ("the buffer starts with an empty store, and the old file is kept for "
+                   "recovery" if DATA_FILE in error.files else
+                   "LMDB creates a new lock file, and the stored pages are kept")
     for source, target in moved:
-        logger.error(
-            "store_moved_aside %s: the buffer starts with an empty store, and the old file "
-            "is kept for recovery",
-            fields(path=source, moved_to=target, error=error))
+        logger.error("store_moved_aside %s: %s",
+                     fields(path=source, moved_to=target, error=error), consequence)
     return PageStore(path, settings, logger)
 
 

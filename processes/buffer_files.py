@@ -9,6 +9,7 @@ and compares the file size with the last page that the committed meta page uses.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import time
 from pathlib import Path
@@ -46,6 +47,7 @@ def check_data_file(folder: Path) -> None:
     A missing or empty file passes, because LMDB creates a new store then.
     """
     path = folder / DATA_FILE
+    _check_regular_file(path)
     try:
         with path.open("rb") as stream:
             size = os.fstat(stream.fileno()).st_size
@@ -68,6 +70,52 @@ def check_data_file(folder: Path) -> None:
     needed = (last_page + 1) * page_size
     if size < needed:
         _verify_short_file(folder, size, needed)
+
+
+def _check_regular_file(path: Path) -> None:
+    """Raise DataFileInvalid when path exists but is not a regular file, or is a symbolic
+    link to nothing.
+
+    Opening a FIFO would block the buffer for ever, and LMDB would create a new, empty
+    store at the target of a dangling link, for example on a card that is not mounted.
+    """
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise DataFileInvalid(f"cannot read it: {exc.strerror or exc}") from exc
+    if stat.S_ISLNK(mode):
+        target = os.readlink(path)
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            raise DataFileInvalid(
+                f"it is a symbolic link to {target}, which does not exist, so the storage "
+                "that contains it may not be mounted"
+            ) from None
+        except OSError as exc:
+            raise DataFileInvalid(f"cannot read its link target {target}: "
+                                  f"{exc.strerror or exc}") from exc
+    if not stat.S_ISREG(mode):
+        raise DataFileInvalid("it is not a regular file")
+
+
+def check_lock_file(folder: Path) -> None:
+    """Raise DataFileInvalid when folder/lock.mdb exists but is not a regular file.
+
+    LMDB rebuilds the lock file's contents when no process has it open, so only its type
+    can keep LMDB from opening the store.
+    """
+    path = folder / LOCK_FILE
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise DataFileInvalid(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(mode):
+        raise DataFileInvalid(f"{path} is not a regular file")
 
 
 def _page_size(first: bytes) -> int:
@@ -120,20 +168,22 @@ def _verify_short_file(folder: Path, size: int, needed: int) -> None:
         )
 
 
-def move_aside(folder: Path) -> list[tuple[Path, Path]]:
-    """Rename data.mdb and lock.mdb in folder with a UTC timestamp, and return the renames.
+def move_aside(
+    folder: Path, names: tuple[str, ...] = (DATA_FILE, LOCK_FILE)
+) -> list[tuple[Path, Path]]:
+    """Rename the files names in folder with a UTC timestamp, and return the renames.
 
     The files are never deleted, so an operator can still copy data out of them.
     """
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     moved = []
-    for name in (DATA_FILE, LOCK_FILE):
+    for name in names:
         source = folder / name
-        if not source.exists():
+        if not os.path.lexists(source):
             continue
         target = folder / f"{name}.unreadable-{stamp}"
         suffix = 1
-        while target.exists():
+        while os.path.lexists(target):
             target = folder / f"{name}.unreadable-{stamp}-{suffix}"
             suffix += 1
         os.rename(source, target)

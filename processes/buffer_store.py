@@ -41,7 +41,13 @@ from common import payload
 from common.config import BufferSettings
 from common.errors import PlcBridgeError, StoreError
 from common.logs import fields
-from processes.buffer_files import DATA_FILE, LOCK_FILE, DataFileInvalid, check_data_file
+from processes.buffer_files import (
+    DATA_FILE,
+    LOCK_FILE,
+    DataFileInvalid,
+    check_data_file,
+    check_lock_file,
+)
 
 STORE_FORMAT = b"1"
 
@@ -108,6 +114,10 @@ class StoreFull(StoreError):
 
 class StoreUnreadable(StoreError):
     """A store that LMDB cannot open safely: corrupt, truncated or of another format."""
+
+    def __init__(self, message: str, files: tuple[str, ...] = (DATA_FILE, LOCK_FILE)) -> None:
+        super().__init__(message)
+        self.files = files  # the files to move aside before a new store can open
 
 
 class BatchRejected(PlcBridgeError):
@@ -222,8 +232,8 @@ class PageStore:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise StoreError(
-                f"cannot create the buffer store folder {self.path}: {exc.strerror}; "
-                "check gateway.state_dir and its permissions"
+                f"cannot create the buffer store folder {self.path} or its lock file "
+                f"{lock_path}: {exc.strerror}; check gateway.state_dir and its permissions"
             ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -242,6 +252,12 @@ class PageStore:
             raise StoreUnreadable(
                 f"the LMDB data file {self.path / 'data.mdb'} is damaged: {exc}"
             ) from exc
+        try:
+            check_lock_file(self.path)
+        except DataFileInvalid as exc:
+            # The lock file contains no data, so the pages in data.mdb stay in the store.
+            raise StoreUnreadable(f"the LMDB lock file is damaged: {exc}",
+                                  files=(LOCK_FILE,)) from exc
 
     def _check_room_for_new_files(self) -> None:
         """Raise StoreFull when LMDB must create data.mdb or lock.mdb on a full disk.

@@ -19,11 +19,14 @@ from pathlib import Path
 import pytest
 
 from cli.buffer import buffer as buffer_command
+from tests.support.zmq_peers import ReaderPeer, make_samples
 from tests.test_buffer import (  # noqa: F401 - make_buffer and context are fixtures
     BufferRun,
     context,
     make_buffer,
+    read_store,
 )
+from tests.test_buffer_overflow import write_store
 
 # -- plcbridge buffer ----------------------------------------------------------------------
 
@@ -83,3 +86,64 @@ def test_buffer_cli_no_status_file(make_buffer, capsys) -> None:
     assert out == ""
     assert "no status file" in err
     assert str(Path(run.runtime_dir) / "buffer-status.json") in err
+
+
+# -- store files of the wrong kind ---------------------------------------------------------
+
+
+def data_folder(store_dir: Path) -> None:
+    (store_dir / "data.mdb").unlink()
+    (store_dir / "data.mdb").mkdir()
+
+
+def data_fifo(store_dir: Path) -> None:
+    (store_dir / "data.mdb").unlink()
+    os.mkfifo(store_dir / "data.mdb")
+
+
+def data_dangling_link(store_dir: Path) -> None:
+    (store_dir / "data.mdb").unlink()
+    (store_dir / "data.mdb").symlink_to(store_dir.parent / "unmounted" / "data.mdb")
+
+
+@pytest.mark.parametrize("damage", [data_folder, data_fifo, data_dangling_link],
+                         ids=["folder", "fifo", "dangling-link"])
+def test_buffer_data_file_wrong_kind(make_buffer, context, damage) -> None:
+    # A FIFO used to block the buffer at start for ever, and a dangling link made LMDB
+    # create a new store at its target.
+    run = make_buffer(page_max_age_ms=50)
+    write_store(run.store_dir)
+    damage(run.store_dir)
+    run.start()
+    moved = sorted(run.store_dir.glob("data.mdb.unreadable-*"))
+    assert len(moved) == 1
+    assert "store_moved_aside" in run.log()
+    assert not (run.store_dir.parent / "unmounted").exists()
+    reader = ReaderPeer(context, run.runtime_dir)
+    reader.send_batch(1, 0, make_samples(1, 0, 5))
+    reader.wait_for_ack(1, 0)
+    assert run.terminate() == 0
+
+
+def test_buffer_lock_file_folder_keeps_pages(make_buffer) -> None:
+    run = make_buffer()
+    write_store(run.store_dir, pages=10)
+    pages_before = read_store(run.store_dir).pages
+    (run.store_dir / "lock.mdb").unlink()
+    (run.store_dir / "lock.mdb").mkdir()
+    run.start()
+    assert len(list(run.store_dir.glob("lock.mdb.unreadable-*"))) == 1
+    assert not list(run.store_dir.glob("data.mdb.unreadable-*"))
+    assert "the stored pages are kept" in run.log()
+    assert run.terminate() == 0
+    pages_after = read_store(run.store_dir).pages
+    assert {seq: pages_after.get(seq) for seq in pages_before} == pages_before
+
+
+def test_buffer_owner_lock_folder_named(make_buffer) -> None:
+    run = make_buffer()
+    (run.store_dir / "owner.lock").mkdir(parents=True)
+    with pytest.raises(AssertionError, match="exited at start"):
+        run.start()
+    assert str(run.store_dir / "owner.lock") in run.log()
+    assert "Traceback" not in run.log()
