@@ -953,9 +953,12 @@ def open_store(path: Path, settings: BufferSettings, logger: logging.Logger) -> 
     The old files are renamed, never deleted, and an ERROR names both paths.
     """
     try:
-        return PageStore(path, settings, logger)
+        store = PageStore(path, settings, logger)
     except StoreUnreadable as exc:
         error = exc
+    else:
+        report_set_aside(path, logger)
+        return store
     try:
         moved = move_aside(path, error.files)
     except OSError as exc:
@@ -970,6 +973,19 @@ def open_store(path: Path, settings: BufferSettings, logger: logging.Logger) -> 
         logger.error("store_moved_aside %s: %s",
                      fields(path=source, moved_to=target, error=error), consequence)
     return PageStore(path, settings, logger)
+
+
+def report_set_aside(path: Path, logger: logging.Logger) -> None:
+    """Log a WARNING at every start while data files moved aside are in the store folder.
+
+    The ERROR of the move is lost when the buffer is killed between the rename and the log
+    line, and the pages in those files are never delivered, so each start names them again.
+    """
+    set_aside = sorted(str(file) for file in path.glob(f"{DATA_FILE}.unreadable-*"))
+    if set_aside:
+        logger.warning(
+            "store_files_set_aside %s: their pages are not delivered; copy the data out "
+            "with an LMDB tool, then delete the files", fields(files=",".join(set_aside)))
 
 
 def wait_for_store(

@@ -15,18 +15,19 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cli.buffer import buffer as buffer_command
-from tests.support.zmq_peers import ReaderPeer, make_samples
+from tests.support.zmq_peers import ReaderPeer, UplinkPeer, make_samples
 from tests.test_buffer import (  # noqa: F401 - make_buffer and context are fixtures
     BufferRun,
     context,
     make_buffer,
     read_store,
 )
-from tests.test_buffer_overflow import write_store
+from tests.test_buffer_overflow import fill_with_reader, write_store
 
 # -- plcbridge buffer ----------------------------------------------------------------------
 
@@ -147,3 +148,62 @@ def test_buffer_owner_lock_folder_named(make_buffer) -> None:
         run.start()
     assert str(run.store_dir / "owner.lock") in run.log()
     assert "Traceback" not in run.log()
+
+
+# -- gap records across restarts and a flapping link -----------------------------------------
+
+
+def receive_gaps(uplink: UplinkPeer, session: str, count: int) -> list[dict[str, Any]]:
+    """Bring the link up and return the first count pages, which must be gap records."""
+    uplink.link(session, free=count)
+    gaps = []
+    for _ in range(count):
+        page = uplink.receive_page(5.0)
+        assert page is not None, f"only {len(gaps)} gap records arrived"
+        gap = json.loads(page[2]).get("gap")
+        assert gap is not None, page[2][:200]
+        gaps.append(gap)
+    return gaps
+
+
+def test_buffer_gap_record_survives_kill(make_buffer, context) -> None:
+    run = make_buffer(max_bytes=1 << 20, page_max_samples=1000, overflow_policy="reject-new")
+    run.start()
+    reader = ReaderPeer(context, run.runtime_dir)
+    fill_with_reader(reader, 1, 150, 100)
+    rejected = json.loads(read_store(run.store_dir).meta[b"rejected"])
+    assert rejected["samples"] > 0
+
+    # The link flaps while the store is full: a gap record is stored and sent, but never
+    # acknowledged, before the buffer is killed.
+    uplink = UplinkPeer(context, run.runtime_dir)
+    first = receive_gaps(uplink, "s1", 1)[0]
+    assert first["samples"] == rejected["samples"]
+    uplink.link("s1", state="down")
+    for batch_seq in range(150, 160):
+        reader.send_batch(1, batch_seq, make_samples(1, batch_seq * 100, 100))
+    reader.wait_for_ack(1, 159)
+    run.kill()
+
+    # After the restart the unacknowledged record goes out again, then one for the batches
+    # rejected after it, and together they count every rejected sample exactly once.
+    run.start()
+    uplink.close()
+    uplink = UplinkPeer(context, run.runtime_dir)
+    gaps = receive_gaps(uplink, "s2", 2)
+    assert gaps[0] == first
+    total = json.loads(read_store(run.store_dir).meta[b"rejected"])["samples"]
+    assert sum(gap["samples"] for gap in gaps) == total
+    assert gaps[1]["first_ts_ms"] == make_samples(1, 15_000, 1)[0]["ts_ms"]
+
+
+def test_buffer_set_aside_files_named(make_buffer) -> None:
+    # A kill between the rename and its ERROR line leaves a file moved aside without a
+    # log line, so every start names such files.
+    run = make_buffer()
+    write_store(run.store_dir, pages=2)
+    os.rename(run.store_dir / "data.mdb", run.store_dir / "data.mdb.unreadable-20260101T000000Z")
+    run.start()
+    assert "store_files_set_aside" in run.log()
+    assert "data.mdb.unreadable-20260101T000000Z" in run.log()
+    assert run.terminate() == 0
