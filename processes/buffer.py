@@ -629,10 +629,19 @@ WARNINGS = {
 # -- Sockets and the loop -----------------------------------------------------------------
 
 
+# Upper bounds of header integers, from the widths that the store packs them into: epoch
+# and batch_seq as signed 64-bit, page_seq as unsigned 64-bit, a sample count as unsigned
+# 32-bit. A larger value would make the commit fail with struct.error and stop the buffer.
+INT_LIMITS = {"epoch": 2**63, "batch_seq": 2**63, "count": 2**32, "page_seq": 2**64,
+              "free": 2**32}
+
+
 def non_negative_int(header: dict[str, Any], key: str) -> int:
     value = header.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
+    limit = INT_LIMITS[key]
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < limit:
+        raise ValueError(f"{key} must be an integer from 0 to {limit - 1}, "
+                         f"got {repr(value)[:40]}")
     return value
 
 
@@ -826,9 +835,10 @@ class BufferProcess:
                 identity, *frames = self.ingest.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
+            # json.loads raises RecursionError, not ValueError, on deeply nested arrays.
             try:
                 batches.append(parse_batch(identity, frames))
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 self.core.warn("bad_message", fields(socket="ingest", error=exc),
                                 time.monotonic())
         return batches
@@ -843,7 +853,7 @@ class BufferProcess:
                 break
             try:
                 page_seq = self._apply_delivery_message(identity, frames)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 self.core.warn("bad_message", fields(socket="delivery", error=exc),
                                 time.monotonic())
                 continue

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from cli.buffer import buffer as buffer_command
+from common import payload, wire
 from tests.support.zmq_peers import ReaderPeer, UplinkPeer, make_samples
 from tests.test_buffer import (  # noqa: F401 - make_buffer and context are fixtures
     BufferRun,
@@ -207,3 +208,37 @@ def test_buffer_set_aside_files_named(make_buffer) -> None:
     assert "store_files_set_aside" in run.log()
     assert "data.mdb.unreadable-20260101T000000Z" in run.log()
     assert run.terminate() == 0
+
+
+# -- hostile messages ----------------------------------------------------------------------
+
+
+def test_buffer_out_of_range_headers_ignored(make_buffer, context) -> None:
+    # Each of these stopped the buffer with struct.error or RecursionError.
+    run = make_buffer(page_max_age_ms=50)
+    run.start()
+    reader = ReaderPeer(context, run.runtime_dir)
+    uplink = UplinkPeer(context, run.runtime_dir)
+    sample = payload.encode_samples(make_samples(1, 0, 1))
+    uplink.link("s", free=4)
+    uplink.send_frames(wire.encode(wire.PUBACK, {"session": "s", "page_seq": 2**64}))
+    uplink.send_frames(wire.encode(wire.LINK, {"session": "t", "state": "up", "free": 2**70}))
+    reader.send_frames(wire.encode(wire.BATCH, {"epoch": 2**63, "batch_seq": 0, "count": 1},
+                                   sample))
+    reader.send_frames(wire.encode(wire.BATCH, {"epoch": 1, "batch_seq": 0, "count": 2**40},
+                                   sample))
+    reader.send_frames([wire.BATCH, b"[" * 100_000 + b"]" * 100_000, sample])
+    uplink.send_frames([wire.PUBACK, b"[" * 100_000 + b"]" * 100_000])
+
+    # The buffer still stores and delivers.
+    reader.send_batch(1, 0, make_samples(1, 0, 5))
+    reader.wait_for_ack(1, 0)
+    uplink.link("s", free=4)
+    page = uplink.receive_page(5.0)
+    assert page is not None
+    assert payload.parse_page(page[2])[1] == make_samples(1, 0, 5)
+    run.assert_running()
+    log = run.log()
+    assert "Traceback" not in log
+    assert "bad_message" in log  # rate-limited, so only the first of each socket shows
+    assert "must be an integer from 0 to" in log
