@@ -77,7 +77,7 @@ STATUS_FIELDS: dict[str, tuple[type, ...]] = {
     "drain_pages_per_s": NUMBER, "drain_samples_per_s": NUMBER,
 }
 
-# Times outside this range cannot be formatted as dates, so they are taken for damage.
+# Times outside this range cannot be formatted as dates, so they are treated as damage.
 MAX_TS_MS = 253_402_300_799_000  # 9999-12-31 23:59:59 UTC
 
 

@@ -1,5 +1,6 @@
 """Tests of the buffer and `plcbridge buffer` against damaged files and hostile input: a
-garbage status file, broken store files and huge batches.
+garbage status file, store files of the wrong kind, gap records across a kill, and
+malformed messages.
 
 Real buffer processes on real LMDB files, driven over ZeroMQ as in tests/test_buffer.py.
 """

@@ -6,7 +6,6 @@ tests/test_gateway.py, with gateway.state_dir on a tmpfs that the test mounts.
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.gateway import wait_until
+from tests.test_buffer_disk import fill
 from tests.test_gateway import PROGRAMS, Stack, start_stack, stop_stack
 
 pytestmark = pytest.mark.integration
@@ -42,20 +42,6 @@ def disk_stack(base: Path, certs: Path) -> Iterator[Stack]:
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
-def fill(disk: Path) -> Path:
-    """Write a filler file until the disk is full, and return its path."""
-    filler = disk / "filler"
-    descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        while True:
-            os.write(descriptor, b"\0" * 65536)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC, exc
-    finally:
-        os.close(descriptor)
-    return filler
-
-
 def reader_samples(stack: Stack) -> int:
     """Return the highest seq of the reader's current epoch that reached the subscriber."""
     report = stack.report()
@@ -69,7 +55,7 @@ def test_gateway_full_state_disk_keeps_reading(disk_stack: Stack) -> None:
     pids = {program: gateway.pid(program) for program in PROGRAMS}
 
     # A broker outage on a full disk: the buffer's store cannot grow, so its overflow
-    # policy applies or it holds the batches, while the reader keeps polling.
+    # policy applies or it leaves the batches unacknowledged, while the reader keeps polling.
     disk_stack.broker.stop()
     filler = fill(disk_stack.base / "state")
     wait_until(lambda: "store_full" in gateway.log("buffer"), 15, "store_full in the buffer log")
