@@ -54,6 +54,13 @@ def buffer(args: argparse.Namespace) -> int:
         print(json.dumps(status, sort_keys=True))
     else:
         print(format_status(status))
+
+    # A buffer waiting for its store runs, but stores and delivers nothing.
+    store_error = status.get("store_error")
+    if problem is None and store_error is not None:
+        print(f"plcbridge buffer: the buffer runs but its store is not open: {store_error}",
+              file=sys.stderr)
+        return EXIT_NOT_RUNNING
     if problem is not None:
         print(f"plcbridge buffer: the buffer is not running ({problem}); the figures above "
               f"are from {format_time(status.get('ts_ms'))}", file=sys.stderr)
@@ -74,7 +81,7 @@ STATUS_FIELDS: dict[str, tuple[type, ...]] = {
     "newest_ts_ms": (*NUMBER, type(None)), "link": (str,), "in_flight": NUMBER,
     "gap_records": NUMBER, "gaps_open": (list,), "overflow_policy": (str,),
     "dropped_by_reason": (dict,), "commits_per_s": NUMBER, "ingest_samples_per_s": NUMBER,
-    "drain_pages_per_s": NUMBER, "drain_samples_per_s": NUMBER,
+    "drain_pages_per_s": NUMBER, "drain_samples_per_s": NUMBER, "store_error": (str,),
 }
 
 # Times outside this range cannot be formatted as dates, so they are treated as damage.
@@ -149,7 +156,8 @@ def format_status(status: dict[str, Any]) -> str:
         if max_bytes else ""
     lines = [
         ("buffer", f"{state}, pid {get('pid')}, figures from {format_time(get('ts_ms'))}"),
-        ("store", str(get("path", "-"))),
+        ("store", str(get("path", "-")) + (f", not open: {get('store_error')}"
+                                            if get("store_error") else "")),
         ("held", f"{get('pages', 0)} pages, {get('bytes', 0)} bytes{used}, "
                  f"{get('open_samples', 0)} samples in the open page"),
         ("samples", f"oldest {format_time(get('oldest_ts_ms'))}, "

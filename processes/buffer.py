@@ -1000,13 +1000,15 @@ def report_set_aside(path: Path, logger: logging.Logger) -> None:
 
 def wait_for_store(
     path: Path, settings: BufferSettings, logger: logging.Logger, stop: threading.Event,
+    status_path: Path,
 ) -> PageStore | None:
     """Open the store, retrying while the disk is too full to open it, and return None
     when stop is set first.
 
     Exiting instead would make supervisord restart the buffer in a loop until it gives up.
     While the buffer waits, no socket is bound, so the reader keeps its batches
-    unacknowledged in its own bounded queue and counts what overflows it.
+    unacknowledged in its own bounded queue and counts what overflows it. The status file
+    says why every second, for `plcbridge buffer`.
     """
     backoff = Backoff(OPEN_RETRY_MIN_S, OPEN_RETRY_MAX_S)
     warning = RateLimit(WARNING_INTERVAL_S)
@@ -1019,10 +1021,10 @@ def wait_for_store(
             if suppressed is not None:
                 logger.warning(
                     "store_not_opened %s: the buffer accepts no batches until space returns, "
-                    "so the reader holds them",
+                    "so the reader keeps them",
                     fields(reason=exc.reason, error=exc, retry_s=round(delay_s, 1),
                            suppressed=suppressed))
-            if stop.wait(delay_s):
+            if wait_writing_status(status_path, path, exc, delay_s, stop, logger):
                 return None
             continue
         if backoff.attempts:
@@ -1030,9 +1032,34 @@ def wait_for_store(
         return store
 
 
+def wait_writing_status(
+    status_path: Path, path: Path, error: StoreError, delay_s: float, stop: threading.Event,
+    logger: logging.Logger,
+) -> bool:
+    """Wait delay_s, rewriting the status file with error every STATUS_INTERVAL_S, and
+    return whether stop was set."""
+    deadline = time.monotonic() + delay_s
+    while True:
+        status = {"ts_ms": int(time.time() * 1000), "pid": os.getpid(), "running": True,
+                  "path": str(path), "store_error": str(error)}
+        try:
+            status_path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = status_path.with_name(f".{STATUS_FILE}.tmp")
+            temporary.write_text(json.dumps(status, separators=(",", ":")))
+            os.replace(temporary, status_path)
+        except OSError as exc:
+            logger.debug("status_not_written %s", fields(path=status_path, error=exc))
+        remaining_s = deadline - time.monotonic()
+        if remaining_s <= 0:
+            return stop.is_set()
+        if stop.wait(min(STATUS_INTERVAL_S, remaining_s)):
+            return True
+
+
 def run_buffer(config: Config, logger: logging.Logger, stop: threading.Event) -> None:
     """Open the store, bind the sockets and run the loop until stop is set."""
-    store = wait_for_store(config.gateway.state_dir / "buffer", config.buffer, logger, stop)
+    store = wait_for_store(config.gateway.state_dir / "buffer", config.buffer, logger, stop,
+                           config.gateway.runtime_dir / STATUS_FILE)
     if store is None:
         return
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()

@@ -32,7 +32,7 @@ from tests.test_buffer import (  # noqa: F401 - make_buffer and context are fixt
     read_store,
     wait_until,
 )
-from tests.test_buffer_overflow import batch_of, settings, store_bytes_match
+from tests.test_buffer_overflow import PLCBRIDGE, batch_of, settings, store_bytes_match
 
 LOGGER = logging.getLogger("test.buffer_disk")
 
@@ -96,6 +96,14 @@ def test_buffer_new_store_full_disk_waits(make_buffer, context, full_disk) -> No
     reader.send_batch(1, 0, make_samples(1, 0, 10))
     assert reader.receive_ack(0.5) is None
     run.assert_running()
+
+    # `plcbridge buffer` says why nothing is stored.
+    status = subprocess.run([str(PLCBRIDGE), "buffer", "--config", str(run.config_path)],
+                            capture_output=True, text=True, timeout=20, check=False)
+    assert status.returncode == 1
+    assert "its store is not open" in status.stderr
+    assert "disk" in status.stderr
+    assert "not open:" in status.stdout
 
     # Space returns: the store opens, and the batch that waited is committed.
     filler.unlink()
