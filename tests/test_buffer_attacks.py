@@ -13,15 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 from cli.buffer import buffer as buffer_command
 from common import payload, wire
+from common.config import load_config
+from common.tap import Tap
+from processes.plc_reader.sender import IngestSender
 from tests.support.zmq_peers import ReaderPeer, UplinkPeer, make_samples
 from tests.test_buffer import (  # noqa: F401 - make_buffer and context are fixtures
     BufferRun,
@@ -30,6 +35,9 @@ from tests.test_buffer import (  # noqa: F401 - make_buffer and context are fixt
     read_store,
 )
 from tests.test_buffer_overflow import fill_with_reader, write_store
+
+LOGGER = logging.getLogger("test.buffer_attacks")
+
 
 # -- plcbridge buffer ----------------------------------------------------------------------
 
@@ -243,3 +251,36 @@ def test_buffer_out_of_range_headers_ignored(make_buffer, context) -> None:
     assert "Traceback" not in log
     assert "bad_message" in log  # rate-limited, so only the first of each socket shows
     assert "must be an integer from 0 to" in log
+
+
+def test_sender_bad_acks_ignored(make_buffer, context) -> None:
+    # The reader's side of ingest, against a test-side ROUTER that plays the buffer. Each
+    # of these acks used to stop the reader with OverflowError or RecursionError.
+    run = make_buffer()
+    run.runtime_dir.mkdir(parents=True)
+    config = load_config(run.config_path)
+    endpoint = wire.endpoint(run.runtime_dir, wire.INGEST)
+    router = wire.make_socket(context, zmq.ROUTER, wire.DATA_HWM, linger_ms=0)
+    router.bind(endpoint)
+    tap = Tap(context, run.runtime_dir, "plc_reader")
+    sender = IngestSender(context, endpoint, config.plc, epoch=3, logger=LOGGER, tap=tap)
+    try:
+        sender.enqueue([json.dumps(sample).encode() for sample in make_samples(3, 0, 5)])
+        deadline = time.monotonic() + 5
+        while not router.poll(50):
+            assert time.monotonic() < deadline, "the batch did not arrive"
+            sender.pump()
+        identity, *_frames = router.recv_multipart()
+        for header in (b'{"epoch": 1e999, "batch_seq": 0}', b"[" * 100_000 + b"]" * 100_000,
+                       b'{"epoch": 3, "batch_seq": 0, "rejected_samples": -1e999}'):
+            router.send_multipart([identity, wire.ACK, header])
+        router.send_multipart([identity, *wire.encode(wire.ACK, {"epoch": 3, "batch_seq": 0})])
+        deadline = time.monotonic() + 5
+        while not sender.idle:
+            assert time.monotonic() < deadline, "the good ack was not applied"
+            sender.wait_for_acks(0.05)
+        assert sender.dropped_samples == 0
+    finally:
+        sender.close()
+        tap.close()
+        router.close()

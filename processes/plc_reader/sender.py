@@ -238,7 +238,9 @@ class IngestSender:
             batch_seq = int(message.header["batch_seq"])
             rejected = (int(message.header.get("rejected_samples", 0)),
                         int(message.header.get("rejected_batches", 0)))
-        except (ValueError, KeyError, TypeError) as exc:
+        # int() of an infinite JSON number raises OverflowError, and json.loads raises
+        # RecursionError on a deeply nested header.
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             self._warn_bad_ack(str(exc))
             return
 
