@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import shutil
 import struct
 import subprocess
@@ -40,7 +41,6 @@ from processes.buffer import (
     StoreUnreadable,
     sample_span,
 )
-from processes.plc_reader.client import PlcConnection
 from processes.plc_reader.reader import PlcReader
 from processes.plc_reader.sender import IngestSender
 from tests.support.broker import Broker, Subscriber
@@ -255,9 +255,7 @@ def test_buffer_reject_new_reader_counts(make_buffer, context, caplog) -> None:
         assert rejected["batches"] == sender.rejected_batches
 
         # The reader's tap shows the rejected samples apart from the other drops.
-        connection = PlcConnection(config.plc, LOGGER)
-        counters = PlcReader(config, LOGGER, connection, sender, tap, 5).counters()
-        connection.close()
+        counters = PlcReader([], queue.SimpleQueue(), sender, tap, 5).counters()
         assert counters["rejected_samples"] == sender.rejected_samples
         assert counters["dropped_samples"] == sender.dropped_samples
         warnings = [record.getMessage() for record in caplog.records
