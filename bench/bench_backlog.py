@@ -67,6 +67,7 @@ from bench_paho import run_once as paho_run_once  # noqa: E402
 
 from common import wire  # noqa: E402
 from devstack.dev_certs import ensure_dev_certs  # noqa: E402
+from devstack.gateway_toml import gateway_dirs, gateway_toml  # noqa: E402
 from devstack.mosquitto import find_mosquitto, wait_for_tls, write_config  # noqa: E402
 
 BATCH_SAMPLES = 1000
@@ -75,40 +76,6 @@ MAX_BYTES = 4 << 30
 PAHO_PAGES = 4000
 TIMEOUT_S = 600.0
 
-CONFIG = """
-[gateway]
-state_dir = "{root}/state"
-runtime_dir = "{root}/run"
-log_dir = "{root}/log"
-log_level = "INFO"
-
-[plc]
-host = "127.0.0.1"
-
-[[plc.tag_groups]]
-name = "fast"
-poll_interval_ms = 100
-
-[[plc.tags]]
-name = "line1.counter"
-group = "fast"
-table = "holding_register"
-address = 0
-
-[buffer]
-max_bytes = {max_bytes}
-
-[uplink]
-mode = "mqtt"
-port = {broker_port}
-
-[uplink.broker]
-host = "localhost"
-client_id = "backlog-bench"
-
-[credentials]
-ca_file = "{ca_file}"
-"""
 
 SAMPLE = b'{"name":"%s","value":%s,"quality":"good","ts_ms":%d,"epoch":1,"seq":%d}'
 NAMES = (b"line1.counter", b"line1.sine", b"line1.temperature_c", b"line1.running")
@@ -256,8 +223,13 @@ def run_once(batches: list[tuple[int, bytes]], certs: Path) -> RunResult:
     root = Path(tempfile.mkdtemp(prefix="pb-backlog-", dir="/tmp"))
     broker_port = free_port()
     config = root / "gateway.toml"
-    config.write_text(CONFIG.format(root=root, max_bytes=MAX_BYTES, broker_port=broker_port,
-                                    ca_file=certs / "ca.pem"))
+    config.write_text(gateway_toml(
+        gateway={**gateway_dirs(root), "log_level": "INFO"},
+        buffer={"max_bytes": MAX_BYTES},
+        uplink={"mode": "mqtt", "port": broker_port},
+        broker={"host": "localhost", "client_id": "backlog-bench"},
+        credentials={"ca_file": str(certs / "ca.pem")},
+    ))
     store_dir = root / "state" / "buffer"
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     broker = subprocess.Popen(

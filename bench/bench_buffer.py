@@ -36,6 +36,7 @@ from pathlib import Path
 import zmq
 
 from common import payload, wire
+from devstack.gateway_toml import gateway_dirs, gateway_toml
 
 REPO = Path(__file__).resolve().parent.parent
 WINDOW_BATCHES = 16
@@ -43,43 +44,6 @@ UPLINK_CREDIT = 20
 PAGE_SAMPLES = 1000
 TIMEOUT_S = 300.0
 
-CONFIG = """
-[gateway]
-state_dir = "{root}/state"
-runtime_dir = "{root}/run"
-log_dir = "{root}/log"
-
-[plc]
-host = "127.0.0.1"
-
-[[plc.tag_groups]]
-name = "fast"
-poll_interval_ms = 100
-
-[[plc.tags]]
-name = "line1.counter"
-group = "fast"
-table = "holding_register"
-address = 0
-
-[buffer]
-max_bytes = 1073741824
-page_max_samples = {page_samples}
-page_max_bytes = 262144
-page_max_age_ms = 200
-commit_max_batches = 64
-sync = {sync}
-
-[uplink]
-mode = "mqtt"
-
-[uplink.broker]
-host = "127.0.0.1"
-client_id = "bench"
-
-[credentials]
-ca_file = "{root}/ca.pem"
-"""
 
 
 @dataclass(frozen=True)
@@ -110,8 +74,15 @@ class BufferUnderTest:
         self.root = Path(tempfile.mkdtemp(prefix="pb-bench-", dir="/tmp"))
         self.runtime_dir = self.root / "run"
         config = self.root / "gateway.toml"
-        config.write_text(CONFIG.format(root=self.root, page_samples=PAGE_SAMPLES,
-                                        sync=str(sync).lower()))
+        config.write_text(gateway_toml(
+            gateway=gateway_dirs(self.root),
+            buffer={"max_bytes": 1073741824, "page_max_samples": PAGE_SAMPLES,
+                    "page_max_bytes": 262144, "page_max_age_ms": 200, "commit_max_batches": 64,
+                    "sync": sync},
+            uplink={"mode": "mqtt"},
+            broker={"host": "127.0.0.1", "client_id": "bench"},
+            credentials={"ca_file": f"{self.root}/ca.pem"},
+        ))
         self.log_path = self.root / "buffer.log"
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(

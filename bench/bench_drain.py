@@ -48,48 +48,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_buffer import make_batches, measure_ingest, wait_until_sealed  # noqa: E402
 
 from devstack.dev_certs import ensure_dev_certs  # noqa: E402
+from devstack.gateway_toml import gateway_dirs, gateway_toml  # noqa: E402
 from devstack.mosquitto import find_mosquitto, wait_for_tls, write_config  # noqa: E402
 
 PAGE_SAMPLES = 1000
 DEVICE_KEY = "cGxjYnJpZGdlLXRlc3QtZGV2aWNlLWtleS0zMmJ5dGU="
 TIMEOUT_S = 300.0
 
-CONFIG = """
-[gateway]
-state_dir = "{root}/state"
-runtime_dir = "{root}/run"
-log_dir = "{root}/log"
-log_level = "INFO"
-
-[plc]
-host = "127.0.0.1"
-
-[[plc.tag_groups]]
-name = "fast"
-poll_interval_ms = 100
-
-[[plc.tags]]
-name = "line1.counter"
-group = "fast"
-table = "holding_register"
-address = 0
-
-[buffer]
-max_bytes = 1073741824
-page_max_samples = {page_samples}
-page_max_bytes = 262144
-page_max_age_ms = 200
-sync = {sync}
-
-[uplink]
-mode = "azure"
-port = {broker_port}
-max_inflight_pages = {inflight}
-
-[credentials]
-connection_string_file = "{root}/connection-string.txt"
-ca_file = "{ca_file}"
-"""
 
 
 @dataclass(frozen=True)
@@ -257,9 +222,14 @@ def run_once(args: argparse.Namespace, batches: list[tuple[int, bytes]], certs: 
     root = Path(tempfile.mkdtemp(prefix="pb-drain-", dir="/tmp"))
     broker_port = free_port()
     config = root / "gateway.toml"
-    config.write_text(CONFIG.format(root=root, page_samples=PAGE_SAMPLES,
-                                    sync=str(not args.no_sync).lower(), broker_port=broker_port,
-                                    inflight=args.inflight, ca_file=certs / "ca.pem"))
+    config.write_text(gateway_toml(
+        gateway={**gateway_dirs(root), "log_level": "INFO"},
+        buffer={"max_bytes": 1073741824, "page_max_samples": PAGE_SAMPLES,
+                "page_max_bytes": 262144, "page_max_age_ms": 200, "sync": not args.no_sync},
+        uplink={"mode": "azure", "port": broker_port, "max_inflight_pages": args.inflight},
+        credentials={"connection_string_file": f"{root}/connection-string.txt",
+                     "ca_file": str(certs / "ca.pem")},
+    ))
     (root / "connection-string.txt").write_text(
         f"HostName=localhost;DeviceId=drain-bench;SharedAccessKey={DEVICE_KEY}\n")
     broker = subprocess.Popen(

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from bench_paho import make_page, run_once  # noqa: E402
 
 from common import wire  # noqa: E402
+from devstack.gateway_toml import gateway_dirs, gateway_toml  # noqa: E402
 from tests.support.gateway import Gateway, wait_until  # noqa: E402
 
 PAGE_SAMPLES = 1000
@@ -46,44 +47,18 @@ def free_port() -> int:
 
 def bench_config(base: Path, plc_port: int, broker_port: int, ca: Path, tags: int,
                  interval_ms: int) -> str:
-    tag_lines = "\n".join(
-        f'[[plc.tags]]\nname = "bench.r{i:04d}"\ngroup = "bench"\n'
-        f'table = "holding_register"\naddress = {100 + i}\ntype = "uint16"\n'
-        for i in range(tags)
+    return gateway_toml(
+        gateway={**gateway_dirs(base), "log_level": "INFO"},
+        plc={"host": "127.0.0.1", "port": plc_port, "timeout_s": 1.0},
+        tag_groups=[{"name": "bench", "poll_interval_ms": interval_ms}],
+        tags=[{"name": f"bench.r{i:04d}", "group": "bench", "table": "holding_register",
+               "address": 100 + i, "type": "uint16"} for i in range(tags)],
+        buffer={"max_bytes": 1073741824, "page_max_samples": PAGE_SAMPLES,
+                "page_max_bytes": 131072, "page_max_age_ms": 200, "sync": True},
+        uplink={"mode": "azure", "port": broker_port},
+        credentials={"connection_string_file": f"{base}/connection-string.txt",
+                     "ca_file": str(ca)},
     )
-    return f"""
-[gateway]
-state_dir = "{base}/state"
-runtime_dir = "{base}/run"
-log_dir = "{base}/log"
-log_level = "INFO"
-
-[plc]
-host = "127.0.0.1"
-port = {plc_port}
-timeout_s = 1.0
-
-[[plc.tag_groups]]
-name = "bench"
-poll_interval_ms = {interval_ms}
-
-{tag_lines}
-
-[buffer]
-max_bytes = 1073741824
-page_max_samples = {PAGE_SAMPLES}
-page_max_bytes = 131072
-page_max_age_ms = 200
-sync = true
-
-[uplink]
-mode = "azure"
-port = {broker_port}
-
-[credentials]
-connection_string_file = "{base}/connection-string.txt"
-ca_file = "{ca}"
-"""
 
 
 class TapReader:

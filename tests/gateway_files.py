@@ -9,8 +9,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from common.credentials import mint_sas_token
+from devstack.gateway_toml import COUNTER_TAG, gateway_toml
 
 REPO = Path(__file__).resolve().parent.parent
 HUB = "hub.example.net"
@@ -108,53 +108,18 @@ def write_gateway(root: Path, runtime_dir: Path, credentials_extra: str = "",
     )
     files.connection_string.write_text(device_key_string(secrets) + "\n")
     write_ca(files.ca)
-    files.config.write_text(f"""
-[gateway]
-state_dir = "state"
-runtime_dir = "{runtime_dir}"
-log_dir = "log"
-log_level = "{log_level}"
-
-[plc]
-host = "127.0.0.1"
-port = {loopback_port}
-
-[[plc.tag_groups]]
-name = "fast"
-poll_interval_ms = 100
-
-[[plc.tags]]
-name = "line1.counter"
-group = "fast"
-table = "holding_register"
-address = 0
-type = "uint32"
-
-[uplink]
-mode = "azure"
-port = {loopback_port}
-
-[credentials]
-connection_string_file = "connection-string.txt"
-ca_file = "ca.pem"
-check_interval_s = 0.1
-rehash_interval_s = 1.0
-{credentials_extra}
-{extra_sections}
-""")
+    files.config.write_text(gateway_toml(
+        gateway={"state_dir": "state", "runtime_dir": str(runtime_dir), "log_dir": "log",
+                 "log_level": log_level},
+        plc={"host": "127.0.0.1", "port": loopback_port},
+        tags=[{**COUNTER_TAG, "type": "uint32"}],
+        uplink={"mode": "azure", "port": loopback_port},
+        credentials=[{"connection_string_file": "connection-string.txt", "ca_file": "ca.pem",
+                      "check_interval_s": 0.1, "rehash_interval_s": 1.0},
+                     credentials_extra, extra_sections],
+    ))
     return files
 
-
-def wait_for(condition: Callable[[], object], timeout_s: float, what: str) -> object:
-    """Poll condition until it returns a true value; fail naming what was awaited."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:

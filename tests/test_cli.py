@@ -24,9 +24,9 @@ from tests.gateway_files import (
     removed_afterwards,
     sas_token_string,
     stop_process,
-    wait_for,
     write_gateway,
 )
+from tests.support.waiting import wait_until
 
 PLCBRIDGE = Path(sys.executable).parent / "plcbridge"
 TYPO = "colour = 'red'\n"  # appended to [credentials], the last table of the file
@@ -170,7 +170,7 @@ def test_tap_receives_watcher_counters(files: GatewayFiles, tmp_path: Path) -> N
         stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=REPO,
     )
     try:
-        wait_for(lambda: "credentials_loaded" in log.read_text(), 10, "the watcher to start")
+        wait_until(lambda: "credentials_loaded" in log.read_text(), 10, "the watcher to start")
 
         result = plcbridge("tap", "--config", str(files.config), "credential_watcher",
                            "--json", "--count", "2", "--timeout-s", "10")
@@ -201,7 +201,7 @@ def test_tap_ctrl_c_exits_zero(files: GatewayFiles, tmp_path: Path) -> None:
         tap = subprocess.Popen([str(PLCBRIDGE), "tap", "--config", str(files.config), "uplink"],
                                stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        wait_for(lambda: "Waiting for it." in stderr_path.read_text(), 10, "tap to subscribe")
+        wait_until(lambda: "Waiting for it." in stderr_path.read_text(), 10, "tap to subscribe")
         tap.send_signal(signal.SIGINT)
         tap.wait(10)
     finally:
@@ -251,7 +251,7 @@ def test_run_starts_supervisord_with_four_programs(tmp_path: Path, loopback_list
     with removed_afterwards(runtime.parent):
         try:
             # The other programs may still be FATAL or BACKOFF; only the listing matters here.
-            status = wait_for(
+            status = wait_until(
                 lambda: _status_listing(config), 20, "supervisord to list the four programs"
             )
             supervisord_pid = int((runtime / "supervisord.pid").read_text())
@@ -366,14 +366,14 @@ def test_process_restart_after_typo_runs_last_good(files: GatewayFiles, tmp_path
     good_text = files.config.read_text()
     watcher = start_watcher(files, log)
     try:
-        wait_for(lambda: "credentials_loaded" in log.read_text(), 10, "the watcher to start")
+        wait_until(lambda: "credentials_loaded" in log.read_text(), 10, "the watcher to start")
         stop_process(watcher)
         first_exit = watcher.returncode
 
         with files.config.open("a") as config:
             config.write(TYPO)
         watcher = start_watcher(files, log)
-        wait_for(lambda: log.read_text().count("credentials_loaded") == 2, 10,
+        wait_until(lambda: log.read_text().count("credentials_loaded") == 2, 10,
                  "the restarted watcher to load the credentials")
         running_after_typo = watcher.poll() is None
     finally:

@@ -10,32 +10,14 @@ import pytest
 
 from common.config import load_config
 from common.errors import ConfigError
+from devstack.gateway_toml import gateway_toml, simulator_tags
 
-MINIMAL = """
-[gateway]
-runtime_dir = "run"
-
-[plc]
-host = "127.0.0.1"
-
-[[plc.tag_groups]]
-name = "fast"
-poll_interval_ms = 100
-
-[[plc.tags]]
-name = "line1.counter"
-group = "fast"
-table = "holding_register"
-address = 0
-type = "uint32"
-
-[uplink]
-mode = "azure"
-
-[credentials]
-connection_string_file = "connection-string.txt"
-ca_file = "ca.pem"
-"""
+MINIMAL = gateway_toml(
+    gateway={"runtime_dir": "run"},
+    tags=simulator_tags("line1.counter"),
+    uplink={"mode": "azure"},
+    credentials={"connection_string_file": "connection-string.txt", "ca_file": "ca.pem"},
+)
 
 
 COIL_TAG = """

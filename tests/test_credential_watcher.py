@@ -31,10 +31,10 @@ from tests.gateway_files import (
     removed_afterwards,
     sas_token_string,
     stop_process,
-    wait_for,
     write_client_pair,
     write_gateway,
 )
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -135,7 +135,7 @@ class Gateway:
             [str(SUPERVISORD), "-n", "-c", str(conf)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        wait_for(self._uplink_running, 10, "supervisord to start the stand-in uplink")
+        wait_until(self._uplink_running, 10, "supervisord to start the stand-in uplink")
 
     def start_watcher(self, ready_line: str = "credentials_loaded") -> None:
         seen = self.output().count(ready_line) if self.log.exists() else 0
@@ -144,7 +144,7 @@ class Gateway:
              "--config", str(self.files.config)],
             stdout=self.log.open("ab"), stderr=subprocess.STDOUT, cwd=REPO,
         )
-        wait_for(lambda: self.output().count(ready_line) > seen, 10,
+        wait_until(lambda: self.output().count(ready_line) > seen, 10,
                  f"watcher log line {ready_line!r}")
 
     def stop_watcher(self) -> None:
@@ -208,8 +208,8 @@ def test_watcher_new_connection_string_restarts_uplink(running: Gateway) -> None
 
     rewrite(running.files.connection_string, device_key_string(running.files.secrets) + "\n")
 
-    wait_for(lambda: running.uplink_restarted(pid), 10, "the uplink to get a new pid")
-    wait_for(lambda: "uplink_restarted" in running.output(), 5, "the uplink_restarted line")
+    wait_until(lambda: running.uplink_restarted(pid), 10, "the uplink to get a new pid")
+    wait_until(lambda: "uplink_restarted" in running.output(), 5, "the uplink_restarted line")
     assert f"pid_before={pid}" in running.output()
     running.assert_no_secret_in_output()
 
@@ -220,7 +220,7 @@ def test_watcher_identical_rewrite_restarts_nothing(running: Gateway) -> None:
 
     rewrite(path, path.read_text())
 
-    wait_for(lambda: f"file_touched content unchanged file={path}" in running.output(), 5,
+    wait_until(lambda: f"file_touched content unchanged file={path}" in running.output(), 5,
              "the watcher to notice the new mtime")
     assert running.uplink_pid() == pid
     assert "credentials_changed" not in running.output()
@@ -232,7 +232,7 @@ def test_watcher_malformed_string_logged_then_fixed(running: Gateway) -> None:
     path = running.files.connection_string
 
     rewrite(path, "HostName=hub.example.net;DeviceId=gw;SharedAccessKey=\n")
-    wait_for(lambda: "credentials_invalid" in running.output(), 5, "the credentials_invalid line")
+    wait_until(lambda: "credentials_invalid" in running.output(), 5, "the credentials_invalid line")
     error_lines = [line for line in running.output().splitlines() if "credentials_invalid" in line]
     assert len(error_lines) == 1
     assert " ERROR " in error_lines[0]
@@ -240,7 +240,7 @@ def test_watcher_malformed_string_logged_then_fixed(running: Gateway) -> None:
     assert running.uplink_pid() == pid
 
     rewrite(path, device_key_string(running.files.secrets) + "\n")
-    wait_for(lambda: running.uplink_restarted(pid), 10, "the uplink to get a new pid")
+    wait_until(lambda: running.uplink_restarted(pid), 10, "the uplink to get a new pid")
     assert len([line for line in running.output().splitlines()
                 if "credentials_invalid" in line]) == 1
     running.assert_no_secret_in_output()
@@ -252,7 +252,7 @@ def test_watcher_expired_token_keeps_uplink(running: Gateway) -> None:
     expired_s = int(time.time()) - 3600
 
     rewrite(path, sas_token_string(running.files.secrets, expired_s) + "\n")
-    wait_for(lambda: "credentials_invalid" in running.output(), 5, "the credentials_invalid line")
+    wait_until(lambda: "credentials_invalid" in running.output(), 5, "the credentials_invalid line")
     error_lines = [line for line in running.output().splitlines() if "credentials_invalid" in line]
     assert len(error_lines) == 1
     assert " ERROR " in error_lines[0]
@@ -260,7 +260,7 @@ def test_watcher_expired_token_keeps_uplink(running: Gateway) -> None:
     assert running.uplink_pid() == pid
 
     rewrite(path, sas_token_string(running.files.secrets, int(time.time()) + 86400 * 30) + "\n")
-    wait_for(lambda: running.uplink_restarted(pid), 10, "the uplink to get a new pid")
+    wait_until(lambda: running.uplink_restarted(pid), 10, "the uplink to get a new pid")
     running.assert_no_secret_in_output()
 
 
@@ -271,7 +271,7 @@ def test_watcher_pasted_key_not_logged(running: Gateway) -> None:
     # A key pasted without its name makes the key an unknown key name in the parse error.
     rewrite(running.files.connection_string, f"HostName=h;DeviceId=d;{bare_key}\n")
 
-    wait_for(lambda: "credentials_invalid" in running.output(), 5, "the credentials_invalid line")
+    wait_until(lambda: "credentials_invalid" in running.output(), 5, "the credentials_invalid line")
     assert "not shown" in running.output()
     assert running.uplink_pid() == pid
     running.assert_no_secret_in_output()
@@ -283,7 +283,7 @@ def test_watcher_invalid_ca_keeps_uplink(running: Gateway) -> None:
 
     rewrite(ca, "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
 
-    wait_for(lambda: "credentials_invalid" in running.output(), 5, "the credentials_invalid line")
+    wait_until(lambda: "credentials_invalid" in running.output(), 5, "the credentials_invalid line")
     assert f"file={ca}" in running.output()
     assert running.uplink_pid() == pid
 
@@ -320,19 +320,19 @@ def test_watcher_invalid_at_start_keeps_watching(gateway: Gateway) -> None:
     gateway.start_watcher(ready_line="credentials_invalid")
     rewrite(gateway.files.connection_string, device_key_string(gateway.files.secrets) + "\n")
 
-    wait_for(lambda: gateway.uplink_restarted(pid), 10, "the uplink to get a new pid")
+    wait_until(lambda: gateway.uplink_restarted(pid), 10, "the uplink to get a new pid")
     assert gateway.watcher is not None and gateway.watcher.poll() is None
 
 
 def test_watcher_retries_until_supervisord_is_up(gateway: Gateway) -> None:
     gateway.start_watcher()
     rewrite(gateway.files.connection_string, device_key_string(gateway.files.secrets) + "\n")
-    wait_for(lambda: "restart_failed" in gateway.output(), 5, "the restart_failed line")
+    wait_until(lambda: "restart_failed" in gateway.output(), 5, "the restart_failed line")
     assert "not found; is supervisord running?" in gateway.output()
 
     gateway.start_supervisord()
 
-    wait_for(lambda: "uplink_restarted" in gateway.output(), 10, "the uplink_restarted line")
+    wait_until(lambda: "uplink_restarted" in gateway.output(), 10, "the uplink_restarted line")
 
 
 def test_watcher_stopped_uplink_stays_stopped(running: Gateway) -> None:
@@ -344,7 +344,7 @@ def test_watcher_stopped_uplink_stays_stopped(running: Gateway) -> None:
 
     rewrite(running.files.connection_string, device_key_string(running.files.secrets) + "\n")
 
-    wait_for(lambda: "uplink_not_restarted" in running.output(), 5, "uplink_not_restarted")
+    wait_until(lambda: "uplink_not_restarted" in running.output(), 5, "uplink_not_restarted")
     assert running.client.process_info(UPLINK)["statename"] == "STOPPED"
 
 
@@ -357,7 +357,7 @@ def test_watcher_unknown_program_logged(gateway: Gateway) -> None:
 
     rewrite(gateway.files.connection_string, device_key_string(gateway.files.secrets) + "\n")
 
-    wait_for(lambda: "restart_failed" in gateway.output(), 5, "the restart_failed line")
+    wait_until(lambda: "restart_failed" in gateway.output(), 5, "the restart_failed line")
     assert "BAD_NAME: plcbridge:uplnk" in gateway.output()
     assert "check supervisor.group and supervisor.uplink_program" in gateway.output()
     assert gateway.uplink_pid() == pid
@@ -444,7 +444,7 @@ def kill_watcher(gateway: Gateway) -> int:
 def test_watcher_first_start_writes_private_record(running: Gateway) -> None:
     files = running.files
 
-    wait_for(running.record.exists, 5, "the applied record")
+    wait_until(running.record.exists, 5, "the applied record")
 
     assert stat.S_IMODE(running.record.stat().st_mode) == 0o600
     assert running.recorded_files() == {
@@ -462,7 +462,7 @@ def test_watcher_killed_before_acting_applies_rotation(gateway: Gateway) -> None
     # right after the write lands before the restart.
     set_check_interval(gateway.files, 2.0)
     gateway.start_supervisord(with_watcher=True)
-    wait_for(lambda: "applied_record_created" in gateway.output(), 10, "the first record")
+    wait_until(lambda: "applied_record_created" in gateway.output(), 10, "the first record")
     pid = gateway.uplink_pid()
     path = gateway.files.connection_string
 
@@ -471,9 +471,9 @@ def test_watcher_killed_before_acting_applies_rotation(gateway: Gateway) -> None
 
     assert gateway.uplink_pid() == pid
     assert "uplink_restarted" not in gateway.output()
-    wait_for(lambda: gateway.watcher_restarted(watcher_pid), 10, "a new watcher")
-    wait_for(lambda: gateway.uplink_restarted(pid), 10, "the uplink to get a new pid")
-    wait_for(lambda: gateway.recorded_files()[str(path)] == sha256_of(path), 5,
+    wait_until(lambda: gateway.watcher_restarted(watcher_pid), 10, "a new watcher")
+    wait_until(lambda: gateway.uplink_restarted(pid), 10, "the uplink to get a new pid")
+    wait_until(lambda: gateway.recorded_files()[str(path)] == sha256_of(path), 5,
              "the record of the new string")
     output = gateway.output()
     assert "uplink_runs_recorded_files" in output
@@ -483,16 +483,16 @@ def test_watcher_killed_before_acting_applies_rotation(gateway: Gateway) -> None
 
 def test_watcher_restart_without_change_restarts_nothing(gateway: Gateway) -> None:
     gateway.start_supervisord(with_watcher=True)
-    wait_for(lambda: "applied_record_created" in gateway.output(), 10, "the first record")
+    wait_until(lambda: "applied_record_created" in gateway.output(), 10, "the first record")
     pid = gateway.uplink_pid()
     path = gateway.files.connection_string
 
     watcher_pid = kill_watcher(gateway)
-    wait_for(lambda: gateway.watcher_restarted(watcher_pid), 10, "a new watcher")
-    wait_for(lambda: "applied_record_matches" in gateway.output(), 10, "the record check")
+    wait_until(lambda: gateway.watcher_restarted(watcher_pid), 10, "a new watcher")
+    wait_until(lambda: "applied_record_matches" in gateway.output(), 10, "the record check")
     # A touch that the new watcher reports proves that its checks run.
     rewrite(path, path.read_text())
-    wait_for(lambda: f"file_touched content unchanged file={path}" in gateway.output(), 15,
+    wait_until(lambda: f"file_touched content unchanged file={path}" in gateway.output(), 15,
              "the new watcher to notice the new mtime")
 
     assert gateway.uplink_pid() == pid
@@ -510,11 +510,11 @@ def test_watcher_uplink_started_after_rotation_not_restarted(gateway: Gateway) -
     # supervisord reports the start in whole seconds, and the watcher wants the uplink's start
     # a second clear of the file's last change.
     changed_s = path.stat().st_ctime
-    wait_for(lambda: time.time() >= changed_s + 2.0, 5, "two seconds after the rotation")
+    wait_until(lambda: time.time() >= changed_s + 2.0, 5, "two seconds after the rotation")
     pid = gateway.client.restart(UPLINK).pid_after
     gateway.start_watcher(ready_line="uplink_runs_current_files")
 
-    wait_for(lambda: gateway.recorded_files()[str(path)] == sha256_of(path), 5,
+    wait_until(lambda: gateway.recorded_files()[str(path)] == sha256_of(path), 5,
              "the record of the new string")
     assert gateway.uplink_pid() == pid
     assert "uplink_restarted" not in gateway.output()
@@ -528,12 +528,12 @@ def test_watcher_rotation_after_uplink_start_restarts(gateway: Gateway) -> None:
     # The uplink starts after the record was written but before the rotation, so it still
     # runs with the recorded string.
     written_s = gateway.record.stat().st_mtime
-    wait_for(lambda: time.time() >= written_s + 1.5, 5, "a second after the record")
+    wait_until(lambda: time.time() >= written_s + 1.5, 5, "a second after the record")
     pid = gateway.client.restart(UPLINK).pid_after
     rewrite(gateway.files.connection_string, device_key_string(gateway.files.secrets) + "\n")
     gateway.start_watcher(ready_line="uplink_runs_recorded_files")
 
-    wait_for(lambda: gateway.uplink_restarted(pid), 10, "the uplink to get a new pid")
+    wait_until(lambda: gateway.uplink_restarted(pid), 10, "the uplink to get a new pid")
 
 
 @pytest.mark.parametrize("content", [

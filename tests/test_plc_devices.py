@@ -14,12 +14,14 @@ import pytest
 
 from common.config import load_config
 from common.modbus_tags import ReadRequest
+from devstack.gateway_toml import gateway_dirs, gateway_toml
 from processes.plc_reader.client import PlcConnection
 from processes.plc_reader.poller import DevicePoller, Outbox, Reading
 from processes.plc_reader.report import ReportFilter
 from processes.plc_reader.schedule import GroupSchedule
-from tests.support.modbus_faults import FaultyModbusServer, wait_for
+from tests.support.modbus_faults import FaultyModbusServer
 from tests.support.plc import PlcSimulator
+from tests.support.waiting import wait_until
 from tests.test_plc_faults import LOGGER, make_device, make_settings, servers, tag
 from tests.test_plc_reader import by_name, cleanup, start_buffer, start_reader
 
@@ -131,7 +133,7 @@ def test_devices_reader_process_two_units_and_deadband(
         buffer = start_buffer(base, cleanup)
         start_reader(config, cleanup)
 
-        wait_for(lambda: len(by_name(buffer.snapshot(), "b.counter")) >= 20, 10,
+        wait_until(lambda: len(by_name(buffer.snapshot(), "b.counter")) >= 20, 10,
                  "20 samples from device b")
         samples = buffer.snapshot()
 
@@ -149,78 +151,29 @@ def test_devices_reader_process_two_units_and_deadband(
 
 def write_devices_config(base: Path, port: int) -> Path:
     path = base / "plcbridge.toml"
-    path.write_text(f"""
-[gateway]
-state_dir = "{base}/state"
-runtime_dir = "{base}/run"
-log_dir = "{base}/log"
-
-[plc]
-timeout_s = 0.3
-reconnect_min_s = 0.1
-reconnect_max_s = 0.4
-
-[[plc.devices]]
-name = "a"
-host = "127.0.0.1"
-port = {port}
-unit_id = 1
-
-[[plc.devices]]
-name = "b"
-host = "127.0.0.1"
-port = {port}
-unit_id = 2
-max_registers_per_read = 16
-
-[[plc.tag_groups]]
-name = "fast"
-poll_interval_ms = 20
-
-[[plc.tags]]
-name = "a.counter"
-device = "a"
-group = "fast"
-table = "holding_register"
-address = 0
-type = "uint32"
-unit = "ticks"
-
-[[plc.tags]]
-name = "a.zero"
-device = "a"
-group = "fast"
-table = "holding_register"
-address = 5
-deadband = 0.5
-max_silence_s = 600
-
-[[plc.tags]]
-name = "b.counter"
-device = "b"
-group = "fast"
-table = "holding_register"
-address = 0
-type = "uint32"
-
-[[plc.tags]]
-name = "b.serial"
-device = "b"
-group = "fast"
-table = "input_register"
-address = 10
-type = "uint32"
-
-[uplink]
-mode = "mqtt"
-
-[uplink.broker]
-host = "127.0.0.1"
-client_id = "plc-devices-test"
-
-[credentials]
-ca_file = "{base}/ca.pem"
-""")
+    path.write_text(gateway_toml(
+        gateway=gateway_dirs(base),
+        plc={"timeout_s": 0.3, "reconnect_min_s": 0.1, "reconnect_max_s": 0.4},
+        devices=[
+            {"name": "a", "host": "127.0.0.1", "port": port, "unit_id": 1},
+            {"name": "b", "host": "127.0.0.1", "port": port, "unit_id": 2,
+             "max_registers_per_read": 16},
+        ],
+        tag_groups=[{"name": "fast", "poll_interval_ms": 20}],
+        tags=[
+            {"name": "a.counter", "device": "a", "group": "fast", "table": "holding_register",
+             "address": 0, "type": "uint32", "unit": "ticks"},
+            {"name": "a.zero", "device": "a", "group": "fast", "table": "holding_register",
+             "address": 5, "deadband": 0.5, "max_silence_s": 600},
+            {"name": "b.counter", "device": "b", "group": "fast", "table": "holding_register",
+             "address": 0, "type": "uint32"},
+            {"name": "b.serial", "device": "b", "group": "fast", "table": "input_register",
+             "address": 10, "type": "uint32"},
+        ],
+        uplink={"mode": "mqtt"},
+        broker={"host": "127.0.0.1", "client_id": "plc-devices-test"},
+        credentials={"ca_file": f"{base}/ca.pem"},
+    ))
     return path
 
 
@@ -243,9 +196,9 @@ ca_file = "{base}/ca.pem"
 def test_devices_config_errors(
     tmp_path: Path, devices: str, tag_keys: str, expected: str
 ) -> None:
-    from tests.test_plc_tags import BASE_CONFIG, config_error, tag_toml
+    from tests.test_plc_tags import base_config, config_error, tag_toml
 
-    text = BASE_CONFIG.format(plc_keys="", tags=devices + tag_toml(tag_keys))
+    text = base_config(plc_keys="", tags=devices + tag_toml(tag_keys))
     text = text.replace('host = "127.0.0.1"\n', "", 1)
     path = tmp_path / "plcbridge.toml"
     path.write_text(text)

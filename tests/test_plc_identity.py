@@ -10,17 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from devstack.gateway_toml import simulator_tags
 from processes.plc_reader.identity import IdentityError, check_composed_id, compose_id
 from tests.support.plc import ROOT, PlcSimulator, free_port
+from tests.support.waiting import wait_until
 from tests.test_plc_reader import (
     cleanup,
     start_buffer,
     start_reader,
-    wait_until,
     watch_tap,
     write_config,
 )
-from tests.test_plc_tags import BASE_CONFIG, config_error, tag_toml
+from tests.test_plc_tags import base_config, config_error, tag_toml
 
 __all__ = ["cleanup"]  # a fixture shared with the module it comes from
 
@@ -30,14 +31,7 @@ IDENTITY_KEYS = """
 table = "input_register"
 serial_address = 10
 """
-COUNTER_TAG = """
-[[plc.tags]]
-name = "line1.counter"
-group = "fast"
-table = "holding_register"
-address = 0
-type = "uint32"
-"""
+COUNTER_TAG = simulator_tags("line1.counter")
 
 
 @pytest.mark.parametrize(
@@ -78,7 +72,7 @@ def test_identity_composed_register_checked() -> None:
 )
 def test_identity_config_errors(tmp_path: Path, keys: str, expected: str) -> None:
     path = tmp_path / "plcbridge.toml"
-    path.write_text(BASE_CONFIG.format(plc_keys="", tags=tag_toml("") + keys))
+    path.write_text(base_config(plc_keys="", tags=tag_toml("") + keys))
 
     assert expected in config_error(path)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from common.config import Tag, load_config
 from common.modbus_tags import ReadRequest, plan_device_requests, plan_requests
-from tests.test_plc_tags import BASE_CONFIG
+from tests.test_plc_tags import base_config
 
 
 def tag(name: str, address: int, value_type: str = "uint16", device: str = "plc",
@@ -98,7 +98,7 @@ def test_planner_per_device_limits(tmp_path: Path) -> None:
         '[[plc.devices]]\nname = "single"\nhost = "10.0.0.3"\none_request_per_tag = true\n'
     )
     path = tmp_path / "plcbridge.toml"
-    path.write_text(BASE_CONFIG.format(plc_keys="", tags=devices + tags))
+    path.write_text(base_config(plc_keys="", tags=devices + tags))
     config = load_config(path)
 
     plans = plan_device_requests(config.plc.tags, config.plc.devices)

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,136 +31,49 @@ import zmq
 
 from common import wire
 from common.config import PlcSettings, load_config
+from devstack.gateway_toml import Keys, gateway_dirs, gateway_toml, simulator_tags
 from processes.plc_reader.client import PlcConnection, PlcReadError
 from processes.plc_reader.reader import GroupSchedule
 from processes.plc_reader.resolver import Address, Resolve, literal_address
 from processes.plc_reader.samples import SampleEncoder, encode_batch
 from tests.support.plc import ROOT, PlcSimulator
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
 SERIAL_NUMBER = 22091017
 
-SIMULATOR_TAGS = """
-[[plc.tags]]
-name = "line1.counter"
-group = "fast"
-table = "holding_register"
-address = 0
-type = "uint32"
+SIMULATOR_TAGS = simulator_tags(
+    "line1.counter", "line1.sine", "line1.check", "line1.running", "line1.stopped",
+    "line1.temperature_c", "plc.serial_number",
+)
 
-[[plc.tags]]
-name = "line1.sine"
-group = "fast"
-table = "holding_register"
-address = 2
-type = "float32"
-
-[[plc.tags]]
-name = "line1.check"
-group = "fast"
-table = "holding_register"
-address = 4
-type = "uint16"
-
-[[plc.tags]]
-name = "line1.running"
-group = "fast"
-table = "coil"
-address = 0
-
-[[plc.tags]]
-name = "line1.stopped"
-group = "slow"
-table = "discrete_input"
-address = 0
-
-[[plc.tags]]
-name = "line1.temperature_c"
-group = "slow"
-table = "input_register"
-address = 0
-type = "int16"
-scale = 0.1
-
-[[plc.tags]]
-name = "plc.serial_number"
-group = "slow"
-table = "input_register"
-address = 10
-type = "uint32"
-"""
-
-FAULTY_TAGS = """
-[[plc.tags]]
-name = "line1.missing"
-group = "slow"
-table = "holding_register"
-address = 5000
-
-[[plc.tags]]
-name = "line1.unset"
-group = "slow"
-table = "holding_register"
-address = 6
-type = "float32"
-"""
-
-
-def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    """Poll predicate until it returns a true value; fail naming what was awaited."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(0.02)
+FAULTY_TAGS: list[Keys] = [
+    {"name": "line1.missing", "group": "slow", "table": "holding_register", "address": 5000},
+    {"name": "line1.unset", "group": "slow", "table": "holding_register", "address": 6,
+     "type": "float32"},
+]
 
 
 def write_config(
     base: Path,
     plc_port: int,
     plc_keys: str = "",
-    tags: str = SIMULATOR_TAGS,
+    tags: Sequence[Keys] | str = SIMULATOR_TAGS,
     host: str = "127.0.0.1",
 ) -> Path:
     path = base / "plcbridge.toml"
-    path.write_text(f"""
-[gateway]
-state_dir = "{base}/state"
-runtime_dir = "{base}/run"
-log_dir = "{base}/log"
-log_level = "INFO"
-
-[plc]
-host = "{host}"
-port = {plc_port}
-timeout_s = 0.3
-reconnect_min_s = 0.1
-reconnect_max_s = 0.4
-{plc_keys}
-
-[[plc.tag_groups]]
-name = "fast"
-poll_interval_ms = 10
-
-[[plc.tag_groups]]
-name = "slow"
-poll_interval_ms = 100
-{tags}
-
-[uplink]
-mode = "mqtt"
-
-[uplink.broker]
-host = "127.0.0.1"
-client_id = "plc-reader-test"
-
-[credentials]
-ca_file = "{base}/ca.pem"
-""")
+    path.write_text(gateway_toml(
+        gateway={**gateway_dirs(base), "log_level": "INFO"},
+        plc=[{"host": host, "port": plc_port, "timeout_s": 0.3, "reconnect_min_s": 0.1,
+              "reconnect_max_s": 0.4}, plc_keys],
+        tag_groups=[{"name": "fast", "poll_interval_ms": 10},
+                    {"name": "slow", "poll_interval_ms": 100}],
+        tags=tags,
+        uplink={"mode": "mqtt"},
+        broker={"host": "127.0.0.1", "client_id": "plc-reader-test"},
+        credentials={"ca_file": f"{base}/ca.pem"},
+    ))
     return path
 
 

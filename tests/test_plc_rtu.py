@@ -26,8 +26,8 @@ import pytest
 from common.config import PlcDevice, Tag
 from common.modbus_tags import ReadRequest
 from processes.plc_reader.client import PlcConnection, PlcReadError
-from tests.support.modbus_faults import wait_for
 from tests.support.plc import ROOT, accepts_connections, free_port
+from tests.support.waiting import wait_until
 from tests.test_plc_faults import LOGGER, make_device
 
 SERIAL_NUMBER = 22091017
@@ -46,7 +46,7 @@ class RtuSimulator:
                  "--framer", "rtu", "--bench-registers", "10"],
                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
             )
-        wait_for(lambda: accepts_connections(self.port) or self.process.poll() is not None,
+        wait_until(lambda: accepts_connections(self.port) or self.process.poll() is not None,
                  10, "the RTU simulator to listen")
         assert self.process.poll() is None, self.log.read_text()
 
@@ -70,7 +70,7 @@ class SerialRelay:
              f"pty,raw,echo=0,link={relay_path}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        wait_for(lambda: os.path.exists(self.client_path) and relay_path.exists(), 5,
+        wait_until(lambda: os.path.exists(self.client_path) and relay_path.exists(), 5,
                  "socat's pty pair")
         self._tty = os.open(relay_path, os.O_RDWR | os.O_NOCTTY)
         self._plc = socket.create_connection(("127.0.0.1", plc_port), timeout=5)

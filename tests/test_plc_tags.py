@@ -10,29 +10,20 @@ import pytest
 from common.config import BYTE_ORDERS, Tag, load_config
 from common.errors import ConfigError
 from common.modbus_tags import decode_string, decode_tag
+from devstack.gateway_toml import LOOPBACK_PLC, gateway_toml
 from processes.plc_reader.samples import SampleEncoder
 
-BASE_CONFIG = """
-[gateway]
-runtime_dir = "run"
 
-[plc]
-host = "127.0.0.1"
-{plc_keys}
+def base_config(plc_keys: str = "", tags: str = "") -> str:
+    """Return a minimal configuration with these [plc] key lines and [[plc.tags]] text."""
+    return gateway_toml(
+        gateway={"runtime_dir": "run"},
+        plc=[LOOPBACK_PLC, plc_keys],
+        tags=tags,
+        uplink={"mode": "azure"},
+        credentials={"connection_string_file": "connection-string.txt", "ca_file": "ca.pem"},
+    )
 
-[[plc.tag_groups]]
-name = "fast"
-poll_interval_ms = 100
-
-{tags}
-
-[uplink]
-mode = "azure"
-
-[credentials]
-connection_string_file = "connection-string.txt"
-ca_file = "ca.pem"
-"""
 
 # (type, struct format, value) for every multi-byte type, with values whose bytes all differ.
 VALUES = [
@@ -184,7 +175,7 @@ def test_samples_string_and_unit_are_json() -> None:
 
 def write_config(tmp_path: Path, tags: str, plc_keys: str = "") -> Path:
     path = tmp_path / "plcbridge.toml"
-    path.write_text(BASE_CONFIG.format(plc_keys=plc_keys, tags=tags))
+    path.write_text(base_config(plc_keys=plc_keys, tags=tags))
     return path
 
 

@@ -23,7 +23,7 @@ from processes.plc_reader.writes import (
 )
 from tests.support.plc import PlcSimulator
 from tests.test_plc_faults import LOGGER, make_device
-from tests.test_plc_tags import BASE_CONFIG, config_error, tag_toml
+from tests.test_plc_tags import base_config, config_error, tag_toml
 
 BENCH_REGISTERS = 10
 SCRATCH = 100 + BENCH_REGISTERS  # the simulator's first scratch holding register
@@ -166,7 +166,7 @@ def test_writes_config_errors(
     tmp_path: Path, extra: str, value_type: str, table: str, expected: str
 ) -> None:
     path = tmp_path / "plcbridge.toml"
-    path.write_text(BASE_CONFIG.format(plc_keys="", tags=tag_toml(extra, value_type=value_type,
+    path.write_text(base_config(plc_keys="", tags=tag_toml(extra, value_type=value_type,
                                                                    table=table)))
 
     assert expected in config_error(path)

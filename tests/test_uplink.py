@@ -23,8 +23,11 @@ from common import wire
 from common.credentials import mint_sas_token
 from common.payload import build_page
 from devstack.dev_certs import ensure_dev_certs
+from devstack.gateway_toml import gateway_dirs, gateway_toml
 from processes.uplink import Wakeup
 from tests.support.broker import Broker, SilentServer, Subscriber
+from tests.support.fault_stack import SPEED_TAG
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -34,16 +37,6 @@ DEVICE_KEY = base64.b64encode(b"uplink-test-device-key-32-bytes!").decode()
 PROPERTY_BAG = "&$.ct=application%2Fjson&$.ce=utf-8"
 LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 
-
-def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def sample_page(page_seq: int, samples: int = 3) -> bytes:
@@ -179,36 +172,12 @@ def uplink_config(
     credentials: str = "",
     log_level: str = "INFO",
 ) -> str:
-    return f"""
-[gateway]
-state_dir = "{base}/state"
-runtime_dir = "{base}/run"
-log_dir = "{base}/log"
-log_level = "{log_level}"
-
-[plc]
-host = "127.0.0.1"
-
-[[plc.tag_groups]]
-name = "fast"
-poll_interval_ms = 100
-
-[[plc.tags]]
-name = "line1.speed"
-group = "fast"
-table = "holding_register"
-address = 0
-
-[uplink]
-port = {port}
-reconnect_min_s = 0.2
-reconnect_max_s = 1.0
-{uplink}
-
-[credentials]
-ca_file = "{ca_file}"
-{credentials}
-"""
+    return gateway_toml(
+        gateway={**gateway_dirs(base), "log_level": log_level},
+        tags=[SPEED_TAG],
+        uplink=[{"port": port, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0}, uplink],
+        credentials=[{"ca_file": str(ca_file)}, credentials],
+    )
 
 
 def azure_config(base: Path, port: int, ca_file: Path, uplink: str = "", **kwargs: Any) -> str:

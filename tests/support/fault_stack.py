@@ -8,6 +8,7 @@ processes' taps with a SUB socket.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -24,51 +25,13 @@ import lmdb
 import zmq
 
 from common import wire
+from devstack.gateway_toml import gateway_dirs, gateway_toml
+from tests.support import waiting
 
 ROOT = Path(__file__).resolve().parents[2]
 POLL_S = 0.005
 
-CONFIG_TEMPLATE = """
-[gateway]
-state_dir = "{root}/state"
-runtime_dir = "{runtime_dir}"
-log_dir = "{root}/log"
-log_level = "INFO"
-
-[plc]
-host = "127.0.0.1"
-
-[[plc.tag_groups]]
-name = "fast"
-poll_interval_ms = 100
-
-[[plc.tags]]
-name = "line1.speed"
-group = "fast"
-table = "holding_register"
-address = 0
-
-[buffer]
-{buffer}
-
-[uplink]
-mode = "mqtt"
-port = {broker_port}
-reconnect_min_s = 0.1
-reconnect_max_s = 0.5
-{uplink}
-
-[uplink.broker]
-host = "localhost"
-client_id = "fault-test"
-
-[credentials]
-ca_file = "{ca_file}"
-"""
-
-
-def toml_keys(keys: dict[str, Any]) -> str:
-    return "\n".join(f"{key} = {json.dumps(value)}" for key, value in keys.items())
+SPEED_TAG = {"name": "line1.speed", "group": "fast", "table": "holding_register", "address": 0}
 
 
 def write_config(
@@ -83,29 +46,22 @@ def write_config(
 ) -> Path:
     """Write a gateway configuration in root with the given [buffer] and [uplink] keys."""
     path = root / name
-    path.write_text(CONFIG_TEMPLATE.format(
-        root=root,
-        runtime_dir=runtime_dir or root / "run",
-        buffer=toml_keys(buffer or {}),
-        uplink=toml_keys(uplink or {}),
-        broker_port=broker_port,
-        ca_file=ca_file or root / "ca.pem",
+    path.write_text(gateway_toml(
+        gateway={**gateway_dirs(root), "runtime_dir": str(runtime_dir or root / "run"),
+                 "log_level": "INFO"},
+        tags=[SPEED_TAG],
+        buffer=buffer or {},
+        uplink=[{"mode": "mqtt", "port": broker_port, "reconnect_min_s": 0.1,
+                 "reconnect_max_s": 0.5}, uplink or {}],
+        broker={"host": "localhost", "client_id": "fault-test"},
+        credentials={"ca_file": str(ca_file or root / "ca.pem")},
     ))
     return path
 
 
-def wait_until(
-    predicate: Callable[[], Any], timeout_s: float, what: str, step_s: float = POLL_S
-) -> Any:
-    """Poll predicate until it returns a true value, and return it; fail naming what."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(step_s)
+
+# Fault tests poll every POLL_S, faster than the suite's default step.
+wait_until = functools.partial(waiting.wait_until, step_s=POLL_S)
 
 
 @dataclass

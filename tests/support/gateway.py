@@ -7,31 +7,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import xmlrpc.client
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from supervisor.xmlrpc import SupervisorTransport
 
+from devstack.gateway_toml import gateway_dirs, gateway_toml, simulator_tags
+from tests.support.waiting import wait_until
+
 ROOT = Path(__file__).resolve().parents[2]
 PROGRAMS = ("buffer", "plc_reader", "uplink", "credential_watcher")
 DEVICE_KEY = base64.b64encode(b"plcbridge-test-device-key-32byte").decode()
 
-
-def wait_until(
-    predicate: Callable[[], Any], timeout_s: float, what: str, step_s: float = 0.05
-) -> Any:
-    """Poll predicate until it returns a true value; fail naming what was awaited."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(step_s)
 
 
 def gateway_config(
@@ -45,90 +33,21 @@ def gateway_config(
     extra_buffer: str = "",
 ) -> str:
     """Return a configuration for the test stack: simulator tags, azure mode on loopback."""
-    return f"""
-[gateway]
-state_dir = "{base}/state"
-runtime_dir = "{base}/run"
-log_dir = "{base}/log"
-log_level = "INFO"
-
-[plc]
-host = "127.0.0.1"
-port = {plc_port}
-timeout_s = 0.5
-reconnect_min_s = 0.1
-reconnect_max_s = 1.0
-ack_timeout_s = 1.0
-
-[[plc.tag_groups]]
-name = "fast"
-poll_interval_ms = {poll_interval_ms}
-
-[[plc.tag_groups]]
-name = "slow"
-poll_interval_ms = 200
-
-[[plc.tags]]
-name = "line1.counter"
-group = "fast"
-table = "holding_register"
-address = 0
-type = "uint32"
-
-[[plc.tags]]
-name = "line1.sine"
-group = "fast"
-table = "holding_register"
-address = 2
-type = "float32"
-
-[[plc.tags]]
-name = "line1.check"
-group = "fast"
-table = "holding_register"
-address = 4
-type = "uint16"
-
-[[plc.tags]]
-name = "line1.temperature_c"
-group = "slow"
-table = "input_register"
-address = 0
-type = "int16"
-scale = 0.1
-
-[[plc.tags]]
-name = "plc.serial_number"
-group = "slow"
-table = "input_register"
-address = 10
-type = "uint32"
-
-[[plc.tags]]
-name = "line1.running"
-group = "fast"
-table = "coil"
-address = 0
-
-[buffer]
-max_bytes = 67108864
-page_max_samples = 200
-page_max_age_ms = 100
-{extra_buffer}
-
-[uplink]
-mode = "azure"
-port = {broker_port}
-connect_timeout_s = 2.0
-reconnect_min_s = 0.2
-reconnect_max_s = 2.0
-{extra_uplink}
-
-[credentials]
-connection_string_file = "{base}/connection-string.txt"
-ca_file = "{ca_file}"
-check_interval_s = 0.2
-"""
+    return gateway_toml(
+        gateway={**gateway_dirs(base), "log_level": "INFO"},
+        plc={"host": "127.0.0.1", "port": plc_port, "timeout_s": 0.5, "reconnect_min_s": 0.1,
+             "reconnect_max_s": 1.0, "ack_timeout_s": 1.0},
+        tag_groups=[{"name": "fast", "poll_interval_ms": poll_interval_ms},
+                    {"name": "slow", "poll_interval_ms": 200}],
+        tags=simulator_tags("line1.counter", "line1.sine", "line1.check", "line1.temperature_c",
+                            "plc.serial_number", "line1.running"),
+        buffer=[{"max_bytes": 67108864, "page_max_samples": 200, "page_max_age_ms": 100},
+                extra_buffer],
+        uplink=[{"mode": "azure", "port": broker_port, "connect_timeout_s": 2.0,
+                 "reconnect_min_s": 0.2, "reconnect_max_s": 2.0}, extra_uplink],
+        credentials={"connection_string_file": f"{base}/connection-string.txt",
+                     "ca_file": str(ca_file), "check_interval_s": 0.2},
+    )
 
 
 class Gateway:

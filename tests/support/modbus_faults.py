@@ -16,8 +16,6 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-import time
-from collections.abc import Callable
 
 
 class FaultyModbusServer:
@@ -107,12 +105,3 @@ class FaultyModbusServer:
             words = [(address + i) & 0xFFFF for i in range(count)]
             pdu = struct.pack(f">BB{count}H", function, 2 * count, *words)
         return struct.pack(">HHHB", tid, 0, len(pdu) + 1, unit) + pdu
-
-
-def wait_for(predicate: Callable[[], object], timeout_s: float, what: str) -> None:
-    """Poll a callable until it returns true; fail naming what was awaited."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(0.01)
