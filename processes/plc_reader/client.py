@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Callable
 
 import serial
 from pymodbus.client import ModbusSerialClient, ModbusTcpClient
@@ -249,37 +250,12 @@ class PlcConnection:
             f"{self.endpoint} unit {unit_id} {request.table} "
             f"address {request.address} count {request.count}"
         )
-        try:
-            response = self._readers[request.table](
-                request.address, count=request.count, device_id=unit_id
-            )
-        except (ConnectionException, OSError) as exc:
-            # pymodbus 3.16 lets a reset connection's OSError out of recv() untranslated.
-            self.close()
-            raise PlcReadError(
-                f"read from {where} failed: connection lost: {exc}",
-                REASON_CONNECTION,
-                connection_lost=True,
-            ) from exc
-        except ModbusIOException as exc:
-            if isinstance(self._client, _SerialClient):
-                self._client.flush_input()
-            self.close()
-            raise self._io_error(where, exc) from exc
-        except ModbusException as exc:
-            self.close()
-            raise PlcReadError(
-                f"read from {where} failed: {exc}", REASON_PROTOCOL, connection_lost=True
-            ) from exc
-
-        if response.isError():
-            code = response.exception_code
-            name = EXCEPTION_NAMES.get(code, "unknown exception code")
-            raise PlcReadError(
-                f"read from {where} failed: modbus exception {code} ({name})",
-                f"modbus exception {code}",
-                connection_lost=False,
-            )
+        read = self._readers[request.table]
+        response = self._exchange(
+            "read from",
+            where,
+            lambda: read(request.address, count=request.count, device_id=unit_id),
+        )
         return self._values(where, request, response)
 
     def write(self, tag: Tag, function_code: int, registers: list[int], coil: bool) -> None:
@@ -293,21 +269,30 @@ class PlcConnection:
             f"{self.endpoint} unit {unit_id} {tag.table} address {tag.address} "
             f"function code {function_code}"
         )
-        try:
+
+        def send() -> ModbusPDU:
             if function_code == 5:
-                response = self._client.write_coil(tag.address, coil, device_id=unit_id)
-            elif function_code == 6:
-                response = self._client.write_register(
-                    tag.address, registers[0], device_id=unit_id
-                )
-            else:
-                response = self._client.write_registers(
-                    tag.address, registers, device_id=unit_id
-                )
+                return self._client.write_coil(tag.address, coil, device_id=unit_id)
+            if function_code == 6:
+                return self._client.write_register(tag.address, registers[0], device_id=unit_id)
+            return self._client.write_registers(tag.address, registers, device_id=unit_id)
+
+        self._exchange("write to", where, send)
+
+    def _exchange(
+        self, operation: str, where: str, send: Callable[[], ModbusPDU]
+    ) -> ModbusPDU:
+        """Send one request and return its response, or raise PlcReadError on any failure.
+
+        operation ("read from" or "write to") and where start every message.
+        """
+        try:
+            response = send()
         except (ConnectionException, OSError) as exc:
+            # pymodbus 3.16 lets a reset connection's OSError out of recv() untranslated.
             self.close()
             raise PlcReadError(
-                f"write to {where} failed: connection lost: {exc}",
+                f"{operation} {where} failed: connection lost: {exc}",
                 REASON_CONNECTION,
                 connection_lost=True,
             ) from exc
@@ -315,24 +300,25 @@ class PlcConnection:
             if isinstance(self._client, _SerialClient):
                 self._client.flush_input()
             self.close()
-            raise self._io_error(where, exc, "write to") from exc
+            raise self._io_error(where, exc, operation) from exc
         except ModbusException as exc:
             self.close()
             raise PlcReadError(
-                f"write to {where} failed: {exc}", REASON_PROTOCOL, connection_lost=True
+                f"{operation} {where} failed: {exc}", REASON_PROTOCOL, connection_lost=True
             ) from exc
 
         if response.isError():
             code = response.exception_code
             name = EXCEPTION_NAMES.get(code, "unknown exception code")
             raise PlcReadError(
-                f"write to {where} failed: modbus exception {code} ({name})",
+                f"{operation} {where} failed: modbus exception {code} ({name})",
                 f"modbus exception {code}",
                 connection_lost=False,
             )
+        return response
 
     def _io_error(
-        self, where: str, exc: ModbusIOException, operation: str = "read from"
+        self, where: str, exc: ModbusIOException, operation: str
     ) -> PlcReadError:
         # pymodbus 3.16 raises ModbusIOException both for a request without a response
         # within the timeout and for a response with the wrong transaction or device id.
