@@ -162,27 +162,27 @@ def test_check_credentials_certificate_dates(tmp_path: Path, warning_days: int,
     assert "notAfter=" in result.stdout
 
 
-def test_check_credentials_passphrase_key(tmp_path: Path) -> None:
+def check_encrypted_key(
+    tmp_path: Path, passphrase_file_text: str
+) -> subprocess.CompletedProcess[str]:
+    """Run check-credentials on an x509 gateway whose key is encrypted with "s3cret phrase"."""
     files = gateway(tmp_path, PAIR + 'client_key_passphrase_file = "passphrase.txt"\n')
     files.connection_string.write_text(f"HostName={HUB};DeviceId={DEVICE};x509=true\n")
     write_client_pair(tmp_path / "client.pem", tmp_path / "client.key")
     encrypt_key(tmp_path / "client.key", b"s3cret phrase")
-    (tmp_path / "passphrase.txt").write_text("s3cret phrase\n")
+    (tmp_path / "passphrase.txt").write_text(passphrase_file_text)
+    return plcbridge("check-credentials", "--config", str(files.config))
 
-    result = plcbridge("check-credentials", "--config", str(files.config))
+
+def test_check_credentials_passphrase_key(tmp_path: Path) -> None:
+    result = check_encrypted_key(tmp_path, "s3cret phrase\n")
 
     assert result.returncode == 0, result
     assert "s3cret" not in result.stdout + result.stderr
 
 
 def test_check_credentials_wrong_passphrase(tmp_path: Path) -> None:
-    files = gateway(tmp_path, PAIR + 'client_key_passphrase_file = "passphrase.txt"\n')
-    files.connection_string.write_text(f"HostName={HUB};DeviceId={DEVICE};x509=true\n")
-    write_client_pair(tmp_path / "client.pem", tmp_path / "client.key")
-    encrypt_key(tmp_path / "client.key", b"s3cret phrase")
-    (tmp_path / "passphrase.txt").write_text("wrong phrase\n")
-
-    result = plcbridge("check-credentials", "--config", str(files.config))
+    result = check_encrypted_key(tmp_path, "wrong phrase\n")
 
     assert result.returncode == 2, result
     assert "cannot decrypt the client key with the passphrase in" in result.stderr

@@ -161,27 +161,25 @@ def test_identity_swapped_plc_withheld_until_confirmed(
     assert all(sample["quality"] == "good" for sample in samples)
 
 
-def test_identity_confirm_with_explicit_id(base: Path) -> None:
+def confirm_identity_with_id(base: Path, identity: str) -> subprocess.CompletedProcess[str]:
+    """Run `plcbridge confirm-identity --id identity` against a PLC that is not there."""
     config = write_config(base, free_port(), IDENTITY_KEYS, COUNTER_TAG)
-
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "cli.main", "confirm-identity", "--config", str(config),
-         "--id", "23120042"],
+         "--id", identity],
         cwd=ROOT, capture_output=True, text=True, timeout=30,
     )
+
+
+def test_identity_confirm_with_explicit_id(base: Path) -> None:
+    result = confirm_identity_with_id(base, "23120042")
 
     assert result.returncode == 0, result.stderr
     assert stored_id(base) == "23120042"
 
 
 def test_identity_confirm_bad_id_exits_two(base: Path) -> None:
-    config = write_config(base, free_port(), IDENTITY_KEYS, COUNTER_TAG)
-
-    result = subprocess.run(
-        [sys.executable, "-m", "cli.main", "confirm-identity", "--config", str(config),
-         "--id", "2209"],
-        cwd=ROOT, capture_output=True, text=True, timeout=30,
-    )
+    result = confirm_identity_with_id(base, "2209")
 
     assert result.returncode == 2
     assert "--id '2209': expected 8 digits YYMMNNNN" in result.stderr
