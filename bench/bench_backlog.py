@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_buffer import measure_ingest  # noqa: E402
+from bench_buffer import measure_ingest, wait_until_sealed  # noqa: E402
 from bench_drain import (  # noqa: E402
     free_port,
     start_process,
@@ -65,7 +65,6 @@ from bench_drain import (  # noqa: E402
 )
 from bench_paho import run_once as paho_run_once  # noqa: E402
 
-from common import wire  # noqa: E402
 from devstack.dev_certs import ensure_dev_certs  # noqa: E402
 from devstack.gateway_toml import gateway_dirs, gateway_toml  # noqa: E402
 from devstack.mosquitto import find_mosquitto, wait_for_tls, write_config  # noqa: E402
@@ -153,23 +152,6 @@ def paho_ceiling(port: int, ca_file: Path, page: bytes, page_samples: int) -> fl
 # -- the buffer and the uplink ------------------------------------------------------------
 
 
-def wait_until_sealed(context: zmq.Context[zmq.Socket[bytes]], runtime_dir: Path) -> None:
-    """Wait on the buffer's tap until no sample is left in the open page."""
-    tap = wire.make_socket(context, zmq.SUB, wire.TAP_HWM, linger_ms=0)
-    tap.setsockopt(zmq.SUBSCRIBE, b"buffer")
-    tap.connect(wire.tap_endpoint(runtime_dir, "buffer"))
-    deadline = time.monotonic() + 30
-    try:
-        while time.monotonic() < deadline:
-            if tap.poll(1000):
-                message = json.loads(tap.recv_multipart()[1])
-                if message["kind"] == "counters" and message["open_samples"] == 0:
-                    return
-        raise RuntimeError("the backlog was not sealed into pages within 30 s")
-    finally:
-        tap.close(linger=0)
-
-
 def store_usage(store_dir: Path) -> tuple[int, int, int, bytes]:
     """Return the data file's size, LMDB's used bytes, the first page's sample count and
     the first page, read from the stopped buffer's store."""
@@ -245,7 +227,7 @@ def run_once(batches: list[tuple[int, bytes]], certs: Path) -> RunResult:
         wait_for_log(root / "buffer.log", "buffer_ready", buffer)
         os.sync()
         ingest = measure_ingest(context, root / "run", batches)
-        wait_until_sealed(context, root / "run")
+        wait_until_sealed(context, root / "run", pages=0)
         stop_process(buffer)
         file_bytes, used_bytes, page_samples, page = store_usage(store_dir)
 

@@ -137,7 +137,10 @@ def measure_ingest(context: zmq.Context[zmq.Socket[bytes]], runtime_dir: Path,
 
 def wait_until_sealed(context: zmq.Context[zmq.Socket[bytes]], runtime_dir: Path,
                       pages: int) -> None:
-    """Wait on the buffer's tap until every sample is in a sealed page."""
+    """Wait on the buffer's tap until every sample is in a sealed page.
+
+    The buffer's pages counter must also reach pages. With pages=0, only the open page counts.
+    """
     tap = wire.make_socket(context, zmq.SUB, wire.TAP_HWM, linger_ms=0)
     tap.setsockopt(zmq.SUBSCRIBE, b"buffer")
     tap.connect(wire.tap_endpoint(runtime_dir, "buffer"))

@@ -33,6 +33,7 @@ from tests import test_uplink as uplink_tests
 from tests.gateway_files import stop_process
 from tests.support.broker import Subscriber
 from tests.support.hub import HubStack
+from tests.support.supervisord_conf import SUPERVISORD_HEAD
 from tests.test_uplink import (
     DEVICE_ID,
     DEVICE_KEY,
@@ -415,19 +416,7 @@ def drive_pages(buffer: StandInBuffer, duration_s: float,
 SUPERVISORD = Path(sys.executable).parent / "supervisord"
 
 # supervisord with the real uplink alone, so that the credential watcher can restart it.
-UPLINK_SUPERVISORD_CONF = """
-[unix_http_server]
-file={runtime}/supervisord.sock
-chmod=0700
-
-[supervisord]
-logfile={runtime}/supervisord.log
-pidfile={runtime}/supervisord.pid
-childlogdir={runtime}
-nodaemon=true
-
-[rpcinterface:supervisor]
-supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+UPLINK_SUPERVISORD_CONF = SUPERVISORD_HEAD + """
 
 [group:plcbridge]
 programs=uplink

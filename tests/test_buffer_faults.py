@@ -50,15 +50,6 @@ READER_WINDOW = 16
 
 
 @pytest.fixture
-def context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    try:
-        yield ctx
-    finally:
-        ctx.destroy(linger=0)
-
-
-@pytest.fixture
 def programs() -> Iterator[list[GatewayProcess]]:
     """Collect the gateway processes a test starts, and SIGKILL those still running."""
     started: list[GatewayProcess] = []

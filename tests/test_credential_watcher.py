@@ -34,6 +34,7 @@ from tests.gateway_files import (
     write_client_pair,
     write_gateway,
 )
+from tests.support.supervisord_conf import SUPERVISORD_HEAD
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -43,19 +44,7 @@ WATCHER = "plcbridge:credential_watcher"
 SUPERVISORD = Path(sys.executable).parent / "supervisord"
 
 # The stand-in uplink prints its pid and sleeps; a restart gives it a new pid.
-SUPERVISORD_CONF = """
-[unix_http_server]
-file={runtime}/supervisord.sock
-chmod=0700
-
-[supervisord]
-logfile={runtime}/supervisord.log
-pidfile={runtime}/supervisord.pid
-childlogdir={runtime}
-nodaemon=true
-
-[rpcinterface:supervisor]
-supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+SUPERVISORD_CONF = SUPERVISORD_HEAD + """
 
 [supervisorctl]
 serverurl=unix://{runtime}/supervisord.sock

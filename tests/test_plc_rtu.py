@@ -28,7 +28,9 @@ from common.modbus_tags import ReadRequest
 from processes.plc_reader.client import PlcConnection, PlcReadError
 from tests.support.plc import ROOT, accepts_connections, free_port
 from tests.support.waiting import wait_until
-from tests.test_plc_faults import LOGGER, make_device
+from tests.test_plc_faults import LOGGER, connections, make_device
+
+__all__ = ["connections"]  # a fixture shared with the module it comes from
 
 SERIAL_NUMBER = 22091017
 SERIAL_WORDS = [SERIAL_NUMBER >> 16, SERIAL_NUMBER & 0xFFFF]
@@ -146,16 +148,6 @@ def serial_device(relay: SerialRelay, timeout_s: float = 0.3) -> PlcDevice:
 def input_request(address: int, count: int = 2) -> ReadRequest:
     tag = Tag("t", "fast", "input_register", address, "uint32", "big", 1.0, 0.0)
     return ReadRequest("fast", "input_register", address, count, (tag,))
-
-
-@pytest.fixture
-def connections() -> Iterator[list[PlcConnection]]:
-    opened: list[PlcConnection] = []
-    try:
-        yield opened
-    finally:
-        for connection in opened:
-            connection.close()
 
 
 def open_connection(device: PlcDevice, connections: list[PlcConnection]) -> PlcConnection:

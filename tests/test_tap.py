@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,15 +15,6 @@ from common.tap import Tap
 from tests.gateway_files import make_runtime_dir, removed_afterwards
 
 LONGEST_SOCKET = "tap-credential_watcher.sock"
-
-
-@pytest.fixture
-def context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    try:
-        yield ctx
-    finally:
-        ctx.destroy(linger=0)
 
 
 def padded_folder(parent: Path, total_bytes: int) -> Path:

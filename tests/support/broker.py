@@ -5,7 +5,6 @@ Every wait here polls with a deadline and fails naming what it waited for.
 
 from __future__ import annotations
 
-import signal
 import socket
 import ssl
 import subprocess
@@ -18,6 +17,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from devstack.mosquitto import find_mosquitto, wait_for_tls, write_config
+from tests.gateway_files import stop_process
 
 
 def free_port() -> int:
@@ -85,17 +85,9 @@ class Broker:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop with SIGTERM, then SIGKILL if mosquitto has not exited within timeout_s."""
-        if self.process is None:
-            return
         process, self.process = self.process, None
-        if process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=timeout_s)
+        if process is not None:
+            stop_process(process, timeout_s)
 
     def restart(self, timeout_s: float = 10.0) -> None:
         """Stop and start again on the same port."""
@@ -141,37 +133,44 @@ class SilentServer:
             connection.close()
 
 
-class Subscriber:
-    """A paho client that subscribes with QoS 1 over TLS and records (topic, payload) pairs.
+class SubscriberClient:
+    """A paho client that subscribes to one topic filter with QoS 1 over TLS.
 
-    The subscription is renewed in on_connect, so it survives a broker restart. With
-    persistent_session, the broker keeps the session and queues messages while the
-    subscriber is away, so nothing published during a reconnect is missed.
+    The subscription is renewed in on_connect, so it survives a broker restart. A subclass
+    records what arrives in _on_message, under self._condition.
     """
 
     def __init__(
-        self, port: int, ca_file: Path, topic_filter: str, persistent_session: bool = False
+        self,
+        port: int,
+        ca_file: Path,
+        topic_filter: str,
+        *,
+        client_id: str,
+        clean_session: bool,
+        reconnect_delay_s: tuple[float, float],
+        keepalive_s: int,
     ) -> None:
         self.topic_filter = topic_filter
-        self._messages: list[tuple[str, bytes]] = []
+        self.port = port
+        self.keepalive_s = keepalive_s
         self._condition = threading.Condition()
         self._subscribed = threading.Event()
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"test-subscriber-{port}",
+            client_id=client_id,
             protocol=mqtt.MQTTv311,
-            clean_session=not persistent_session,
+            clean_session=clean_session,
         )
-        # Reconnect quickly after a broker restart instead of paho's default of up to 120 s.
-        self.client.reconnect_delay_set(min_delay=0.1, max_delay=0.5)
+        min_delay_s, max_delay_s = reconnect_delay_s
+        self.client.reconnect_delay_set(min_delay=min_delay_s, max_delay=max_delay_s)
         self.client.tls_set_context(client_tls_context(ca_file))
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
-        self.port = port
 
     def start(self, timeout_s: float = 10.0) -> None:
-        self.client.connect("localhost", self.port, keepalive=30)
+        self.client.connect("localhost", self.port, keepalive=self.keepalive_s)
         self.client.loop_start()
         if not self._subscribed.wait(timeout_s):
             raise AssertionError(
@@ -190,6 +189,30 @@ class Subscriber:
     def _on_subscribe(self, _client: mqtt.Client, _userdata: Any, _mid: int, _reasons: Any,
                       _properties: Any) -> None:
         self._subscribed.set()
+
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        raise NotImplementedError
+
+
+class Subscriber(SubscriberClient):
+    """A subscriber that records every (topic, payload) pair.
+
+    With persistent_session, the broker keeps the session and queues messages while the
+    subscriber is away, so nothing published during a reconnect is missed.
+    """
+
+    def __init__(
+        self, port: int, ca_file: Path, topic_filter: str, persistent_session: bool = False
+    ) -> None:
+        # Reconnect quickly after a broker restart instead of paho's default of up to 120 s.
+        super().__init__(
+            port, ca_file, topic_filter,
+            client_id=f"test-subscriber-{port}",
+            clean_session=not persistent_session,
+            reconnect_delay_s=(0.1, 0.5),
+            keepalive_s=30,
+        )
+        self._messages: list[tuple[str, bytes]] = []
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         with self._condition:

@@ -13,7 +13,6 @@ import os
 import re
 import resource
 import secrets
-import signal
 import socket
 import ssl
 import subprocess
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from devstack.dev_certs import dev_cert_paths
+from tests.gateway_files import stop_process
 from tests.support.broker import Broker, client_tls_context
 
 _READY = re.compile(r"hub_emulator ready mqtt_port=(\d+) https_port=(\d+)")
@@ -146,13 +146,8 @@ class HubStack:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=timeout_s)
+        if process is not None:
+            stop_process(process, timeout_s)
         self.broker.stop()
 
     def log(self) -> str:

@@ -8,62 +8,33 @@ page's first bytes, and keeps the payloads only with keep_payloads.
 from __future__ import annotations
 
 import re
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from tests.support.broker import client_tls_context
+from tests.support.broker import SubscriberClient
 
 PAGE_SEQ = re.compile(rb'^\{"page_seq":(\d+),')
 
 
-class PageSubscriber:
+class PageSubscriber(SubscriberClient):
     """Subscribes with QoS 1 over TLS and records page_seq values, and payloads on request."""
 
     def __init__(self, port: int, ca_file: Path, topic_filter: str,
                  keep_payloads: bool = False) -> None:
-        self.topic_filter = topic_filter
+        super().__init__(
+            port, ca_file, topic_filter,
+            client_id=f"fault-subscriber-{port}",
+            clean_session=True,
+            reconnect_delay_s=(1, 1),
+            keepalive_s=60,
+        )
         self.keep_payloads = keep_payloads
         self.page_seqs: list[int] = []
         self.payloads: dict[int, bytes] = {}
         self.malformed = 0
-        self._condition = threading.Condition()
-        self._subscribed = threading.Event()
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"fault-subscriber-{port}",
-            protocol=mqtt.MQTTv311,
-            clean_session=True,
-        )
-        self.client.reconnect_delay_set(min_delay=1, max_delay=1)
-        self.client.tls_set_context(client_tls_context(ca_file))
-        self.client.on_connect = self._on_connect
-        self.client.on_subscribe = self._on_subscribe
-        self.client.on_message = self._on_message
-        self.port = port
-
-    def start(self, timeout_s: float = 10.0) -> None:
-        self.client.connect("localhost", self.port, keepalive=60)
-        self.client.loop_start()
-        if not self._subscribed.wait(timeout_s):
-            raise AssertionError(
-                f"subscriber got no SUBACK for {self.topic_filter} within {timeout_s:g} s")
-
-    def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any,
-                    _properties: Any) -> None:
-        if not reason.is_failure:
-            client.subscribe(self.topic_filter, qos=1)
-
-    def _on_subscribe(self, _client: mqtt.Client, _userdata: Any, _mid: int, _reasons: Any,
-                      _properties: Any) -> None:
-        self._subscribed.set()
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any,
                     message: mqtt.MQTTMessage) -> None:
