@@ -8,7 +8,7 @@ import sys
 import time
 from collections import Counter
 
-from common.clock import TimeFloor
+from common.clock import LOCAL_FLOOR_SOURCE, TimeFloor
 from common.config import Config, load_config
 from common.credential_files import (
     CredentialSet,
@@ -39,7 +39,9 @@ def check_credentials(args: argparse.Namespace) -> int:
     """Validate every credential file and print what they hold, with secrets redacted.
 
     Returns 3 when a SAS token or the client certificate has expired or is not valid yet,
-    or when the clock is behind the gateway's stored lower bound on the real time.
+    or when the clock is behind the gateway's stored lower bound on the real time and that
+    bound came from the hub's Date header or the release time. A bound saved from the local
+    clock at the last connection only gets a note, because that clock may have run ahead.
     """
     config = load_config(args.config)
     credentials = validate_credential_files(config.credentials)
@@ -74,7 +76,12 @@ def check_credentials(args: argparse.Namespace) -> int:
 
     clock = TimeFloor(config.gateway.state_dir, _quiet_logger()).check(time.time())
     print(f"clock: {'behind' if clock.behind else 'ok'}: {clock.describe()}")
-    if clock.behind:
+    if clock.behind and clock.floor_source == LOCAL_FLOOR_SOURCE:
+        # That floor came from this gateway's own clock, which may have run ahead then. The
+        # uplink lowers it when the hub's Date header is earlier, so this is no proof yet.
+        print("  clock behind the stored floor; the hub's time will confirm: the floor was "
+              "saved from the local clock at the last connection")
+    elif clock.behind:
         problems.append("clock behind")
 
     if problems:

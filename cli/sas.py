@@ -7,7 +7,12 @@ import sys
 import time
 from pathlib import Path
 
-from common.credentials import format_utc_seconds, mint_sas_token, read_connection_string
+from common.credentials import (
+    MAX_EPOCH_S,
+    format_utc_seconds,
+    mint_sas_token,
+    read_connection_string,
+)
 from common.errors import CredentialError
 
 DEFAULT_TTL_S = 3600
@@ -44,6 +49,12 @@ def sas(args: argparse.Namespace) -> int:
         if ttl_s < 1:
             raise CredentialError(f"invalid --ttl {ttl_s}: expected at least 1 second")
         expiry_s = now_s + ttl_s
+    if expiry_s > MAX_EPOCH_S:
+        option = "--expiry" if args.expiry is not None else "--ttl"
+        raise CredentialError(
+            f"invalid {option}: the expiry would be after {MAX_EPOCH_S} "
+            f"({format_utc_seconds(MAX_EPOCH_S)}); give an earlier time"
+        )
     if expiry_s <= now_s:
         raise CredentialError(
             f"invalid --expiry {expiry_s} ({format_utc_seconds(expiry_s)}): it is not after "

@@ -19,13 +19,14 @@ import email.utils
 import http.client
 import json
 import logging
+import math
 import ssl
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 from common.atomic_file import write_atomically
+from common.credentials import MAX_EPOCH_S, format_utc_seconds, read_regular_file
 from common.errors import PlcBridgeError
 from common.logs import fields
 
@@ -36,6 +37,10 @@ RELEASE_TIME_S = 1_796_342_400
 TIME_FLOOR_FILE = "time-floor.json"
 TIME_FLOOR_VERSION = 1
 
+# Source of a floor saved from the gateway's own clock at a successful connection. Such a
+# floor is only as good as that clock was, so the hub's Date header may lower it.
+LOCAL_FLOOR_SOURCE = "last successful connection"
+
 # The Date header has whole seconds, and the request takes a round trip. Offsets smaller
 # than this are that noise, not a wrong clock, so they are not applied.
 MIN_OFFSET_S = 5.0
@@ -45,9 +50,7 @@ class ClockError(PlcBridgeError):
     """The hub's time could not be read: the message names the endpoint."""
 
 
-def format_utc(epoch_s: float) -> str:
-    """Format epoch seconds as an ISO 8601 UTC time to the second."""
-    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+format_utc = format_utc_seconds
 
 
 @dataclass(frozen=True)
@@ -86,9 +89,13 @@ class TimeFloor:
 
     def _load(self) -> None:
         try:
-            document = json.loads(self.path.read_bytes())
+            document = json.loads(read_regular_file(self.path))
             floor_s = float(document["floor_s"])
             source = str(document["source"])
+            # json.loads takes Infinity and NaN, and float() takes 1e300.
+            if not (math.isfinite(floor_s) and 0 <= floor_s <= MAX_EPOCH_S):
+                raise ValueError(f"floor_s out of range; expected epoch seconds up to "
+                                 f"{MAX_EPOCH_S}")
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -163,8 +170,10 @@ def fetch_hub_offset(
     """Read the hub's HTTPS Date header; return (hub time, hub time minus the wall clock).
 
     TLS uses context, so the CA bundle and the host name check authenticate the time. The
-    hub's time is taken at the middle of the request, plus half a second for the header's
-    truncation to whole seconds. Raises ClockError naming the endpoint.
+    hub time is the Date header as sent, truncated to whole seconds, so it is a lower bound
+    on the real time that a stored floor may be raised to. The offset compares the middle of
+    the request with that time plus half a second, the mean of the truncation. Raises
+    ClockError naming the endpoint.
     """
     where = f"https://{host}:{port}/"
     connection = http.client.HTTPSConnection(host, port, timeout=timeout_s, context=context)
@@ -186,7 +195,7 @@ def fetch_hub_offset(
     if header is None:
         raise ClockError(f"cannot read the time from {where}: the response has no Date header")
     try:
-        hub_time_s = email.utils.parsedate_to_datetime(header).timestamp() + 0.5
-    except (TypeError, ValueError) as exc:
+        hub_time_s = email.utils.parsedate_to_datetime(header).timestamp()
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ClockError(f"cannot read the time from {where}: invalid Date {header!r}") from exc
-    return hub_time_s, hub_time_s - (sent_s + received_s) / 2
+    return hub_time_s, hub_time_s + 0.5 - (sent_s + received_s) / 2

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.clock import (
+    LOCAL_FLOOR_SOURCE,
     MIN_OFFSET_S,
     ClockError,
     HubClock,
@@ -123,7 +124,7 @@ class CredentialGuard:
             self.read_hub_time("the hub rejected the credentials")
 
     def on_connected(self) -> None:
-        self._floor.raise_to(self._clock.now(), "last successful connection")
+        self._floor.raise_to(self._clock.now(), LOCAL_FLOOR_SOURCE)
 
     def read_hub_time(self, reason: str) -> None:
         """Read the hub's Date header and apply it as the offset of the gateway's clock."""

@@ -17,7 +17,9 @@ import binascii
 import hashlib
 import hmac
 import logging
+import os
 import re
+import stat
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -40,6 +42,20 @@ _SAS_PREFIX = "SharedAccessSignature "
 # Maximum length of a name quoted in an error. A longer "name" is more likely part of a
 # pasted key or signature, which must never reach a log.
 _MAX_ECHOED_NAME = 24
+
+# The latest expiry that Python's datetime and every UTC formatter here can represent:
+# 9999-12-31T23:59:59Z. A larger se is rejected as out of range.
+MAX_EPOCH_S = 253_402_300_799
+
+# Largest credential or state file read. A CA bundle of a few hundred certificates stays far
+# below it (Mozilla's roots are about 220 KiB), and a device or /dev/zero behind the path
+# must not fill the memory.
+MAX_CREDENTIAL_FILE_BYTES = 512 * 1024
+
+# Characters that Azure IoT Hub allows in a device or module id besides ASCII letters and
+# digits, up to 128 characters (Azure IoT Hub documentation, "Device identity properties").
+# "#", "+" and "/" are not among them, and in a topic "#" and "+" would be MQTT wildcards.
+_ID_PATTERN = re.compile(r"[A-Za-z0-9\-.%_*?!(),:=@$']{1,128}")
 
 
 @dataclass(frozen=True)
@@ -90,6 +106,7 @@ def parse_connection_string(text: str, source: str = "connection string") -> Con
         if not part:
             continue
         key, sep, value = part.partition("=")
+        _reject_whitespace(key, value, source)
         if not sep or not value:
             raise CredentialError(
                 f"{source}: invalid part {_quote_name(key)}: expected Key=value"
@@ -128,7 +145,15 @@ def parse_connection_string(text: str, source: str = "connection string") -> Con
     if "x509" in pairs and pairs["x509"].lower() != "true":
         raise CredentialError(f"{source}: invalid value for x509: {pairs['x509']!r}; expected true")
 
-    return ConnectionString(
+    for id_key in ("DeviceId", "ModuleId"):
+        if id_key in pairs and not _ID_PATTERN.fullmatch(pairs[id_key]):
+            raise CredentialError(
+                f"{source}: invalid {id_key} {pairs[id_key][:128]!r}: Azure allows up to 128 "
+                "ASCII letters, digits and - . % _ * ? ! ( ) , : = @ $ '; copy the id from the "
+                "hub's device list"
+            )
+
+    connection = ConnectionString(
         host_name=pairs["HostName"],
         device_id=pairs["DeviceId"],
         module_id=pairs.get("ModuleId"),
@@ -137,6 +162,51 @@ def parse_connection_string(text: str, source: str = "connection string") -> Con
         token=token,
         x509="x509" in pairs,
     )
+    if token is not None:
+        _check_token_resource(connection, token, source)
+    return connection
+
+
+def _reject_whitespace(key: str, value: str, source: str) -> None:
+    """Reject spaces around a key or a value: the hub would see them as part of the name."""
+    name = key.strip()
+    shown = repr(name) if name in _KNOWN_KEYS else _quote_name(name)
+    if key != name:
+        raise CredentialError(
+            f"{source}: key {shown} has whitespace around its name; remove the spaces "
+            "around ';' and '='"
+        )
+    if value != value.strip():
+        raise CredentialError(
+            f"{source}: the value of key {shown} starts or ends with whitespace; remove the "
+            "spaces around ';' and '='"
+        )
+
+
+def _check_token_resource(connection: ConnectionString, token: SasToken, source: str) -> None:
+    """Reject a SAS token whose sr does not cover this identity, which the hub rejects.
+
+    A device or module token (no skn) must name the identity's resource or the hub alone.
+    A policy token (skn) may name any prefix of it at a path boundary. Host names compare
+    without case, ids with case, as Azure compares them.
+    """
+    expected = _fold_host(connection.resource_uri)
+    resource = _fold_host(token.resource.rstrip("/"))
+    if resource in (expected, connection.host_name.lower()):
+        return
+    if token.policy is not None and expected.startswith(resource + "/"):
+        return
+    what = "the hub, device and module" if connection.module_id else "the hub and device"
+    raise CredentialError(
+        f"{source}: SharedAccessSignature is signed for sr={token.resource[:200]!r}, not for "
+        f"{connection.resource_uri!r}, so the hub rejects it; the token's sr must name "
+        f"{what} of HostName, DeviceId and ModuleId"
+    )
+
+
+def _fold_host(resource: str) -> str:
+    host, sep, path = resource.partition("/")
+    return f"{host.lower()}{sep}{path}"
 
 
 def _quote_name(name: str) -> str:
@@ -144,6 +214,33 @@ def _quote_name(name: str) -> str:
     if name.isascii() and name.isalnum() and len(name) <= _MAX_ECHOED_NAME:
         return repr(name)
     return f"of {len(name)} characters (not shown, because it may contain a secret)"
+
+
+def read_regular_file(path: Path, max_bytes: int = MAX_CREDENTIAL_FILE_BYTES) -> bytes:
+    """Read a small regular file without blocking on a FIFO or filling memory from a device.
+
+    Raises OSError from open or read, and ValueError for a file that is not a regular file or
+    is larger than max_bytes.
+    """
+    # O_NONBLOCK makes open() of a FIFO return at once instead of waiting for a writer.
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    with os.fdopen(descriptor, "rb") as file:
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"not a regular file ({_file_type(mode)})")
+        data = file.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"larger than {max_bytes // 1024} KiB")
+    return data
+
+
+def _file_type(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "a special file"
 
 
 class CredentialFileError(CredentialError):
@@ -158,7 +255,12 @@ class CredentialFileError(CredentialError):
 def read_credential_bytes(path: Path, file_kind: str) -> bytes:
     """Read a credential file; raise CredentialFileError naming it and saying what to fix."""
     try:
-        return path.read_bytes()
+        return read_regular_file(path)
+    except ValueError as exc:
+        raise CredentialFileError(
+            path, f"{file_kind} is {exc}; expected a regular file of at most "
+            f"{MAX_CREDENTIAL_FILE_BYTES // 1024} KiB"
+        ) from exc
     except FileNotFoundError as exc:
         raise CredentialFileError(path, f"{file_kind} not found") from exc
     except IsADirectoryError as exc:
@@ -209,10 +311,14 @@ def parse_sas_token(text: str, source: str = "SAS token") -> SasToken:
     if not text.startswith(_SAS_PREFIX):
         raise CredentialError(f"{source}: SAS token does not start with {_SAS_PREFIX.strip()!r}")
     values: dict[str, str] = {}
-    for part in text[len(_SAS_PREFIX):].split("&"):
+    for position, part in enumerate(text[len(_SAS_PREFIX):].split("&"), start=1):
         name, sep, value = part.partition("=")
         if not sep or name not in ("sr", "sig", "se", "skn"):
-            raise CredentialError(f"{source}: invalid SAS token field {_quote_name(name)}")
+            # The name is never shown: a pasted token may have its signature in that place.
+            raise CredentialError(
+                f"{source}: invalid SAS token field number {position} (name of {len(name)} "
+                "characters, not shown); expected sr, sig, se and optionally skn"
+            )
         if name in values:
             raise CredentialError(f"{source}: duplicate SAS token field {name!r}")
         values[name] = value
@@ -220,11 +326,20 @@ def parse_sas_token(text: str, source: str = "SAS token") -> SasToken:
         if not values.get(required):
             raise CredentialError(f"{source}: SAS token is missing field {required!r}")
     # int() would also take " 5", "+5" and "1_000", which no SDK writes.
-    if not (values["se"].isascii() and values["se"].isdigit()):
+    # The value is never shown, because a garbled token may have its signature in that place.
+    se = values["se"]
+    if not (se.isascii() and se.isdigit()):
         raise CredentialError(
-            f"{source}: invalid SAS token expiry se={values['se']!r}; expected epoch seconds"
+            f"{source}: invalid SAS token expiry se (value of {len(se)} characters, not "
+            "shown); expected epoch seconds"
         )
-    expiry_s = int(values["se"])
+    # Comparing the length first keeps int() away from thousands of digits.
+    if len(se) > len(str(MAX_EPOCH_S)) or int(se) > MAX_EPOCH_S:
+        raise CredentialError(
+            f"{source}: SAS token expiry se out of range ({len(se)} digits); expected epoch "
+            f"seconds up to {MAX_EPOCH_S} (9999-12-31T23:59:59Z)"
+        )
+    expiry_s = int(se)
     return SasToken(
         resource=urllib.parse.unquote(values["sr"]),
         expiry_s=expiry_s,
@@ -244,8 +359,14 @@ def mint_sas_token(resource_uri: str, key: bytes, expiry_s: int, policy: str | N
 
 
 def format_utc_seconds(epoch_s: float) -> str:
-    """Format epoch seconds as an ISO 8601 UTC time to the second."""
-    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """Format epoch seconds as an ISO 8601 UTC time to the second, or say it is out of range.
+
+    Parsers reject such times, so the fallback only keeps a log line from raising.
+    """
+    try:
+        return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, ValueError, OSError):
+        return "out-of-range"
 
 
 _utc = format_utc_seconds

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import os
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from common.credentials import parse_sas_token
+from common.credentials import mint_sas_token, parse_sas_token
 from tests.gateway_files import (
     DEVICE,
     HUB,
@@ -233,3 +234,101 @@ def test_check_credentials_certificate_not_yet_valid(tmp_path: Path) -> None:
     assert f"client certificate: CN={DEVICE}: not_yet_valid\n" in result.stdout
     assert "not valid yet, or the clock is behind: notBefore=" in result.stdout
     assert "problems: client certificate not yet valid" in result.stdout
+
+
+@pytest.mark.parametrize("option", ["--expiry", "--ttl"])
+@pytest.mark.parametrize("value", ["253402300800", "99999999999999", "9" * 40])
+def test_sas_huge_expiry_rejected(tmp_path: Path, option: str, value: str) -> None:
+    write_key_string(tmp_path / "cs.txt")
+
+    result = plcbridge("sas", "--connection-string-file", str(tmp_path / "cs.txt"),
+                       option, value)
+
+    assert result.returncode == 2, result
+    assert f"invalid {option}" in result.stderr
+    assert "9999-12-31T23:59:59Z" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("expiry_s", [253402300800, 99999999999999, int("9" * 40)])
+def test_check_credentials_huge_se_rejected(tmp_path: Path, expiry_s: int) -> None:
+    files = gateway(tmp_path)
+    token = mint_sas_token(f"{HUB}/devices/{DEVICE}", b"k" * 32, expiry_s)
+    files.connection_string.write_text(f"HostName={HUB};DeviceId={DEVICE};"
+                                       f"SharedAccessSignature={token}\n")
+
+    result = plcbridge("check-credentials", "--config", str(files.config))
+
+    assert result.returncode == 2, result
+    assert f"{files.connection_string}: " in result.stderr
+    assert "se out of range" in result.stderr
+    assert str(expiry_s) not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_credentials_token_for_other_device(tmp_path: Path) -> None:
+    files = gateway(tmp_path)
+    token = mint_sas_token("other.azure-devices.net/devices/gw-99", b"k" * 32, 4102444800)
+    files.connection_string.write_text(f"HostName={HUB};DeviceId={DEVICE};"
+                                       f"SharedAccessSignature={token}\n")
+
+    result = plcbridge("check-credentials", "--config", str(files.config))
+
+    assert result.returncode == 2, result
+    assert "signed for sr='other.azure-devices.net/devices/gw-99'" in result.stderr
+    assert "the hub rejects it" in result.stderr
+
+
+def test_check_credentials_local_floor_noted(tmp_path: Path) -> None:
+    # A floor saved from a clock that ran ahead: the hub's Date header lowers it later, so
+    # the check only notes it.
+    files = gateway(tmp_path)
+    (tmp_path / "state").mkdir()
+    floor_s = int(time.time()) + 30 * 86400
+    (tmp_path / "state" / "time-floor.json").write_text(json.dumps(
+        {"version": 1, "floor_s": floor_s, "source": "last successful connection"}))
+
+    result = plcbridge("check-credentials", "--config", str(files.config))
+
+    assert result.returncode == 0, result
+    assert "clock: behind" in result.stdout
+    assert "clock behind the stored floor; the hub's time will confirm" in result.stdout
+    assert "problems:" not in result.stdout
+
+
+@pytest.mark.parametrize("command", ["sas", "check-credentials"])
+def test_cli_fifo_credential_file_rejected(tmp_path: Path, command: str) -> None:
+    files = gateway(tmp_path)
+    files.connection_string.unlink()
+    os.mkfifo(files.connection_string)
+    args = (["--connection-string-file", str(files.connection_string)] if command == "sas"
+            else ["--config", str(files.config)])
+
+    result = plcbridge(command, *args)
+
+    assert result.returncode == 2, result
+    assert (f"{files.connection_string}: connection-string file is not a regular file "
+            "(a FIFO)") in result.stderr
+
+
+def test_cli_device_credential_file_rejected(tmp_path: Path) -> None:
+    (tmp_path / "cs.txt").symlink_to("/dev/zero")
+
+    result = plcbridge("sas", "--connection-string-file", str(tmp_path / "cs.txt"))
+
+    assert result.returncode == 2, result
+    assert "is not a regular file (a character device)" in result.stderr
+
+
+def test_check_credentials_fifo_time_floor_warned(tmp_path: Path) -> None:
+    files = gateway(tmp_path)
+    (tmp_path / "state").mkdir()
+    os.mkfifo(tmp_path / "state" / "time-floor.json")
+
+    result = plcbridge("check-credentials", "--config", str(files.config))
+
+    assert result.returncode == 0, result
+    assert "time_floor_invalid" in result.stderr
+    assert "not a regular file (a FIFO)" in result.stderr
+    assert "clock: ok" in result.stdout

@@ -6,6 +6,7 @@ import email.utils
 import http.server
 import json
 import logging
+import os
 import ssl
 import threading
 import time
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from common.clock import RELEASE_TIME_S, ClockError, TimeFloor, fetch_hub_offset
+from common.clock import RELEASE_TIME_S, ClockError, HubClock, TimeFloor, fetch_hub_offset
+from common.config import CredentialSettings
+from common.credential_guard import CredentialGuard, DateSource
 from tests.gateway_files import write_ca
 from tests.support.broker import client_tls_context, free_port
 
@@ -167,3 +170,97 @@ def test_fetch_hub_offset_refused(context: ssl.SSLContext) -> None:
         fetch_hub_offset("localhost", port, context, 5.0)
 
     assert f"https://localhost:{port}/" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "floor_text", ["Infinity", "-Infinity", "NaN", "1e300", "-5", "253402300800"],
+    ids=["infinity", "minus-infinity", "nan", "huge", "negative", "year-10000"],
+)
+def test_time_floor_out_of_range_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                        floor_text: str) -> None:
+    path = tmp_path / "time-floor.json"
+    path.write_text(f'{{"version": 1, "floor_s": {floor_text}, "source": "hub Date header"}}')
+
+    with caplog.at_level(logging.WARNING):
+        floor = TimeFloor(tmp_path, LOGGER)
+        check = floor.check(time.time())
+
+    assert floor.floor_s == RELEASE_TIME_S
+    assert "time_floor_invalid" in caplog.text
+    assert str(path) in caplog.text
+    assert "floor_s out of range" in caplog.text
+    assert not check.behind
+    assert "floor_utc=" in check.describe()
+
+    # The next good update replaces the bad file.
+    floor.raise_to(RELEASE_TIME_S + 100, "hub Date header")
+    assert json.loads(path.read_text())["floor_s"] == RELEASE_TIME_S + 100
+
+
+def load_floor_in_thread(state_dir: Path) -> TimeFloor:
+    """Load the floor in a thread, so a blocking open fails the test instead of hanging it."""
+    loaded: list[TimeFloor] = []
+    thread = threading.Thread(target=lambda: loaded.append(TimeFloor(state_dir, LOGGER)),
+                              daemon=True)
+    thread.start()
+    thread.join(timeout=5)
+    assert not thread.is_alive(), "TimeFloor blocked on the file"
+    return loaded[0]
+
+
+def test_time_floor_fifo_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    os.mkfifo(tmp_path / "time-floor.json")
+
+    with caplog.at_level(logging.WARNING):
+        floor = load_floor_in_thread(tmp_path)
+
+    assert floor.floor_s == RELEASE_TIME_S
+    assert "time_floor_invalid" in caplog.text
+    assert "not a regular file (a FIFO)" in caplog.text
+
+
+def test_time_floor_huge_file_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    document = {"version": 1, "floor_s": RELEASE_TIME_S + 10, "source": "x" * 1_000_000}
+    (tmp_path / "time-floor.json").write_text(json.dumps(document))
+
+    with caplog.at_level(logging.WARNING):
+        floor = load_floor_in_thread(tmp_path)
+
+    assert floor.floor_s == RELEASE_TIME_S
+    assert "larger than 512 KiB" in caplog.text
+
+
+def test_fetch_hub_offset_hub_time_not_ahead(certs: Path, context: ssl.SSLContext) -> None:
+    # The hub time becomes the stored lower bound, so it must never be ahead of a correct
+    # clock. Only the offset carries the half second for the Date header's truncation.
+    for _ in range(5):
+        with DateServer(certs, 0.0) as server:
+            hub_time_s, offset_s = fetch_hub_offset("localhost", server.port, context, 5.0)
+
+        assert hub_time_s <= time.time()
+        assert hub_time_s == int(hub_time_s)
+        assert abs(offset_s) <= 1.5
+
+
+def test_credential_guard_floor_not_ahead_after_date(
+    tmp_path: Path, certs: Path, context: ssl.SSLContext
+) -> None:
+    reports: list[str] = []
+    floor = TimeFloor(tmp_path, LOGGER)
+    floor.raise_to(time.time() + 7200, "last successful connection")
+    with DateServer(certs, 0.0) as server:
+        settings = CredentialSettings(None, tmp_path / "ca.pem", None, None, None,
+                                      check_interval_s=60.0, rehash_interval_s=60.0,
+                                      sas_warning_days=30.0)
+        guard = CredentialGuard(
+            settings, floor, HubClock(),
+            DateSource("localhost", server.port, context), None, LOGGER,
+            lambda kind, **_values: reports.append(kind),
+        )
+        guard.read_hub_time("test")
+
+    # A floor from a clock that ran ahead is lowered to the hub's time, never above it.
+    assert floor.floor_s <= time.time()
+    assert floor.source == "hub Date header"
+    guard.before_connect(retrying=False)
+    assert "clock_behind" not in reports

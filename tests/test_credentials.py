@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from common.credentials import (
+    MAX_EPOCH_S,
     check_validity,
     describe_expiry,
+    format_utc_seconds,
     mint_sas_token,
     parse_connection_string,
     parse_sas_token,
@@ -198,8 +200,8 @@ def test_parse_sas_token_any_field_order_with_policy() -> None:
         ("SharedAccessSignature sig=b&se=1", "missing field 'sr'"),
         ("SharedAccessSignature sr=a&sig=&se=1", "missing field 'sig'"),
         ("SharedAccessSignature sr=a&sig=b&se=1&se=2", "duplicate SAS token field 'se'"),
-        ("SharedAccessSignature sr=a&sig=b&se=1&sk=c", "invalid SAS token field 'sk'"),
-        ("SharedAccessSignature sr=a&sig=b&se=soon", "invalid SAS token expiry se='soon'"),
+        ("SharedAccessSignature sr=a&sig=b&se=1&sk=c", "invalid SAS token field number 4"),
+        ("SharedAccessSignature sr=a&sig=b&se=soon", "invalid SAS token expiry se (value of 4"),
         ("SharedAccessSignature sr=a&sig=b&se=+5", "invalid SAS token expiry"),
         ("SharedAccessSignature sr=a&sig=b&se=1_000", "invalid SAS token expiry"),
     ],
@@ -371,3 +373,160 @@ def test_redact_token_hides_signature() -> None:
 
     assert signature not in redacted
     assert "sig=<redacted>&se=1800000000" in redacted
+
+
+@pytest.mark.parametrize("se", [str(MAX_EPOCH_S + 1), "99999999999999", "9" * 40, "9" * 5000])
+def test_parse_sas_token_se_out_of_range(se: str) -> None:
+    with pytest.raises(CredentialError) as caught:
+        parse_sas_token(f"SharedAccessSignature sr=a&sig=b&se={se}", "cs.txt")
+
+    message = str(caught.value)
+    assert message.startswith("cs.txt: ")
+    assert "se out of range" in message
+    assert f"({len(se)} digits)" in message
+    assert se not in message
+
+
+def test_parse_sas_token_se_max_accepted() -> None:
+    token = parse_sas_token(f"SharedAccessSignature sr=a&sig=b&se={MAX_EPOCH_S}")
+
+    assert token.expiry_s == MAX_EPOCH_S
+    assert format_utc_seconds(token.expiry_s) == "9999-12-31T23:59:59Z"
+
+
+def test_format_utc_seconds_out_of_range() -> None:
+    assert format_utc_seconds(1e300) == "out-of-range"
+    assert format_utc_seconds(float("inf")) == "out-of-range"
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "SharedAccessSignature sr=a&sig=b&SIGSECRETxyz=1&se=1",
+        "SharedAccessSignature sr=a&sig=b&se=SIGSECRETxyz",
+        "SharedAccessSignature sr=a&se=b&sig=1&SIGSECRETxyz",
+    ],
+    ids=["field-name", "se-value", "bare-field"],
+)
+def test_parse_sas_token_error_hides_field_and_se(token: str) -> None:
+    with pytest.raises(CredentialError) as caught:
+        parse_sas_token(token)
+
+    assert "SIGSECRET" not in str(caught.value)
+    assert "not shown" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        (f"HostName={HUB}; DeviceId=gw-1;SharedAccessKey={KEY_TEXT}", "DeviceId"),
+        (f"HostName={HUB};DeviceId =gw-1;SharedAccessKey={KEY_TEXT}", "DeviceId"),
+        (f"HostName={HUB} ;DeviceId=gw-1;SharedAccessKey={KEY_TEXT}", "HostName"),
+        (f"HostName={HUB};DeviceId= gw-1;SharedAccessKey={KEY_TEXT}", "DeviceId"),
+        (f"HostName={HUB};DeviceId=gw-1;SharedAccessKey= {KEY_TEXT}", "SharedAccessKey"),
+    ],
+    ids=["space-before-key", "space-after-key", "space-after-host", "space-before-value",
+         "space-before-key-value"],
+)
+def test_parse_connection_string_whitespace_named(text: str, key: str) -> None:
+    with pytest.raises(CredentialError) as caught:
+        parse_connection_string(text)
+
+    message = str(caught.value)
+    assert f"key {key!r}" in message
+    assert "whitespace" in message
+    assert KEY_TEXT not in message
+
+
+@pytest.mark.parametrize(
+    "device_id", ["gw#1", "gw+1", "gw/1", "gw 1", "gw<1", "x" * 129, "gw\u00e9"]
+)
+def test_parse_connection_string_invalid_device_id(device_id: str) -> None:
+    with pytest.raises(CredentialError) as caught:
+        parse_connection_string(f"HostName={HUB};DeviceId={device_id};SharedAccessKey={KEY_TEXT}")
+
+    assert "invalid DeviceId" in str(caught.value)
+
+
+def test_parse_connection_string_invalid_module_id() -> None:
+    with pytest.raises(CredentialError) as caught:
+        parse_connection_string(
+            f"HostName={HUB};DeviceId=gw-1;ModuleId=m#1;SharedAccessKey={KEY_TEXT}"
+        )
+
+    assert "invalid ModuleId" in str(caught.value)
+
+
+def test_parse_connection_string_allowed_id_characters() -> None:
+    device_id = "gw-1.a%b_c*d?e!f(g)h,i:j=k@l$m'n"
+
+    parsed = parse_connection_string(f"HostName={HUB};DeviceId={device_id};x509=true")
+
+    assert parsed.device_id == device_id
+
+
+def _token_for(resource: str, policy: str | None = None) -> str:
+    return mint_sas_token(resource, KEY_BYTES, 4102444800, policy)
+
+
+@pytest.mark.parametrize(
+    ("identity", "resource", "policy"),
+    [
+        ("DeviceId=gw-1", "other.azure-devices.net/devices/gw-99", None),
+        ("DeviceId=gw-1", f"{HUB}/devices/gw-2", None),
+        ("DeviceId=gw-1;ModuleId=m", f"{HUB}/devices/gw-1", None),
+        ("DeviceId=gw-1", f"{HUB}/devices/gw-1/modules/m", None),
+        ("DeviceId=gw-1", f"{HUB}/devices/GW-1", None),
+        ("DeviceId=gw-1", f"{HUB}/devices/gw", "device"),
+    ],
+    ids=["other-hub", "other-device", "module-with-device-sr", "device-with-module-sr",
+         "device-case", "policy-partial-segment"],
+)
+def test_parse_connection_string_token_resource_mismatch(
+    identity: str, resource: str, policy: str | None
+) -> None:
+    token = _token_for(resource, policy)
+
+    with pytest.raises(CredentialError) as caught:
+        parse_connection_string(f"HostName={HUB};{identity};SharedAccessSignature={token}",
+                                "cs.txt")
+
+    message = str(caught.value)
+    assert message.startswith("cs.txt: SharedAccessSignature is signed for sr=")
+    assert "the hub rejects it" in message
+    assert "sig=" not in message
+
+
+@pytest.mark.parametrize(
+    ("identity", "resource", "policy"),
+    [
+        ("DeviceId=gw-1", f"{HUB}/devices/gw-1", None),
+        ("DeviceId=gw-1", f"{HUB.upper()}/devices/gw-1", None),
+        ("DeviceId=gw-1;ModuleId=m", f"{HUB}/devices/gw-1/modules/m", None),
+        ("DeviceId=gw-1", HUB, None),
+        ("DeviceId=gw-1;ModuleId=m", f"{HUB}/devices/gw-1", "device"),
+        ("DeviceId=gw-1", f"{HUB}/devices", "device"),
+    ],
+    ids=["device", "host-case", "module", "hub", "policy-device-prefix", "policy-devices"],
+)
+def test_parse_connection_string_token_resource_accepted(
+    identity: str, resource: str, policy: str | None
+) -> None:
+    token = _token_for(resource, policy)
+
+    parsed = parse_connection_string(f"HostName={HUB};{identity};SharedAccessSignature={token}")
+
+    assert parsed.token is not None
+
+
+def test_read_connection_string_huge_file_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "cs.txt"
+    path.write_text(f"HostName={HUB};DeviceId=gw-1;SharedAccessKey={KEY_TEXT}\n" + "\n" * 600_000)
+
+    with pytest.raises(CredentialError) as caught:
+        read_connection_string(path)
+
+    assert str(caught.value) == (
+        f"{path}: connection-string file is larger than 512 KiB; expected a regular file of "
+        "at most 512 KiB"
+    )
