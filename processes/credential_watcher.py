@@ -40,9 +40,11 @@ from common.credential_files import (
     CredentialFileError,
     CredentialSet,
     SasExpiry,
+    check_certificate_validity,
     check_sas_expiry,
     validate_credential_files,
 )
+from common.credentials import EXPIRED, read_regular_file
 from common.lifecycle import gateway_version, run_process
 from common.logs import fields
 from common.supervisor_rpc import RestartError, SupervisorClient, SupervisorUnavailableError
@@ -126,10 +128,13 @@ def _stat_signature(path: Path) -> tuple[int, int, int] | None:
 
 def _hash_file(path: Path) -> str:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return hashlib.sha256(read_regular_file(path)).hexdigest()
     except OSError as exc:
         # Validation reports the full reason, so this state only has to differ from any digest.
         return f"{UNREADABLE}{exc.strerror}"
+    except ValueError as exc:
+        # A FIFO, a device or an oversized file: validation names it.
+        return f"{UNREADABLE}{exc}"
 
 
 def _last_change_s(paths: tuple[Path, ...]) -> float | None:
@@ -168,7 +173,7 @@ class AppliedRecord:
     def read(self) -> dict[str, str | None] | None:
         """Return the recorded digest of each path, or None when there is no usable record."""
         try:
-            return _parse_record(self.path.read_bytes())
+            return _parse_record(read_regular_file(self.path))
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -411,6 +416,8 @@ class CredentialWatcher:
 
         if self._would_replace_valid_with_expired(loaded):
             return False
+        if self._would_replace_valid_with_expired_certificate(loaded):
+            return False
 
         self.loaded = loaded
         self._log_loaded(loaded)
@@ -440,6 +447,31 @@ class CredentialWatcher:
             "credentials_invalid %s; the new SAS token has expired while the running one is "
             "valid, so the uplink keeps the running credentials until a valid token is written",
             fields(file=path, reason=new.message),
+        )
+        return True
+
+    def _would_replace_valid_with_expired_certificate(self, loaded: CredentialSet) -> bool:
+        """Reject a new client certificate that has expired while the running one has not,
+        by the same rule as for SAS tokens."""
+        new_certificate = loaded.client_certificate
+        running_certificate = self.loaded.client_certificate if self.loaded else None
+        if new_certificate is None or running_certificate is None:
+            return False
+        settings = self.config.credentials
+        new = check_certificate_validity(new_certificate, settings)
+        running = check_certificate_validity(running_certificate, settings)
+        if new.state != EXPIRED or running.state == EXPIRED:
+            return False
+
+        files = f"{settings.client_cert_file},{settings.client_key_file}"
+        self.tap.counters["invalid"] += 1
+        self.tap.publish("credentials_invalid", file=str(settings.client_cert_file),
+                         reason="client certificate expired")
+        self.logger.error(
+            "credentials_invalid %s; the new client certificate has expired while the running "
+            "one is valid, so the uplink keeps the running credentials until a valid "
+            "certificate and key are written",
+            fields(files=files, reason=new.message),
         )
         return True
 

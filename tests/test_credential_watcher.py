@@ -546,3 +546,57 @@ def test_watcher_corrupt_record_warned_and_replaced(gateway: Gateway, content: b
     assert gateway.recorded_files()[str(gateway.files.ca)] == sha256_of(gateway.files.ca)
     # A set that the watcher takes as changed is logged before credentials_loaded.
     assert "credentials_changed" not in output
+
+
+def test_watcher_far_future_se_keeps_uplink(running: Gateway) -> None:
+    pid = running.uplink_pid()
+    path = running.files.connection_string
+
+    rewrite(path, sas_token_string(running.files.secrets, 99_999_999_999_999) + "\n")
+
+    wait_until(lambda: "credentials_invalid" in running.output(), 5, "the credentials_invalid line")
+    output = running.output()
+    assert "se out of range (14 digits)" in output
+    assert "99999999999999" not in output
+    assert "Traceback" not in output
+    assert running.uplink_pid() == pid
+
+    rewrite(path, sas_token_string(running.files.secrets, int(time.time()) + 86400 * 30) + "\n")
+    wait_until(lambda: running.uplink_restarted(pid), 10, "the uplink to get a new pid")
+
+
+def test_watcher_fifo_credential_file_keeps_watching(running: Gateway) -> None:
+    pid = running.uplink_pid()
+    path = running.files.connection_string
+
+    path.unlink()
+    os.mkfifo(path)
+
+    wait_until(lambda: "credentials_invalid" in running.output(), 5, "the credentials_invalid line")
+    assert "not a regular file (a FIFO)" in running.output()
+    assert running.uplink_pid() == pid
+
+    # The watcher is not blocked in the FIFO, so it sees the good file.
+    path.unlink()
+    path.write_text(device_key_string(running.files.secrets) + "\n")
+    wait_until(lambda: running.uplink_restarted(pid), 10, "the uplink to get a new pid")
+
+
+def test_watcher_expired_pair_keeps_uplink(paired: Gateway) -> None:
+    paired.start_supervisord()
+    paired.start_watcher()
+    pid = paired.uplink_pid()
+    cert_path = paired.files.root / "client.pem"
+    key_path = paired.files.root / "client.key"
+
+    write_expired_pair(cert_path, key_path)
+
+    # The watcher may first see the new certificate with the old key, a mismatch, so wait
+    # for the line about the complete pair.
+    expired = "new client certificate has expired while the running one is valid"
+    wait_until(lambda: expired in paired.output(), 5, "the credentials_invalid line")
+    errors = [line for line in paired.output().splitlines() if expired in line]
+    assert " ERROR " in errors[0]
+    assert f"files={cert_path},{key_path}" in errors[0]
+    assert paired.uplink_pid() == pid
+    assert "uplink_restarted" not in paired.output()
