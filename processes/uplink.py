@@ -450,6 +450,20 @@ class Outcome:
     rejected: bool = False
 
 
+# A connection that stayed up this long was accepted and worked, so the next reconnect
+# starts again at reconnect_min_s.
+STABLE_CONNECTION_S = 10.0
+
+
+def held_long_enough(connected_s: float, reconnect_max_s: float) -> bool:
+    """Return whether a connection held long enough to reset the reconnect backoff.
+
+    A broker that accepts and drops at once (another client with the same id, for example)
+    is retried ever more slowly instead of once every reconnect_min_s.
+    """
+    return connected_s >= min(STABLE_CONNECTION_S, reconnect_max_s)
+
+
 # ---------------------------------------------------------------------------------------
 # The network thread: paho, connects, reconnects.
 # ---------------------------------------------------------------------------------------
@@ -543,10 +557,7 @@ class MqttLink(threading.Thread):
                 self._rejected_attempts += 1
                 self._guard.after_rejection()
 
-            # Only a connection that held for a while resets the backoff, so a broker that
-            # accepts and then drops at once (another client with the same id, for example)
-            # is retried ever more slowly instead of once every reconnect_min_s.
-            if outcome.connected_s >= self._settings.reconnect_max_s:
+            if held_long_enough(outcome.connected_s, self._settings.reconnect_max_s):
                 backoff.reset()
             if outcome.renew:
                 self._logger.info("sas_renew %s", fields(reason=outcome.reason))

@@ -24,7 +24,7 @@ from common.credentials import mint_sas_token
 from common.payload import build_page
 from devstack.dev_certs import ensure_dev_certs
 from devstack.gateway_toml import gateway_dirs, gateway_toml
-from processes.uplink import Wakeup
+from processes.uplink import Wakeup, held_long_enough
 from tests.support.broker import Broker, SilentServer, Subscriber
 from tests.support.fault_stack import SPEED_TAG
 from tests.support.waiting import wait_until
@@ -560,3 +560,16 @@ def test_uplink_renews_sas_token(
     expiries = re.findall(r"sas_check SAS token valid until \S+ se=(\d+)", uplink.log())
     assert len(set(expiries)) >= 2
     assert "WARNING" not in uplink.log()
+
+
+@pytest.mark.parametrize(
+    ("connected_s", "reconnect_max_s", "reset"),
+    [(0.0, 60.0, False), (9.9, 60.0, False), (10.0, 60.0, True), (300.0, 60.0, True),
+     (4.0, 5.0, False), (5.0, 5.0, True), (0.2, 0.1, True)],
+)
+def test_uplink_backoff_reset_after_stable_connection(
+    connected_s: float, reconnect_max_s: float, reset: bool
+) -> None:
+    # A connection held for 10 s resets the delay, even with reconnect_max_s at 60 s, and a
+    # short reconnect_max_s lowers that bar.
+    assert held_long_enough(connected_s, reconnect_max_s) is reset
