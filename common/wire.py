@@ -42,6 +42,7 @@ restarted buffer learns the state without waiting for a change.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,23 @@ def decode(frames: list[bytes]) -> Message:
     """Parse the frames of one message; raise ValueError for a malformed one."""
     if len(frames) not in (2, 3):
         raise ValueError(f"expected 2 or 3 frames, got {len(frames)}")
-    header = json.loads(frames[1])
+    try:
+        header = json.loads(frames[1], parse_float=_finite_float, parse_constant=_no_constant)
+    except RecursionError as exc:
+        # A header nested a few thousand levels deep exhausts the parser's recursion limit.
+        raise ValueError(f"header is nested too deeply: {len(frames[1])} bytes") from exc
     if not isinstance(header, dict):
         raise ValueError(f"header is not a JSON object: {frames[1][:80]!r}")
     return Message(frames[0], header, frames[2] if len(frames) == 3 else None)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"header number out of range: {text[:40]}")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    # json.loads accepts Infinity, -Infinity and NaN, which JSON does not allow.
+    raise ValueError(f"header contains {name}, which is not a JSON number")
