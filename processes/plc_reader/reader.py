@@ -215,8 +215,9 @@ def run_reader(config: Config, logger: logging.Logger, stop: threading.Event) ->
     # taking an epoch, which would make the buffer reject this reader's batches.
     lock = ReaderLock.acquire(config.gateway.state_dir)
     try:
-        epoch = advance_epoch(config.gateway.state_dir)
-        run_epoch(config, logger, stop, schedules, epoch)
+        epoch = advance_epoch(config.gateway.state_dir, stop, logger)
+        if epoch is not None:
+            run_epoch(config, logger, stop, schedules, epoch)
     finally:
         lock.release()
 
