@@ -151,6 +151,8 @@ def _load_certificates(path: Path, file_kind: str) -> tuple[int, bytes]:
     if b"-----BEGIN CERTIFICATE-----" not in data:
         raise CredentialFileError(path, f"{file_kind} contains no PEM certificate")
 
+    # NOTE: OpenSSL opens the path again. A file replaced by a FIFO between the two opens
+    # would still block it, but the read above rejects one that is already in place.
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
         context.load_verify_locations(cafile=str(path))

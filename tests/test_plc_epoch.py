@@ -99,3 +99,13 @@ def test_epoch_full_disk_without_stop_raises(disk: Path) -> None:
 
     assert f"{disk / EPOCH_FILE}: cannot update the reader epoch" in str(caught.value)
     assert "has free space" in str(caught.value)
+
+
+def test_epoch_fifo_rejected(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / EPOCH_FILE)
+
+    with pytest.raises(PlcBridgeError) as caught:
+        advance_epoch(tmp_path)
+
+    assert "cannot read the reader epoch: the file is not a regular file (a FIFO)" in str(
+        caught.value)

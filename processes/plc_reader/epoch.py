@@ -20,10 +20,14 @@ from pathlib import Path
 
 from common.atomic_file import write_atomically
 from common.backoff import Backoff
+from common.credentials import read_regular_file
 from common.errors import PlcBridgeError
 from common.logs import fields
 
 EPOCH_FILE = "reader-epoch"
+
+# An epoch is a few digits, and the padding of in-place writes adds a few spaces.
+MAX_EPOCH_FILE_BYTES = 4096
 
 # errno values of a full disk or an exhausted quota.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -95,11 +99,17 @@ def _overwrite_in_place(path: Path, epoch: int, old_length: int) -> None:
 
 def _read_epoch_text(path: Path) -> str | None:
     try:
-        return path.read_text(encoding="ascii")
+        return read_regular_file(path, MAX_EPOCH_FILE_BYTES).decode("ascii")
     except FileNotFoundError:
         return None
     except UnicodeDecodeError as exc:
         raise _corrupt(path, "non-ASCII bytes") from exc
+    except ValueError as exc:
+        # A FIFO or device there must not block the reader or fill its memory.
+        raise PlcBridgeError(
+            f"{path}: cannot read the reader epoch: the file is {exc}; replace it with a "
+            "regular file that contains the last epoch"
+        ) from exc
 
 
 def _parse_epoch(path: Path, text: str | None) -> int:
