@@ -38,10 +38,11 @@ def check_config(args: argparse.Namespace) -> int:
 def check_credentials(args: argparse.Namespace) -> int:
     """Validate every credential file and print what they hold, with secrets redacted.
 
-    Returns 3 when a SAS token or the client certificate has expired or is not valid yet,
-    or when the clock is behind the gateway's stored lower bound on the real time and that
-    bound came from the hub's Date header or the release time. A bound saved from the local
-    clock at the last connection only gets a note, because that clock may have run ahead.
+    Returns 3 when a SAS token or the client certificate has expired or is not valid yet.
+    It also returns 3 when the clock is behind the stored lower bound on the real time, if
+    that bound came from the hub's Date header or the release time. A bound saved from the
+    local clock at the last connection only gets a note, because that clock may have run
+    ahead.
     """
     config = load_config(args.config)
     credentials = validate_credential_files(config.credentials)

@@ -47,14 +47,15 @@ _MAX_ECHOED_NAME = 24
 # 9999-12-31T23:59:59Z. A larger se is rejected as out of range.
 MAX_EPOCH_S = 253_402_300_799
 
-# Largest credential or state file read. A CA bundle of a few hundred certificates stays far
-# below it (Mozilla's roots are about 220 KiB), and a device or /dev/zero behind the path
+# Largest credential or state file read. Debian 12's whole system bundle, 144 roots in
+# /etc/ssl/certs/ca-certificates.crt, is 215 KiB, and a device or /dev/zero behind the path
 # must not fill the memory.
 MAX_CREDENTIAL_FILE_BYTES = 512 * 1024
 
-# Characters that Azure IoT Hub allows in a device or module id besides ASCII letters and
-# digits, up to 128 characters (Azure IoT Hub documentation, "Device identity properties").
-# "#", "+" and "/" are not among them, and in a topic "#" and "+" would be MQTT wildcards.
+# Characters allowed in a device or module id besides ASCII letters and digits, up to 128
+# characters: the set of IoT Hub's identity registry. Azure's Event Grid schema also lists
+# "+", "#" and ";", but "+" and "#" are wildcards, which MQTT 3.1.1 forbids in the topic of
+# a PUBLISH, and ";" ends a value in a connection string. "/" would split the topic.
 _ID_PATTERN = re.compile(r"[A-Za-z0-9\-.%_*?!(),:=@$']{1,128}")
 
 
@@ -359,9 +360,10 @@ def mint_sas_token(resource_uri: str, key: bytes, expiry_s: int, policy: str | N
 
 
 def format_utc_seconds(epoch_s: float) -> str:
-    """Format epoch seconds as an ISO 8601 UTC time to the second, or say it is out of range.
+    """Format epoch seconds as an ISO 8601 UTC time to the second.
 
-    Parsers reject such times, so the fallback only keeps a log line from raising.
+    A time that datetime cannot represent becomes "out-of-range". Parsers reject such
+    times, so the fallback only keeps a log line from raising.
     """
     try:
         return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
