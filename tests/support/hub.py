@@ -153,11 +153,15 @@ class HubStack:
     def log(self) -> str:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
 
-    def wait_for_log(self, text: str, timeout_s: float = 10.0) -> str:
-        """Wait until a line of the emulator's log contains text and return that line."""
+    def wait_for_log(self, text: str, timeout_s: float = 10.0, after: int = 0) -> str:
+        """Wait until a line of the emulator's log contains text and return that line.
+
+        after skips the first characters of the log, so that a line written before the
+        step under test cannot match.
+        """
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            for line in self.log().splitlines():
+            for line in self.log()[after:].splitlines():
                 if text in line:
                     return line
             time.sleep(0.05)
