@@ -11,6 +11,7 @@ from cli import checks, launch
 from cli import identity as identity_command
 from cli import read as read_command
 from cli import sas as sas_command
+from cli import status as status_command
 from cli import tap as tap_command
 from common import wire
 from common.errors import ConfigError, CredentialError, PlcBridgeError
@@ -27,7 +28,8 @@ exit codes:
   2  invalid configuration or credential file, or invalid command-line arguments
   3  check-credentials: a SAS token or certificate has expired or is not valid
      yet, or the clock is behind the gateway's lower bound on the real time
-  4  ctl: supervisord is not running
+  4  ctl: supervisord is not running; status: the gateway is not running
+  status exits 1 when an alert is open or the uplink does not report its health.
   read exits 1 when any tag read as bad.
   run and ctl otherwise exit with supervisord's or supervisorctl's own code.
   ctl, tap and buffer use the last good copy of an invalid configuration file, when there
@@ -63,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "show the pages, bytes and sample times that the buffer contains, its "
                           "drops by reason, and its commit and drain rates")
     status.add_argument("--json", action="store_true", help="print one JSON object")
+
+    health = _add_command(commands, "status", status_command.status,
+                          "show every program, the PLC link, the buffer, the uplink, the "
+                          "credentials and the open alerts; exit 1 with an open alert")
+    health.add_argument("--json", action="store_true", help="print one JSON object")
 
     _add_command(commands, "check-config", checks.check_config,
                  "validate the configuration and the credential files, print a summary")

@@ -27,7 +27,6 @@ def tap(args: argparse.Namespace) -> int:
     """Subscribe to the chosen processes' taps and print messages until a limit or Ctrl-C."""
     config = load_config_for_operator(args.config, "tap")
     processes = args.processes or list(wire.PROCESS_NAMES)
-    _warn_about_missing_sockets(config.gateway.runtime_dir, processes)
 
     # A shell that started us in the background may have set SIGINT to be ignored; Ctrl-C
     # or kill -INT must still end the tap.
@@ -36,6 +35,8 @@ def tap(args: argparse.Namespace) -> int:
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     sock = wire.make_socket(context, zmq.SUB, wire.TAP_HWM, linger_ms=0)
     try:
+        # Inside the try, so a Ctrl-C right after the warnings still exits with 0.
+        _warn_about_missing_sockets(config.gateway.runtime_dir, processes)
         for process in processes:
             sock.connect(wire.tap_endpoint(config.gateway.runtime_dir, process))
         sock.setsockopt(zmq.SUBSCRIBE, b"")

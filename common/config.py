@@ -297,6 +297,19 @@ class SupervisorSettings:
 
 
 @dataclass(frozen=True)
+class AlertSettings:
+    """Thresholds of the health alerts that the uplink raises; see common/alerts.py."""
+
+    no_publish_s: float = 300.0
+    buffer_fill_percent: float = 80.0
+    drops_clear_s: float = 600.0
+    plc_unreachable_s: float = 60.0
+    restart_loop_count: int = 3
+    restart_loop_window_s: float = 600.0
+    health_interval_s: float = 900.0
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     gateway: GatewaySettings
@@ -305,6 +318,7 @@ class Config:
     uplink: UplinkSettings
     credentials: CredentialSettings
     supervisor: SupervisorSettings
+    alerts: AlertSettings = field(default_factory=AlertSettings)
     # The TOML text that was parsed, without a byte-order mark, for the last good copy.
     source_text: str = field(default="", repr=False, compare=False)
 
@@ -511,6 +525,7 @@ def load_config(path: str | Path, text: str | None = None) -> Config:
         uplink=_parse_uplink(top.table("uplink", required=True)),
         credentials=_parse_credentials(top.table("credentials", required=True)),
         supervisor=_parse_supervisor(top.table("supervisor")),
+        alerts=_parse_alerts(top.table("alerts")),
         source_text=text,
     )
     top.reject_unknown()
@@ -1017,6 +1032,27 @@ def _parse_supervisor(table: _Table) -> SupervisorSettings:
     settings = SupervisorSettings(
         group=table.text("group", "plcbridge"),
         uplink_program=table.text("uplink_program", "uplink"),
+    )
+    table.reject_unknown()
+    return settings
+
+
+def _parse_alerts(table: _Table) -> AlertSettings:
+    defaults = AlertSettings()
+    settings = AlertSettings(
+        no_publish_s=table.number("no_publish_s", defaults.no_publish_s, 1, 86_400),
+        buffer_fill_percent=table.number("buffer_fill_percent", defaults.buffer_fill_percent,
+                                         1, 100),
+        drops_clear_s=table.number("drops_clear_s", defaults.drops_clear_s, 1, 86_400),
+        plc_unreachable_s=table.number("plc_unreachable_s", defaults.plc_unreachable_s,
+                                       1, 86_400),
+        restart_loop_count=table.integer("restart_loop_count", defaults.restart_loop_count,
+                                         2, 1000),
+        restart_loop_window_s=table.number("restart_loop_window_s",
+                                           defaults.restart_loop_window_s, 10, 86_400),
+        # 0 turns the periodic health telemetry off.
+        health_interval_s=table.number("health_interval_s", defaults.health_interval_s,
+                                       0, 86_400),
     )
     table.reject_unknown()
     return settings

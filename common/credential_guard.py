@@ -110,6 +110,7 @@ class CredentialGuard:
                          floor_source=check.floor_source)
         elif not check.behind and self._clock_behind:
             self._logger.info("clock_ok %s", check.describe())
+            self._report("clock_ok", now=int(check.now_s), floor=int(check.floor_s))
         self._clock_behind = check.behind
 
         if check.behind and not self._clock.corrected and self._time_read_at is None:

@@ -96,14 +96,21 @@ class UnixSocketTransport(xmlrpc.client.Transport):
 class SupervisorClient:
     """XML-RPC client of one supervisord, reached through its unix socket."""
 
-    def __init__(self, socket_path: Path) -> None:
+    def __init__(self, socket_path: Path, timeout_s: float | None = None) -> None:
+        """timeout_s bounds each call; None means RPC_TIMEOUT_S, enough for a restart."""
         self.socket_path = socket_path
         self.url = f"unix://{socket_path}"
+        self.timeout_s = RPC_TIMEOUT_S if timeout_s is None else timeout_s
 
     def process_info(self, name: str) -> dict[str, Any]:
         """Return supervisord's getProcessInfo record for group:program name."""
         info: dict[str, Any] = self._call("getProcessInfo", name)
         return info
+
+    def all_process_info(self) -> list[dict[str, Any]]:
+        """Return supervisord's getAllProcessInfo records, one per program."""
+        infos: list[dict[str, Any]] = self._call("getAllProcessInfo")
+        return infos
 
     def restart(self, name: str) -> RestartResult:
         """Stop and start group:program name as its state calls for, and check it runs after."""
@@ -128,7 +135,7 @@ class SupervisorClient:
                              after["statename"], after["pid"])
 
     def _call(self, method: str, *args: Any, tolerate: int | None = None) -> Any:
-        transport = UnixSocketTransport(self.socket_path, RPC_TIMEOUT_S)
+        transport = UnixSocketTransport(self.socket_path, self.timeout_s)
         # supervisord serves XML-RPC at /RPC2, the path that ServerProxy uses by default.
         proxy = xmlrpc.client.ServerProxy("http://localhost", transport=transport)
         try:
@@ -155,7 +162,7 @@ class SupervisorClient:
             ) from exc
         except TimeoutError as exc:
             raise SupervisorUnavailableError(
-                f"supervisord at {self.url}: {method} timed out after {RPC_TIMEOUT_S:g} s"
+                f"supervisord at {self.url}: {method} timed out after {self.timeout_s:g} s"
             ) from exc
         except (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError) as exc:
             raise SupervisorUnavailableError(

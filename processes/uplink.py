@@ -45,6 +45,7 @@ import paho.mqtt.client as mqtt
 import zmq
 
 from common import wire
+from common.alerts import AlertBook
 from common.backoff import Backoff
 from common.clock import HubClock, TimeFloor
 from common.config import Config, CredentialSettings, UplinkSettings
@@ -66,6 +67,7 @@ from common.lifecycle import gateway_version, run_process
 from common.logs import fields
 from common.payload import CONTENT_ENCODING, CONTENT_TYPE
 from common.tap import Tap
+from processes.uplink_health import HEALTH_PAGE_SEQ, HealthMonitor, LinkFigures
 
 PROCESS = "uplink"
 
@@ -144,9 +146,17 @@ class Identity:
     password: PasswordSource
     description: str
     client_certificate: ClientCertificate | None = None
+    # Topic of the gateway's own messages, with {kind} to fill in; None sends none.
+    event_topic_format: str | None = None
 
     def topic(self, page_seq: int) -> str:
         return self.topic_format.format(page_seq=page_seq)
+
+    def event_topic(self, kind: str) -> str | None:
+        """Return the topic of an alert or health message, or None when there is none."""
+        if self.event_topic_format is None:
+            return None
+        return self.event_topic_format.format(kind=kind)
 
 
 def load_identity(config: Config, logger: logging.Logger) -> Identity:
@@ -190,6 +200,7 @@ def _azure_identity(config: Config, logger: logging.Logger) -> Identity:
         ),
         tls_context=build_tls_context(credentials),
         topic_format=_azure_topic_format(connection),
+        event_topic_format=_azure_event_topic_format(connection),
         c2d_filter=_c2d_filter(connection),
         password=password,
         description=f"azure hub={connection.host_name} auth={connection.scheme.replace(' ', '_')}",
@@ -202,15 +213,28 @@ def _azure_topic_format(connection: ConnectionString) -> str:
     The property bag carries the message id and the content type and encoding, URL-encoded,
     as IoT Hub's MQTT support expects them.
     """
+    content_type = urllib.parse.quote(CONTENT_TYPE, safe="")
+    content_encoding = urllib.parse.quote(CONTENT_ENCODING, safe="")
+    return (_azure_events_prefix(connection) + "$.mid={page_seq}"
+            + f"&$.ct={content_type}&$.ce={content_encoding}")
+
+
+def _azure_event_topic_format(connection: ConnectionString) -> str:
+    """Build the topic of alert and health messages, leaving {kind} to fill in.
+
+    The application property plcbridge-kind tells them apart from pages in the cloud's
+    message routing. Their body is JSON in UTF-8, not compressed.
+    """
+    return (_azure_events_prefix(connection)
+            + "plcbridge-kind={kind}&$.ct=application%2Fjson&$.ce=utf-8")
+
+
+def _azure_events_prefix(connection: ConnectionString) -> str:
     device = connection.device_id.replace("{", "{{").replace("}", "}}")
     if connection.module_id:
         module = connection.module_id.replace("{", "{{").replace("}", "}}")
-        prefix = f"devices/{device}/modules/{module}/messages/events/"
-    else:
-        prefix = f"devices/{device}/messages/events/"
-    content_type = urllib.parse.quote(CONTENT_TYPE, safe="")
-    content_encoding = urllib.parse.quote(CONTENT_ENCODING, safe="")
-    return prefix + "$.mid={page_seq}" + f"&$.ct={content_type}&$.ce={content_encoding}"
+        return f"devices/{device}/modules/{module}/messages/events/"
+    return f"devices/{device}/messages/events/"
 
 
 def _c2d_filter(connection: ConnectionString) -> str | None:
@@ -419,9 +443,12 @@ class LinkEvent:
 
 @dataclass(frozen=True)
 class PublishRequest:
+    """A page to publish, or with topic set an alert or health message (negative page_seq)."""
+
     connection: int
     page_seq: int
     payload: bytes = field(repr=False)
+    topic: str | None = None
 
 
 @dataclass
@@ -517,6 +544,7 @@ class MqttLink(threading.Thread):
         self.published = 0
         self.reconnects = 0
         self.dropped = 0
+        self.token_expiry_s: int | None = None
 
     # -- called from the main thread ----------------------------------------------------
 
@@ -612,6 +640,7 @@ class MqttLink(threading.Thread):
         self._guard.before_connect(retrying)
         issued = self._identity.password.issue(self._clock.now())
         token = None
+        self.token_expiry_s = issued.expiry_s
         if issued.expiry_s is not None:
             token = TokenState(issued.expiry_s, issued.minted)
         self._guard.check_token(token, retrying)
@@ -837,9 +866,8 @@ class MqttLink(threading.Thread):
                 self.dropped += 1
                 continue
 
-            info = connection.client.publish(
-                self._identity.topic(request.page_seq), request.payload, qos=1
-            )
+            topic = request.topic or self._identity.topic(request.page_seq)
+            info = connection.client.publish(topic, request.payload, qos=1)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 self._logger.warning(
                     "publish_failed %s",
@@ -851,7 +879,8 @@ class MqttLink(threading.Thread):
                 )
                 continue
             connection.mid_to_page[info.mid] = request.page_seq
-            self.published += 1
+            if request.topic is None:
+                self.published += 1
 
     def _subscribe_c2d(self, connection: Connection) -> None:
         topic_filter = self._identity.c2d_filter
@@ -1007,6 +1036,8 @@ class Uplink:
         self._last_rate_s = time.monotonic()
         self._buffer_unreachable_since: float | None = None
         self._buffer_warned = False
+        self._link_since_ms = int(time.time() * 1000)
+        self._rate = 0.0
 
         runtime_dir = config.gateway.runtime_dir
         self._delivery = wire.endpoint(runtime_dir, wire.DELIVERY)
@@ -1021,6 +1052,8 @@ class Uplink:
                 f"cannot open the ZeroMQ sockets in {runtime_dir}: {exc}; check that the "
                 "folder is writable and that no other uplink runs with this runtime_dir"
             ) from exc
+        book = AlertBook(PROCESS, runtime_dir, logger, self._tap.publish)
+        self._health = HealthMonitor(config, logger, book, self._context, identity.description)
 
     def _open_sockets(self) -> tuple[zmq.Socket[bytes], Tap]:
         dealer = wire.make_socket(self._context, zmq.DEALER, wire.DATA_HWM, DEALER_LINGER_MS)
@@ -1064,6 +1097,7 @@ class Uplink:
                 next_tick_s = time.monotonic() + LINK_REPEAT_S
                 self._send_link()
                 self._publish_counters()
+                self._watch_health()
 
     # -- pages from the buffer ------------------------------------------------------------
 
@@ -1131,6 +1165,7 @@ class Uplink:
         }
         self._sessions[event.connection] = self._session
         self._link_up = True
+        self._link_since_ms = int(time.time() * 1000)
         self._outstanding.clear()
 
         self._logger.info(
@@ -1140,6 +1175,7 @@ class Uplink:
         )
         self._tap.publish("connected", endpoint=event.reason, session=self._session)
         self._send_link()
+        self._send_alerts()
 
     def _on_connect_failed(self, event: LinkEvent) -> None:
         self._tap.publish("connect_failed", reason=event.reason, attempt=event.connection)
@@ -1149,19 +1185,25 @@ class Uplink:
 
     def _on_tap(self, event: LinkEvent) -> None:
         self._tap.publish(event.reason, **event.values)
+        self._health.on_tap_event(event.reason, event.values)
 
     def _on_disconnected(self, event: LinkEvent) -> None:
         if event.connection != self._connection:
             return
         self._link_up = False
+        self._link_since_ms = int(time.time() * 1000)
         self._outstanding.clear()
         self._tap.publish("disconnected", reason=event.reason, session=self._session)
         self._send_link()
 
     def _on_puback(self, event: LinkEvent) -> None:
+        if event.page_seq < 0:
+            self._health.on_cloud_ack(event.page_seq)
+            return
         session = self._sessions.get(event.connection)
         if session is None:
             return
+        self._health.on_puback()
         self._pubacks += 1
         if event.connection == self._connection:
             self._outstanding.discard(event.page_seq)
@@ -1221,6 +1263,7 @@ class Uplink:
         published = self._link.published
         elapsed_s = max(now - self._last_rate_s, 1e-6)
         rate = (published - self._last_rate_published) / elapsed_s
+        self._rate = rate
         self._last_rate_published = published
         self._last_rate_s = now
 
@@ -1234,6 +1277,37 @@ class Uplink:
             pages_not_sent=self._pages_not_sent + self._link.dropped,
         )
         self._tap.publish_counters_if_due()
+
+    # -- health: alerts, status file, messages to the cloud ---------------------------------
+
+    def _watch_health(self) -> None:
+        figures = LinkFigures(
+            connected=self._link_up,
+            since_ts_ms=self._link_since_ms,
+            publish_rate=round(self._rate, 1),
+            pages_published=self._link.published,
+            pubacks=self._pubacks,
+            reconnects=self._link.reconnects,
+            outstanding=len(self._outstanding),
+            token_expiry_s=self._link.token_expiry_s,
+        )
+        self._health.tick(figures)
+        self._send_alerts()
+        health = self._health.health_message(figures)
+        topic = self._identity.event_topic("health")
+        if health is not None and topic is not None and self._link_up:
+            self._link.request_publish(
+                [PublishRequest(self._connection, HEALTH_PAGE_SEQ, health, topic)])
+
+    def _send_alerts(self) -> None:
+        """Send the alert changes that the cloud has not acknowledged, once per connection."""
+        topic = self._identity.event_topic("alert")
+        if topic is None or not self._link_up:
+            return
+        requests = [PublishRequest(self._connection, page_seq, payload, topic)
+                    for page_seq, payload in self._health.cloud_messages(self._connection)]
+        if requests:
+            self._link.request_publish(requests)
 
     # -- shutdown ----------------------------------------------------------------------------
 
@@ -1256,6 +1330,7 @@ class Uplink:
         self._link_up = False
         self._send_link()
         self._tap.publish("stop", pages_published=self._link.published, pubacks=self._pubacks)
+        self._health.close()
         self._tap.close()
         self._dealer.close()
         self._context.term()

@@ -115,6 +115,10 @@ class DevicePoller:
         self.read_errors = 0
         self.overruns = 0
         self.lateness_s: deque[float] = deque(maxlen=LATENESS_WINDOW)
+        # Wall-clock time of the last request that the PLC answered, in epoch milliseconds,
+        # and the number of bad tags in the last poll of each group, for `plcbridge status`.
+        self.last_good_ts_ms: int | None = None
+        self.bad_tags_by_group: dict[str, int] = {}
 
     def start(self, stop: threading.Event) -> None:
         self._thread = threading.Thread(
@@ -172,6 +176,8 @@ class DevicePoller:
         readings: list[Reading] = []
         for request in schedule.requests:
             readings += self._read(request)
+        self.bad_tags_by_group[schedule.name] = sum(
+            reading.value is None for reading in readings)
         if readings:
             self._outbox.put(("readings", readings))
 
@@ -196,6 +202,7 @@ class DevicePoller:
             self._last_request_end = time.monotonic()
 
         ts_ms = time.time_ns() // 1_000_000
+        self.last_good_ts_ms = ts_ms
         self._on_link_up()
         self._on_request_ok(request)
         return self._good_readings(request, values, ts_ms)

@@ -124,6 +124,14 @@ class PlcReader:
             "epoch": self._epoch,
             "plc_connected": all(poller.state == "connected" for poller in self._pollers),
             "devices_connected": sum(poller.state == "connected" for poller in self._pollers),
+            "devices": {
+                poller.device.name: {
+                    "state": poller.state,
+                    "last_good_ts_ms": poller.last_good_ts_ms,
+                    "bad_tags": sum(poller.bad_tags_by_group.values()),
+                }
+                for poller in self._pollers
+            },
             **self._lateness_ms(),
         }
 

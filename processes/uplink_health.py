@@ -1,0 +1,412 @@
+"""The uplink's health monitor: gathers the gateway's figures, raises alerts, writes status.
+
+The uplink hosts the monitor because it alone can tell the cloud. Once a second, on the
+uplink's main thread, the monitor:
+
+- reads the reader's counters from the reader's tap, through a SUB socket;
+- reads the buffer's figures from <runtime_dir>/buffer-status.json;
+- reads every program's state and pid from supervisord, every SUPERVISOR_POLL_S;
+- takes the link figures and the credential and clock events from the uplink itself;
+- raises and clears the alerts of common/alerts.py against the [alerts] thresholds;
+- writes everything to <runtime_dir>/health-status.json for `plcbridge status`.
+
+Alert changes and the periodic health message go to the cloud as telemetry messages whose
+topic carries the property plcbridge-kind=alert or plcbridge-kind=health.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import zmq
+
+from common import alerts, wire
+from common.alerts import AlertBook
+from common.config import Config
+from common.logs import fields
+from common.supervisor_rpc import SupervisorClient, SupervisorUnavailableError
+
+HEALTH_FILE = "health-status.json"
+BUFFER_STATUS_FILE = "buffer-status.json"  # the name that processes/buffer.py writes
+
+# The buffer and the reader report once a second; older figures mean the process is gone.
+STALE_AFTER_S = 5.0
+
+# supervisord is asked this often, with this timeout, so a hung supervisord delays the
+# uplink's main loop by at most SUPERVISOR_TIMEOUT_S every SUPERVISOR_POLL_S.
+SUPERVISOR_POLL_S = 5.0
+SUPERVISOR_TIMEOUT_S = 2.0
+
+# supervisord states of a program that does not stay up.
+FAILING_STATES = ("BACKOFF", "FATAL", "EXITED")
+
+# Page numbers of the messages that are not pages: an alert change is sent as -seq, so its
+# PUBACK names the change, and a health message as HEALTH_PAGE_SEQ.
+HEALTH_PAGE_SEQ = -(2**62)
+
+
+@dataclass(frozen=True)
+class LinkFigures:
+    """The uplink's own figures at one tick."""
+
+    connected: bool
+    since_ts_ms: int
+    publish_rate: float
+    pages_published: int
+    pubacks: int
+    reconnects: int
+    outstanding: int
+    token_expiry_s: int | None
+
+
+@dataclass
+class ProgramRecord:
+    """Last state, pid and recent restarts of one supervisord program."""
+
+    state: str = "UNKNOWN"
+    pid: int = 0
+    start_s: int = 0
+    restart_ts_ms: list[int] = field(default_factory=list)
+
+
+class HealthMonitor:
+    def __init__(self, config: Config, logger: logging.Logger, book: AlertBook,
+                 context: zmq.Context[zmq.Socket[bytes]], credentials: str) -> None:
+        self._config = config
+        self._settings = config.alerts
+        self._logger = logger
+        self.book = book
+        self._credentials_scheme = credentials
+        self._runtime_dir = config.gateway.runtime_dir
+        self._path = self._runtime_dir / HEALTH_FILE
+
+        self._reader_tap = wire.make_socket(context, zmq.SUB, wire.TAP_HWM, linger_ms=0)
+        self._reader_tap.setsockopt(zmq.SUBSCRIBE, b"")
+        self._reader_tap.connect(wire.tap_endpoint(self._runtime_dir, "plc_reader"))
+        self._reader: dict[str, Any] = {}
+        self._reader_at = 0.0
+
+        self._supervisor = SupervisorClient(config.supervisor_socket, SUPERVISOR_TIMEOUT_S)
+        self._supervisor_reachable = False
+        self._next_supervisor_poll = 0.0
+        self._programs: dict[str, ProgramRecord] = self._load_programs()
+
+        self._credential_states: dict[str, dict[str, str]] = {}
+        self._clock: dict[str, Any] = {"state": "ok", "offset_s": 0.0}
+        self._last_puback_ms: int | None = None
+        self._last_puback_at: float | None = None
+        self._waiting_since: float | None = None
+        self._drops_total: int | None = None
+        self._last_drop_at = 0.0
+        self._plc_down_since: dict[str, float] = {}
+        self._sent_on: dict[int, int] = {}  # alert change seq -> connection it was sent on
+        self._next_health_at = time.monotonic() + self._settings.health_interval_s
+
+    # -- events from the uplink -------------------------------------------------------------
+
+    def on_tap_event(self, kind: str, values: dict[str, Any]) -> None:
+        """Take the credential and clock states from the credential guard's events."""
+        if kind == "credential_check":
+            self._credential_states[str(values.get("credential"))] = {
+                "state": str(values.get("state")), "message": str(values.get("message"))}
+        elif kind == "clock_behind":
+            self._clock["state"] = "behind"
+        elif kind == "clock_ok":
+            self._clock["state"] = "ok"
+        elif kind == "clock_offset":
+            self._clock["offset_s"] = values.get("offset_s", 0.0)
+
+    def on_puback(self) -> None:
+        self._last_puback_ms = int(time.time() * 1000)
+        self._last_puback_at = time.monotonic()
+
+    def on_cloud_ack(self, page_seq: int) -> None:
+        """Forget an alert change, or a health message, once the broker acknowledged it."""
+        if page_seq == HEALTH_PAGE_SEQ:
+            return
+        self._sent_on.pop(-page_seq, None)
+        self.book.mark_sent(-page_seq)
+
+    # -- once a second ----------------------------------------------------------------------
+
+    def tick(self, link: LinkFigures) -> None:
+        self._drain_reader_tap()
+        self._poll_supervisor_if_due()
+        buffer = self._read_buffer_status()
+
+        self._check_no_publish(link, buffer)
+        self._check_credentials()
+        self._check_clock()
+        self._check_buffer_fill(buffer)
+        self._check_drops(buffer)
+        self._check_plc()
+        self._check_restarts()
+
+        self._write_status(self.snapshot(link, buffer))
+
+    def cloud_messages(self, connection: int) -> list[tuple[int, bytes]]:
+        """Return the alert changes not yet sent on this connection, as (page_seq, payload)."""
+        messages = []
+        for change in self.book.unsent:
+            if self._sent_on.get(change.seq) == connection:
+                continue
+            self._sent_on[change.seq] = connection
+            body = {"kind": "alert", "process": self.book.process, **asdict(change)}
+            messages.append((-change.seq, json.dumps(body, separators=(",", ":")).encode()))
+        return messages
+
+    def health_message(self, link: LinkFigures) -> bytes | None:
+        """Return the periodic health message when it is due, or None."""
+        interval_s = self._settings.health_interval_s
+        now = time.monotonic()
+        if interval_s <= 0 or now < self._next_health_at:
+            return None
+        self._next_health_at = now + interval_s
+        snapshot = self.snapshot(link, self._read_buffer_status())
+        snapshot["kind"] = "health"
+        return json.dumps(snapshot, separators=(",", ":"), default=str).encode()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            document = json.loads(self._path.read_text())
+            document["running"] = False
+            self._write_status(document)
+        self._reader_tap.close(linger=0)
+
+    # -- inputs -----------------------------------------------------------------------------
+
+    def _drain_reader_tap(self) -> None:
+        while True:
+            try:
+                frames = self._reader_tap.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = json.loads(frames[-1])
+            except ValueError:
+                continue
+            if isinstance(message, dict) and message.get("kind") == "counters":
+                self._reader = message
+                self._reader_at = time.monotonic()
+
+    def _reader_counters(self) -> dict[str, Any] | None:
+        if not self._reader or time.monotonic() - self._reader_at > STALE_AFTER_S:
+            return None
+        return self._reader
+
+    def _read_buffer_status(self) -> dict[str, Any] | None:
+        """Return the buffer's figures, or None when the file is missing or stale."""
+        try:
+            status = json.loads((self._runtime_dir / BUFFER_STATUS_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(status, dict) or not status.get("running"):
+            return None
+        if time.time() - status.get("ts_ms", 0) / 1000 > STALE_AFTER_S:
+            return None
+        return status
+
+    def _poll_supervisor_if_due(self) -> None:
+        now = time.monotonic()
+        if now < self._next_supervisor_poll:
+            return
+        self._next_supervisor_poll = now + SUPERVISOR_POLL_S
+        try:
+            infos = self._supervisor.all_process_info()
+        except SupervisorUnavailableError as exc:
+            # A gateway run without supervisord, as in development, has no program states.
+            if self._supervisor_reachable:
+                self._logger.warning(
+                    "supervisord_unreachable %s",
+                    fields(error=exc, consequence="program states and restart loops are "
+                           "not watched until it answers"))
+            self._supervisor_reachable = False
+            return
+        self._supervisor_reachable = True
+        for info in infos:
+            if info.get("group") == self._config.supervisor.group:
+                self._note_program(str(info.get("name")), info)
+
+    def _note_program(self, name: str, info: dict[str, Any]) -> None:
+        record = self._programs.setdefault(name, ProgramRecord())
+        pid = int(info.get("pid") or 0)
+        state = str(info.get("statename"))
+        # A new pid, or a failure state entered, is one restart of the program.
+        restarted = pid and record.pid and pid != record.pid
+        failed = state in FAILING_STATES and record.state not in FAILING_STATES
+        if restarted or failed:
+            record.restart_ts_ms.append(int(time.time() * 1000))
+        if pid:
+            record.pid = pid
+        record.state = state
+        record.start_s = int(info.get("start") or 0)
+
+    def _load_programs(self) -> dict[str, ProgramRecord]:
+        """Take over the restart history of the last run, so an uplink restart counts too."""
+        try:
+            document = json.loads(self._path.read_text())
+            return {name: ProgramRecord(**record)
+                    for name, record in document.get("programs", {}).items()}
+        except (OSError, ValueError, TypeError, AttributeError):
+            return {}
+
+    # -- alerts -----------------------------------------------------------------------------
+
+    def _check_no_publish(self, link: LinkFigures, buffer: dict[str, Any] | None) -> None:
+        """Raise when samples wait and nothing reached the broker for no_publish_s."""
+        waiting = link.outstanding > 0
+        if buffer is not None:
+            waiting = waiting or buffer.get("pages", 0) > 0 or buffer.get("open_samples", 0) > 0
+        now = time.monotonic()
+        if not waiting:
+            self._waiting_since = None
+            self.book.clear(alerts.NO_PUBLISH)
+            return
+
+        if self._waiting_since is None:
+            self._waiting_since = now
+        since = max(self._waiting_since, self._last_puback_at or 0.0)
+        silent_s = now - since
+        pages = buffer.get("pages", 0) if buffer is not None else link.outstanding
+        detail = (f"no page acknowledged for {silent_s:.0f} s while {pages} pages wait; "
+                  f"the link is {'up' if link.connected else 'down'}")
+        self.book.set(alerts.NO_PUBLISH, silent_s > self._settings.no_publish_s, detail)
+
+    def _check_credentials(self) -> None:
+        for credential, state in self._credential_states.items():
+            self.book.set(alerts.CREDENTIALS, state["state"] != "valid", state["message"],
+                          key=credential)
+
+    def _check_clock(self) -> None:
+        wrong = self._clock["state"] != "ok" or bool(self._clock.get("offset_s"))
+        detail = (f"the wall clock is {self._clock['state']}, offset from the hub "
+                  f"{self._clock.get('offset_s', 0)} s")
+        self.book.set(alerts.CLOCK, wrong, detail)
+
+    def _check_buffer_fill(self, buffer: dict[str, Any] | None) -> None:
+        if buffer is None or not buffer.get("max_bytes"):
+            return
+        percent = 100.0 * buffer.get("bytes", 0) / buffer["max_bytes"]
+        detail = f"the buffer is {percent:.1f} % full, {buffer.get('bytes', 0)} bytes"
+        self.book.set(alerts.BUFFER_FULL, percent >= self._settings.buffer_fill_percent, detail)
+
+    def _check_drops(self, buffer: dict[str, Any] | None) -> None:
+        """Raise when the drop totals grow; clear after drops_clear_s without a new drop."""
+        total = 0
+        if buffer is not None:
+            drops = buffer.get("dropped_by_reason") or {}
+            total += sum(int(counts.get("samples", 0)) for counts in drops.values())
+        reader = self._reader_counters()
+        if reader is not None:
+            total += int(reader.get("dropped_samples", 0))
+        if buffer is None and reader is None:
+            return
+
+        now = time.monotonic()
+        if self._drops_total is not None and total > self._drops_total:
+            self._last_drop_at = now
+            self.book.raise_alert(alerts.SAMPLES_DROPPED,
+                                  f"{total - self._drops_total} samples dropped, "
+                                  f"{total} since the processes started")
+        elif now - self._last_drop_at > self._settings.drops_clear_s:
+            self.book.clear(alerts.SAMPLES_DROPPED)
+        # A restarted process starts its totals again from its store or from zero.
+        self._drops_total = total
+
+    def _check_plc(self) -> None:
+        reader = self._reader_counters()
+        if reader is None:
+            return
+        now = time.monotonic()
+        for device, figures in (reader.get("devices") or {}).items():
+            if figures.get("state") == "connected":
+                self._plc_down_since.pop(device, None)
+                self.book.clear(alerts.PLC_UNREACHABLE, device)
+                continue
+            down_since = self._plc_down_since.setdefault(device, now)
+            down_s = now - down_since
+            self.book.set(alerts.PLC_UNREACHABLE, down_s > self._settings.plc_unreachable_s,
+                          f"PLC {device} has not answered for {down_s:.0f} s", key=device)
+
+    def _check_restarts(self) -> None:
+        window_ms = self._settings.restart_loop_window_s * 1000
+        now_ms = int(time.time() * 1000)
+        for name, record in self._programs.items():
+            record.restart_ts_ms = [ts for ts in record.restart_ts_ms if now_ms - ts <= window_ms]
+            looping = (len(record.restart_ts_ms) >= self._settings.restart_loop_count
+                       or record.state == "FATAL")
+            detail = (f"{name} restarted {len(record.restart_ts_ms)} times in "
+                      f"{self._settings.restart_loop_window_s:g} s, now {record.state}")
+            self.book.set(alerts.RESTART_LOOP, looping, detail, key=name)
+
+    # -- the status file --------------------------------------------------------------------
+
+    def snapshot(self, link: LinkFigures, buffer: dict[str, Any] | None) -> dict[str, Any]:
+        now_s = time.time()
+        expiry_s = link.token_expiry_s
+        return {
+            "ts_ms": int(now_s * 1000),
+            "pid": os.getpid(),
+            "running": True,
+            "uplink": {
+                "connected": link.connected,
+                "since_ts_ms": link.since_ts_ms,
+                "last_puback_ts_ms": self._last_puback_ms,
+                "publish_rate": link.publish_rate,
+                "pages_published": link.pages_published,
+                "pubacks": link.pubacks,
+                "reconnects": link.reconnects,
+                "inflight": link.outstanding,
+            },
+            "credentials": {
+                "scheme": self._credentials_scheme,
+                "expiry_s": expiry_s,
+                "time_left_s": None if expiry_s is None else int(expiry_s - now_s),
+                "checks": self._credential_states,
+                "clock": dict(self._clock),
+            },
+            "plc": self._plc_snapshot(),
+            "buffer": _buffer_snapshot(buffer),
+            "supervisord": "reachable" if self._supervisor_reachable else "unreachable",
+            "programs": {name: asdict(record) for name, record in self._programs.items()},
+            "alerts": self.book.open_alerts(),
+        }
+
+    def _plc_snapshot(self) -> dict[str, Any] | None:
+        reader = self._reader_counters()
+        if reader is None:
+            return None
+        keys = ("plc_connected", "devices_connected", "devices", "polls", "read_errors",
+                "samples", "dropped_samples", "ts_ms")
+        return {key: reader.get(key) for key in keys}
+
+    def _write_status(self, document: dict[str, Any]) -> None:
+        # Rewritten every second, so no fsync: after a power cut the file is stale anyway.
+        temporary = self._path.with_name(f".{self._path.name}.tmp")
+        try:
+            temporary.write_text(json.dumps(document, default=str) + "\n")
+            os.replace(temporary, self._path)
+        except OSError as exc:
+            self._logger.debug("health_status_not_written %s",
+                               fields(path=self._path, error=exc.strerror or exc))
+
+
+def _buffer_snapshot(buffer: dict[str, Any] | None) -> dict[str, Any] | None:
+    if buffer is None:
+        return None
+    drops = buffer.get("dropped_by_reason") or {}
+    oldest = buffer.get("oldest_ts_ms")
+    return {
+        "pages": buffer.get("pages", 0),
+        "bytes": buffer.get("bytes", 0),
+        "max_bytes": buffer.get("max_bytes"),
+        "oldest_sample_age_s": None if not oldest else round(time.time() - oldest / 1000, 1),
+        "dropped_samples": sum(int(counts.get("samples", 0)) for counts in drops.values()),
+        "dropped_by_reason": drops,
+    }
