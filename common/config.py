@@ -310,6 +310,14 @@ class AlertSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """The uplink's optional Prometheus endpoint; port 0 turns it off."""
+
+    port: int = 0
+    host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     gateway: GatewaySettings
@@ -319,6 +327,7 @@ class Config:
     credentials: CredentialSettings
     supervisor: SupervisorSettings
     alerts: AlertSettings = field(default_factory=AlertSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     # The TOML text that was parsed, without a byte-order mark, for the last good copy.
     source_text: str = field(default="", repr=False, compare=False)
 
@@ -526,6 +535,7 @@ def load_config(path: str | Path, text: str | None = None) -> Config:
         credentials=_parse_credentials(top.table("credentials", required=True)),
         supervisor=_parse_supervisor(top.table("supervisor")),
         alerts=_parse_alerts(top.table("alerts")),
+        metrics=_parse_metrics(top.table("metrics")),
         source_text=text,
     )
     top.reject_unknown()
@@ -1053,6 +1063,15 @@ def _parse_alerts(table: _Table) -> AlertSettings:
         # 0 turns the periodic health telemetry off.
         health_interval_s=table.number("health_interval_s", defaults.health_interval_s,
                                        0, 86_400),
+    )
+    table.reject_unknown()
+    return settings
+
+
+def _parse_metrics(table: _Table) -> MetricsSettings:
+    settings = MetricsSettings(
+        port=table.integer("port", 0, 0, 65_535),
+        host=table.text("host", "127.0.0.1"),
     )
     table.reject_unknown()
     return settings

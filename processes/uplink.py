@@ -68,6 +68,7 @@ from common.logs import fields
 from common.payload import CONTENT_ENCODING, CONTENT_TYPE
 from common.tap import Tap
 from processes.uplink_health import HEALTH_PAGE_SEQ, HealthMonitor, LinkFigures
+from processes.uplink_metrics import MetricsServer
 
 PROCESS = "uplink"
 
@@ -1054,6 +1055,8 @@ class Uplink:
             ) from exc
         book = AlertBook(PROCESS, runtime_dir, logger, self._tap.publish)
         self._health = HealthMonitor(config, logger, book, self._context, identity.description)
+        self._metrics = MetricsServer(config.metrics, lambda: self._health.last_snapshot,
+                                      logger)
 
     def _open_sockets(self) -> tuple[zmq.Socket[bytes], Tap]:
         dealer = wire.make_socket(self._context, zmq.DEALER, wire.DATA_HWM, DEALER_LINGER_MS)
@@ -1331,6 +1334,7 @@ class Uplink:
         self._send_link()
         self._tap.publish("stop", pages_published=self._link.published, pubacks=self._pubacks)
         self._health.close()
+        self._metrics.close()
         self._tap.close()
         self._dealer.close()
         self._context.term()

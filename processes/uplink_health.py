@@ -107,6 +107,8 @@ class HealthMonitor:
         self._plc_down_since: dict[str, float] = {}
         self._sent_on: dict[int, int] = {}  # alert change seq -> connection it was sent on
         self._next_health_at = time.monotonic() + self._settings.health_interval_s
+        # Replaced whole at each tick, so the metrics thread can read it without a lock.
+        self.last_snapshot: dict[str, Any] | None = None
 
     # -- events from the uplink -------------------------------------------------------------
 
@@ -148,7 +150,8 @@ class HealthMonitor:
         self._check_plc()
         self._check_restarts()
 
-        self._write_status(self.snapshot(link, buffer))
+        self.last_snapshot = self.snapshot(link, buffer)
+        self._write_status(self.last_snapshot)
 
     def cloud_messages(self, connection: int) -> list[tuple[int, bytes]]:
         """Return the alert changes not yet sent on this connection, as (page_seq, payload)."""

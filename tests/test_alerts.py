@@ -11,9 +11,11 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -294,3 +296,42 @@ def test_alerts_each_raise_and_clear_once(
     code, report, stderr = status(base)
     assert code == 0, stderr
     assert report["alerts"] == []
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def test_metrics_endpoint_serves_health(
+    base: Path, certs: Path, hubs: Any, buffer: StandInBuffer, uplinks: Any,
+    reader_tap: StandInReaderTap,
+) -> None:
+    stack = hubs(certs)
+    write_connection_string(base)
+    buffer_status = BufferStatus(base / "run")
+    buffer_status.figures.update(pages=2, bytes=2048)
+    port = free_port()
+    config = config_text(base, stack, "plc_unreachable_s = 1\nhealth_interval_s = 0")
+    uplink = uplinks(base, config + f"\n[metrics]\nport = {port}\n")
+    reader_tap.devices = {"press1": {"state": "disconnected", "last_good_ts_ms": None,
+                                     "bad_tags": 4}}
+    buffer.wait_link("up", 20)
+    uplink.wait_log(r"INFO .*metrics_served host=127.0.0.1", 20)
+
+    def scrape() -> str | None:
+        buffer_status.write()
+        reader_tap.publish()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            text: str = answer.read().decode()
+        return text if 'plcbridge_alert_open{alert="plc_unreachable"' in text else None
+
+    text = buffer.wait_for(scrape, 20, "the plc_unreachable alert in the metrics")
+    assert "plcbridge_uplink_connected 1.0" in text
+    assert "plcbridge_buffer_pages 2.0" in text
+    assert 'plcbridge_plc_bad_tags{device="press1"} 4.0' in text
+    assert 'plcbridge_plc_connected{device="press1"} 0.0' in text
+    assert "plcbridge_uplink_pages_published_total" in text
+    assert 'plcbridge_alert_open{alert="plc_unreachable",key="press1"} 1.0' in text
