@@ -18,6 +18,7 @@ import zmq
 from cli.launch import load_config_for_operator
 from common import wire
 from common.logs import fields
+from common.tap import data_topic
 
 EXIT_OK = 0
 EXIT_TOO_FEW = 1
@@ -39,7 +40,10 @@ def tap(args: argparse.Namespace) -> int:
         _warn_about_missing_sockets(config.gateway.runtime_dir, processes)
         for process in processes:
             sock.connect(wire.tap_endpoint(config.gateway.runtime_dir, process))
-        sock.setsockopt(zmq.SUBSCRIBE, b"")
+            sock.setsockopt(zmq.SUBSCRIBE, process.encode())
+            # The process copies its data to the tap only while someone subscribes to it.
+            if args.data:
+                sock.setsockopt(zmq.SUBSCRIBE, data_topic(process))
         received = _print_messages(sock, args.count, args.timeout_s, args.json, sys.stdout)
     except KeyboardInterrupt:
         return EXIT_OK

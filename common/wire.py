@@ -17,8 +17,10 @@ payload frame that is passed through unparsed.
         uplink -> buffer  puback  {"session", "page_seq"}         the broker acknowledged it
         buffer -> uplink  page    {"page_seq", "count"}           payload: the page's JSON
 
-    tap (ipc://<runtime_dir>/tap-<process>.sock): each process binds a PUB socket.
+    tap (ipc://<runtime_dir>/tap-<process>.sock): each process binds an XPUB socket.
         topic "<process>", then one JSON object with "ts_ms", "process", "kind" and fields.
+        topic "data.<process>", kind "data": a copy of the data passing through, sent only
+        while a subscriber subscribes to that topic (see common/tap.py).
 
 The reader numbers its batches from 0 in each epoch and resends every unacknowledged batch
 after plc.ack_timeout_s. So the buffer stores a batch only when its batch_seq is one above

@@ -66,6 +66,7 @@ from common.errors import CredentialError, PlcBridgeError, UplinkError
 from common.lifecycle import gateway_version, run_process
 from common.logs import fields
 from common.payload import CONTENT_ENCODING, CONTENT_TYPE
+from common.socket_monitor import SocketMonitor
 from common.tap import Tap
 from processes.uplink_health import HEALTH_PAGE_SEQ, HealthMonitor, LinkFigures
 from processes.uplink_metrics import MetricsServer
@@ -1059,13 +1060,17 @@ class Uplink:
                                       logger)
 
     def _open_sockets(self) -> tuple[zmq.Socket[bytes], Tap]:
+        tap = Tap(self._context, self._config.gateway.runtime_dir, PROCESS)
         dealer = wire.make_socket(self._context, zmq.DEALER, wire.DATA_HWM, DEALER_LINGER_MS)
 
         # Queue messages only for a connected buffer: without one, the repeated link state
         # would pile up and reach a restarted buffer as a burst of stale messages.
         dealer.setsockopt(zmq.IMMEDIATE, 1)
+        # The monitor goes on before the connect, so it reports the first connection too.
+        self._dealer_monitor = SocketMonitor(
+            dealer, "delivery", self._logger, tap.publish,
+            "no pages to publish and no pubacks reach the buffer until it connects again")
         dealer.connect(self._delivery)
-        tap = Tap(self._context, self._config.gateway.runtime_dir, PROCESS)
         return dealer, tap
 
     def run(self) -> None:
@@ -1084,6 +1089,7 @@ class Uplink:
         poller = zmq.Poller()
         poller.register(self._dealer, zmq.POLLIN)
         poller.register(self._events_wakeup.fileno(), zmq.POLLIN)
+        poller.register(self._dealer_monitor.socket, zmq.POLLIN)
         next_tick_s = time.monotonic()
 
         while not self._stop.is_set():
@@ -1094,6 +1100,8 @@ class Uplink:
                 self._receive_pages()
             if self._events_wakeup.fileno() in ready:
                 self._events_wakeup.drain()
+            if self._dealer_monitor.socket in ready:
+                self._dealer_monitor.drain()
             self._handle_events()
 
             if time.monotonic() >= next_tick_s:
@@ -1140,6 +1148,9 @@ class Uplink:
             self._logger.debug("page_held %s", fields(page_seq=page_seq, reason="link down"))
             return None
         self._outstanding.add(page_seq)
+        if self._tap.data_wanted:
+            self._tap.publish_data(page_seq=page_seq, bytes=len(message.payload),
+                                   page=message.payload.decode("utf-8", errors="replace"))
         return PublishRequest(self._connection, page_seq, message.payload)
 
     # -- events from the network thread ---------------------------------------------------
@@ -1336,6 +1347,7 @@ class Uplink:
         self._health.close()
         self._metrics.close()
         self._tap.close()
+        self._dealer_monitor.close()
         self._dealer.close()
         self._context.term()
         if not self._link.is_alive():

@@ -12,6 +12,7 @@ buffer through processes.plc_reader.sender, whose sends never block the polls.
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import threading
@@ -203,6 +204,8 @@ class PlcReader:
             seq += 1
         self._next_seq = seq
         self.samples += len(samples)
+        if self._tap.data_wanted:
+            self._tap.publish_data(samples=json.loads(b"[" + b",".join(samples) + b"]"))
         self._sender.enqueue(samples)
 
 

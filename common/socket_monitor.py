@@ -1,0 +1,67 @@
+"""ZeroMQ socket monitor events of an internal socket, logged and published on the tap.
+
+ZeroMQ reconnects ipc:// sockets silently. The monitor makes a peer that goes away or comes
+back visible: for the uplink's DEALER, a buffer restart shows as disconnected, then
+connected.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from common.logs import fields
+
+# Events worth an operator's attention, by name. CONNECT_RETRIED is left out: ZeroMQ retries
+# every 100 ms by default (ZMQ_RECONNECT_IVL) while a peer is down, which would flood the log.
+EVENT_NAMES: dict[int, str] = {
+    int(zmq.EVENT_CONNECTED): "connected",
+    int(zmq.EVENT_DISCONNECTED): "disconnected",
+    int(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL): "handshake_failed",
+    int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL): "handshake_failed",
+    int(zmq.EVENT_HANDSHAKE_FAILED_AUTH): "handshake_failed",
+}
+
+# Callback that publishes an event on the process's tap: kind, then the event's values.
+Publish = Callable[..., None]
+
+
+class SocketMonitor:
+    """Receives one socket's monitor events; the owner polls `socket` and calls drain()."""
+
+    def __init__(self, watched: zmq.Socket[bytes], name: str, logger: logging.Logger,
+                 publish: Publish, consequence: str) -> None:
+        events = 0
+        for event in EVENT_NAMES:
+            events |= event
+        self._watched = watched
+        self.socket: zmq.Socket[bytes] = watched.get_monitor_socket(events)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self._name = name
+        self._logger = logger
+        self._publish = publish
+        self._consequence = consequence
+
+    def drain(self) -> None:
+        """Log and publish every event that has arrived."""
+        while self.socket.poll(0):
+            message = recv_monitor_message(self.socket)
+            event = EVENT_NAMES.get(int(message["event"]))
+            if event is None:
+                continue
+            endpoint = message["endpoint"].decode(errors="replace")
+            self._publish("socket_event", socket=self._name, event=event, endpoint=endpoint)
+            if event == "connected":
+                self._logger.info("socket_connected %s",
+                                  fields(socket=self._name, endpoint=endpoint))
+            else:
+                self._logger.warning("socket_%s %s", event,
+                                     fields(socket=self._name, endpoint=endpoint,
+                                            consequence=self._consequence))
+
+    def close(self) -> None:
+        self._watched.disable_monitor()
+        self.socket.close(linger=0)
