@@ -287,6 +287,8 @@ class HealthMonitor:
                           key=credential)
 
     def _check_clock(self) -> None:
+        # NOTE: a restarted uplink starts with the clock judged right, so it clears an open
+        # clock alert at once and raises it again if its first connect finds the clock wrong.
         wrong = self._clock["state"] != "ok" or bool(self._clock.get("offset_s"))
         detail = (f"the wall clock is {self._clock['state']}, offset from the hub "
                   f"{self._clock.get('offset_s', 0)} s")

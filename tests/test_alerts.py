@@ -335,3 +335,29 @@ def test_metrics_endpoint_serves_health(
     assert 'plcbridge_plc_connected{device="press1"} 0.0' in text
     assert "plcbridge_uplink_pages_published_total" in text
     assert 'plcbridge_alert_open{alert="plc_unreachable",key="press1"} 1.0' in text
+
+
+def test_alert_clock_raised_and_cleared(
+    base: Path, certs: Path, hubs: Any, buffer: StandInBuffer, uplinks: Any,
+) -> None:
+    # The hub's clock runs 30 days ahead of the gateway's, so the uplink applies an offset.
+    stack = hubs(certs)
+    stack.set_faults(clock_offset_s=30 * 86400)
+    write_connection_string(base)
+    config = config_text(base, stack, "health_interval_s = 0")
+    uplink = uplinks(base, config)
+    buffer.wait_link("up", 20)
+    lines = uplink.wait_log(r"ERROR \S+ alert_raised alert=clock ", 20)
+    assert "offset from the hub" in lines[0]
+    code, report, _stderr = status(base)
+    assert code == 1
+    assert report["credentials"]["clock"]["offset_s"] > 29 * 86400
+
+    # With the clocks agreeing again, the restarted uplink finds its clock right.
+    stack.set_faults(clock_offset_s=0)
+    uplink.terminate(20)
+    buffer.links.clear()
+    restarted = uplinks(base, config)
+    buffer.wait_link("up", 20)
+    restarted.wait_log(r"INFO \S+ alert_cleared alert=clock ", 20)
+    assert count_lines(restarted.log(), r"alert_raised alert=clock") == 0

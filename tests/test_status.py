@@ -106,3 +106,49 @@ def test_status_after_restarts_outage_drops(aged_stack: Stack) -> None:
     assert alerts.SAMPLES_DROPPED in names
     assert alerts.RESTART_LOOP not in names
     assert report["credentials"]["scheme"].startswith("azure")
+
+
+LOOP_ALERTS_TABLE = """
+[alerts]
+restart_loop_count = 2
+restart_loop_window_s = 10
+health_interval_s = 0
+"""
+
+
+@pytest.fixture
+def loop_stack(base: Path, certs: Path) -> Iterator[Stack]:
+    running = start_stack(base, certs)
+    try:
+        config = running.gateway.config
+        config.write_text(config.read_text() + LOOP_ALERTS_TABLE)
+        running.gateway.start()
+        yield running
+    finally:
+        stop_stack(running)
+
+
+def test_status_restart_loop_raises_and_clears(loop_stack: Stack) -> None:
+    stack = loop_stack
+    wait_status(stack, lambda r: uplink_connected(r, True), "a connected uplink")
+
+    # Each kill must be seen by the monitor, which reads supervisord every 5 s, before the
+    # next one: two kills within one reading show as a single change of pid.
+    for restarts in (1, 2):
+        stack.gateway.kill9("credential_watcher")
+        wait_status(stack, lambda r, n=restarts: r["programs"]["credential_watcher"]
+                    ["restarts"] == n, f"{restarts} restarts seen")
+
+    code, report = wait_status(
+        stack, lambda r: [a for a in r["alerts"] if a["name"] == alerts.RESTART_LOOP],
+        "the restart_loop alert")
+    assert code == 1
+    assert [(a["name"], a["key"]) for a in report["alerts"]] == [
+        (alerts.RESTART_LOOP, "credential_watcher")]
+
+    # The first restart leaves the 10 s window, and the alert clears.
+    code, report = wait_status(stack, lambda r: r["alerts"] == [], "the alert to clear", 40)
+    assert code == 0
+    log = stack.gateway.log("uplink")
+    assert log.count("alert_raised alert=restart_loop") == 1
+    assert log.count("alert_cleared alert=restart_loop") == 1
