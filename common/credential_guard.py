@@ -165,6 +165,14 @@ class CredentialGuard:
         else:
             self._floor.raise_to(hub_time_s, "hub Date header")
 
+        # A bound that a clock running ahead had stored is now lowered to the hub's time, so
+        # a wall clock that agrees with the hub is no longer behind.
+        check = self._floor.check(time.time())
+        if self._clock_behind and not check.behind:
+            self._clock_behind = False
+            self._logger.info("clock_ok %s", check.describe())
+            self._report("clock_ok", now=int(check.now_s), floor=int(check.floor_s))
+
     # -- credential validity ---------------------------------------------------------------
 
     def check_token(self, token: TokenState | None, retrying: bool) -> None:

@@ -1040,6 +1040,7 @@ class Uplink:
         self._buffer_warned = False
         self._link_since_ms = int(time.time() * 1000)
         self._rate = 0.0
+        self._health_failures = 0
 
         runtime_dir = config.gateway.runtime_dir
         self._delivery = wire.endpoint(runtime_dir, wire.DELIVERY)
@@ -1188,6 +1189,7 @@ class Uplink:
                    session=self._session),
         )
         self._tap.publish("connected", endpoint=event.reason, session=self._session)
+        self._health.on_connected()
         self._send_link()
         self._send_alerts()
 
@@ -1305,13 +1307,27 @@ class Uplink:
             outstanding=len(self._outstanding),
             token_expiry_s=self._link.token_expiry_s,
         )
-        self._health.tick(figures)
+        try:
+            self._health.tick(figures)
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            # A status file of another version, say, must never stop the delivery of data.
+            self._note_health_failure(exc)
         self._send_alerts()
         health = self._health.health_message(figures)
         topic = self._identity.event_topic("health")
         if health is not None and topic is not None and self._link_up:
             self._link.request_publish(
                 [PublishRequest(self._connection, HEALTH_PAGE_SEQ, health, topic)])
+
+    def _note_health_failure(self, exc: Exception) -> None:
+        self._health_failures += 1
+        # Logged at the first failure and then every 600th, about every ten minutes.
+        if self._health_failures % 600 == 1:
+            self._logger.error(
+                "health_check_failed %s",
+                fields(error=f"{type(exc).__name__}: {exc}", failures=self._health_failures,
+                       consequence="alerts and health-status.json are not updated"))
+            self._tap.publish("error", message=f"health check failed: {exc}")
 
     def _send_alerts(self) -> None:
         """Send the alert changes that the cloud has not acknowledged, once per connection."""

@@ -98,7 +98,9 @@ class HealthMonitor:
         self._programs: dict[str, ProgramRecord] = self._load_programs()
 
         self._credential_states: dict[str, dict[str, str]] = {}
-        self._clock: dict[str, Any] = {"state": "ok", "offset_s": 0.0}
+        # "unknown" until the credential guard reports or a connect succeeds, so that a
+        # restarted uplink neither clears nor raises the clock alert before it knows.
+        self._clock: dict[str, Any] = {"state": "unknown", "offset_s": 0.0}
         self._last_puback_ms: int | None = None
         self._last_puback_at: float | None = None
         self._waiting_since: float | None = None
@@ -123,6 +125,11 @@ class HealthMonitor:
             self._clock["state"] = "ok"
         elif kind == "clock_offset":
             self._clock["offset_s"] = values.get("offset_s", 0.0)
+
+    def on_connected(self) -> None:
+        """Take a successful connect as the sign of a right clock, unless told otherwise."""
+        if self._clock["state"] == "unknown":
+            self._clock["state"] = "ok"
 
     def on_puback(self) -> None:
         self._last_puback_ms = int(time.time() * 1000)
@@ -287,8 +294,8 @@ class HealthMonitor:
                           key=credential)
 
     def _check_clock(self) -> None:
-        # NOTE: a restarted uplink starts with the clock judged right, so it clears an open
-        # clock alert at once and raises it again if its first connect finds the clock wrong.
+        if self._clock["state"] == "unknown":
+            return
         wrong = self._clock["state"] != "ok" or bool(self._clock.get("offset_s"))
         detail = (f"the wall clock is {self._clock['state']}, offset from the hub "
                   f"{self._clock.get('offset_s', 0)} s")

@@ -361,3 +361,21 @@ def test_alert_clock_raised_and_cleared(
     buffer.wait_link("up", 20)
     restarted.wait_log(r"INFO \S+ alert_cleared alert=clock ", 20)
     assert count_lines(restarted.log(), r"alert_raised alert=clock") == 0
+
+
+def test_alerts_bad_status_file_keeps_delivering(
+    base: Path, certs: Path, hubs: Any, buffer: StandInBuffer, uplinks: Any,
+) -> None:
+    stack = hubs(certs)
+    write_connection_string(base)
+    buffer_status = BufferStatus(base / "run")
+    buffer_status.figures.update(pages="many")
+    buffer_status.write()
+    uplink = uplinks(base, config_text(base, stack, "health_interval_s = 0"))
+    buffer.wait_link("up", 20)
+
+    lines = uplink.wait_log(r"ERROR \S+ health_check_failed ", 20)
+    assert "TypeError" in lines[0]
+    buffer.send_page(0, sample_page(0))
+    buffer.wait_for(lambda: buffer.pubacks, 10, "a puback despite the bad status file")
+    assert count_lines(uplink.log(), "health_check_failed") == 1
