@@ -165,10 +165,10 @@ class CredentialGuard:
         else:
             self._floor.raise_to(hub_time_s, "hub Date header")
 
-        # A bound that a clock running ahead had stored is now lowered to the hub's time, so
-        # a wall clock that agrees with the hub is no longer behind.
+        # A wall clock within MIN_OFFSET_S of the hub's agrees with the better source, so it
+        # is right even where the Date header's rounding leaves it a little behind the bound.
         check = self._floor.check(time.time())
-        if self._clock_behind and not check.behind:
+        if self._clock_behind and offset_s == 0.0:
             self._clock_behind = False
             self._logger.info("clock_ok %s", check.describe())
             self._report("clock_ok", now=int(check.now_s), floor=int(check.floor_s))
