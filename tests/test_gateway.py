@@ -41,7 +41,9 @@ class Stack:
     gateway: Gateway
 
     def pages(self) -> list[tuple[int, list[dict[str, Any]]]]:
-        return [parse_page(payload) for _topic, payload in self.subscriber.messages]
+        # Alerts and health reports share the telemetry topic, marked by a property.
+        return [parse_page(payload) for topic, payload in self.subscriber.messages
+                if "plcbridge-kind=" not in topic]
 
     def report(self) -> DeliveryReport:
         return analyse(self.pages())
