@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.launch import load_config_for_operator
-from common.alerts import alerts_path, read_alerts_file
+from common.alerts import alerts_path, buffer_summary, read_alerts_file
 from common.config import Config
 from common.supervisor_rpc import SupervisorClient, SupervisorUnavailableError
 
@@ -91,7 +91,7 @@ def gather(config: Config) -> dict[str, Any]:
         "supervisord": supervisor_error or "reachable",
         "programs": programs,
         "plc": health.get("plc"),
-        "buffer": _buffer_figures(buffer),
+        "buffer": buffer_summary(buffer),
         "uplink": health.get("uplink"),
         "credentials": health.get("credentials"),
         "alerts": alerts.get("open", []),
@@ -118,20 +118,6 @@ def _programs(config: Config) -> tuple[dict[str, dict[str, Any]], str | None]:
         }
     return programs, None
 
-
-def _buffer_figures(buffer: dict[str, Any] | None) -> dict[str, Any] | None:
-    if buffer is None:
-        return None
-    drops = buffer.get("dropped_by_reason") or {}
-    oldest = buffer.get("oldest_ts_ms")
-    return {
-        "pages": buffer.get("pages", 0),
-        "bytes": buffer.get("bytes", 0),
-        "max_bytes": buffer.get("max_bytes"),
-        "oldest_sample_age_s": None if not oldest else round(time.time() - oldest / 1000, 1),
-        "dropped_samples": sum(int(counts.get("samples", 0)) for counts in drops.values()),
-        "dropped_by_reason": drops,
-    }
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -175,3 +175,19 @@ def read_alerts_file(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return document if isinstance(document, dict) else None
+
+
+def buffer_summary(buffer: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Return the buffer figures that status shows, from the buffer's status document."""
+    if buffer is None:
+        return None
+    drops = buffer.get("dropped_by_reason") or {}
+    oldest = buffer.get("oldest_ts_ms")
+    return {
+        "pages": buffer.get("pages", 0),
+        "bytes": buffer.get("bytes", 0),
+        "max_bytes": buffer.get("max_bytes"),
+        "oldest_sample_age_s": None if not oldest else round(time.time() - oldest / 1000, 1),
+        "dropped_samples": sum(int(counts.get("samples", 0)) for counts in drops.values()),
+        "dropped_by_reason": drops,
+    }

@@ -1008,7 +1008,7 @@ def wait_for_store(
     Exiting instead would make supervisord restart the buffer in a loop until it gives up.
     While the buffer waits, no socket is bound, so the reader keeps its batches
     unacknowledged in its own bounded queue and counts what overflows it. The status file
-    says why every second, for `plcbridge buffer`.
+    gives the reason every second, for `plcbridge buffer`.
     """
     backoff = Backoff(OPEN_RETRY_MIN_S, OPEN_RETRY_MAX_S)
     warning = RateLimit(WARNING_INTERVAL_S)

@@ -224,7 +224,7 @@ def _azure_topic_format(connection: ConnectionString) -> str:
 def _azure_event_topic_format(connection: ConnectionString) -> str:
     """Build the topic of alert and health messages, leaving {kind} to fill in.
 
-    The application property plcbridge-kind tells them apart from pages in the cloud's
+    The application property plcbridge-kind distinguishes them from pages in the cloud's
     message routing. Their body is JSON in UTF-8, not compressed.
     """
     return (_azure_events_prefix(connection)

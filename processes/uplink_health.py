@@ -99,7 +99,7 @@ class HealthMonitor:
 
         self._credential_states: dict[str, dict[str, str]] = {}
         # "unknown" until the credential guard reports or a connect succeeds, so that a
-        # restarted uplink neither clears nor raises the clock alert before it knows.
+        # restarted uplink neither clears nor raises the clock alert before the clock is judged.
         self._clock: dict[str, Any] = {"state": "unknown", "offset_s": 0.0}
         self._last_puback_ms: int | None = None
         self._last_puback_at: float | None = None
@@ -127,7 +127,7 @@ class HealthMonitor:
             self._clock["offset_s"] = values.get("offset_s", 0.0)
 
     def on_connected(self) -> None:
-        """Take a successful connect as the sign of a right clock, unless told otherwise."""
+        """Judge the clock right after a successful connect, unless the guard judged it wrong."""
         if self._clock["state"] == "unknown":
             self._clock["state"] = "ok"
 
@@ -384,7 +384,7 @@ class HealthMonitor:
                 "clock": dict(self._clock),
             },
             "plc": self._plc_snapshot(),
-            "buffer": _buffer_snapshot(buffer),
+            "buffer": alerts.buffer_summary(buffer),
             "supervisord": "reachable" if self._supervisor_reachable else "unreachable",
             "programs": {name: asdict(record) for name, record in self._programs.items()},
             "alerts": self.book.open_alerts(),
@@ -408,17 +408,3 @@ class HealthMonitor:
             self._logger.debug("health_status_not_written %s",
                                fields(path=self._path, error=exc.strerror or exc))
 
-
-def _buffer_snapshot(buffer: dict[str, Any] | None) -> dict[str, Any] | None:
-    if buffer is None:
-        return None
-    drops = buffer.get("dropped_by_reason") or {}
-    oldest = buffer.get("oldest_ts_ms")
-    return {
-        "pages": buffer.get("pages", 0),
-        "bytes": buffer.get("bytes", 0),
-        "max_bytes": buffer.get("max_bytes"),
-        "oldest_sample_age_s": None if not oldest else round(time.time() - oldest / 1000, 1),
-        "dropped_samples": sum(int(counts.get("samples", 0)) for counts in drops.values()),
-        "dropped_by_reason": drops,
-    }

@@ -13,16 +13,15 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from processes.buffer import BufferCore, PageStore
+from tests.support.tmpfs import mounted_tmpfs
 from tests.support.zmq_peers import ReaderPeer, make_samples
 from tests.test_buffer import (  # noqa: F401 - make_buffer and context are fixtures
     REPO,
@@ -40,16 +39,8 @@ LOGGER = logging.getLogger("test.buffer_disk")
 @pytest.fixture
 def full_disk() -> Iterator[Path]:
     """Mount a 4 MiB tmpfs under a fresh folder, and always unmount it afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount_point = Path(tempfile.mkdtemp(prefix="pb-full-", dir="/tmp"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
-                   check=True, capture_output=True)
-    try:
+    with mounted_tmpfs("4m", "pb-full-") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False, capture_output=True)
-        shutil.rmtree(mount_point, ignore_errors=True)
 
 
 def fill(disk: Path) -> Path:
@@ -97,7 +88,7 @@ def test_buffer_new_store_full_disk_waits(make_buffer, context, full_disk) -> No
     assert reader.receive_ack(0.5) is None
     run.assert_running()
 
-    # `plcbridge buffer` says why nothing is stored.
+    # `plcbridge buffer` gives the reason why nothing is stored.
     status = subprocess.run([str(PLCBRIDGE), "buffer", "--config", str(run.config_path)],
                             capture_output=True, text=True, timeout=20, check=False)
     assert status.returncode == 1

@@ -15,11 +15,9 @@ import json
 import logging
 import os
 import queue
-import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,6 +42,7 @@ from processes.buffer import (
 from processes.plc_reader.reader import PlcReader
 from processes.plc_reader.sender import IngestSender
 from tests.support.broker import Broker, Subscriber
+from tests.support.tmpfs import mounted_tmpfs
 from tests.support.zmq_peers import ReaderPeer, UplinkPeer, make_samples
 from tests.test_buffer import (  # noqa: F401 - make_buffer and context are fixtures
     BufferRun,
@@ -418,16 +417,8 @@ def test_buffer_commit_delay_groups_batches(make_buffer, context) -> None:
 @pytest.fixture
 def small_disk() -> Iterator[Path]:
     """Mount an 8 MiB tmpfs under a fresh folder, and always unmount it afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount_point = Path(tempfile.mkdtemp(prefix="pb-disk-", dir="/tmp"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)],
-                   check=True, capture_output=True)
-    try:
+    with mounted_tmpfs("8m", "pb-disk-") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False, capture_output=True)
-        shutil.rmtree(mount_point, ignore_errors=True)
 
 
 def run_on_disk(make_buffer: Callable[..., BufferRun], disk: Path, **keys: Any) -> BufferRun:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +13,7 @@ import pytest
 
 from common.errors import PlcBridgeError
 from processes.plc_reader.epoch import EPOCH_FILE, advance_epoch
+from tests.support.tmpfs import mounted_tmpfs
 from tests.test_buffer_disk import fill
 
 LOGGER = logging.getLogger("test.plc_epoch")
@@ -24,16 +22,8 @@ LOGGER = logging.getLogger("test.plc_epoch")
 @pytest.fixture
 def disk() -> Iterator[Path]:
     """Mount a 1 MiB tmpfs and unmount it afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount_point = Path(tempfile.mkdtemp(prefix="pb-", dir="/tmp"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                   check=True, capture_output=True)
-    try:
+    with mounted_tmpfs("1m", "pb-") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False, capture_output=True)
-        shutil.rmtree(mount_point, ignore_errors=True)
 
 
 @pytest.mark.parametrize(("old", "new"), [("41\n", "42"), ("9\n", "10"), ("1234   \n", "1235")],
