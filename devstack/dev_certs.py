@@ -1,11 +1,14 @@
 """Development certificates: a private CA, a loopback server certificate and client ones.
 
 `python -m devstack.dev_certs OUTDIR` writes ca.pem, ca.key, server.pem and server.key into
-OUTDIR. The server certificate names DNS localhost and IP 127.0.0.1 and ::1, so a client that
-checks host names can reach the local mosquitto by any of them. Keys are EC P-256 and are
-written with mode 0600. Existing files are kept while they are valid, so running the command
-again changes nothing. These files are for the demo and the tests only, never for a real
-gateway, and .gitignore keeps them out of the repository.
+OUTDIR. With --next it also writes next-ca.pem, next-ca.key, next-server.pem and
+next-server.key: a second, unrelated CA and a server certificate under it, for rehearsing a
+CA rotation, where clients first trust both roots and the server then switches to the
+certificate under the new one. The server certificates name DNS localhost and IP 127.0.0.1
+and ::1, so a client that checks host names can reach the local mosquitto by any of them.
+Keys are EC P-256 and are written with mode 0600. Existing files are kept while they are
+valid, so running the command again changes nothing. These files are for the demo and the
+tests only, never for a real gateway, and .gitignore keeps them out of the repository.
 """
 
 from __future__ import annotations
@@ -38,6 +41,13 @@ BACKDATE = datetime.timedelta(hours=1)
 SERVER_DNS_NAMES = ("localhost",)
 SERVER_IP_ADDRESSES = ("127.0.0.1", "::1")
 
+# File name prefix of the second CA and its server certificate.
+NEXT_PREFIX = "next-"
+
+# The two CAs need distinct subjects: a verifier looks a root up by its subject name, so two
+# roots of one name in one bundle could be confused.
+CA_COMMON_NAMES = {"": "plcbridge development CA", NEXT_PREFIX: "plcbridge development CA 2"}
+
 
 @dataclass(frozen=True)
 class DevCerts:
@@ -49,29 +59,32 @@ class DevCerts:
     server_key: Path
 
 
-def dev_cert_paths(outdir: Path) -> DevCerts:
+def dev_cert_paths(outdir: Path, prefix: str = "") -> DevCerts:
+    """Return the file paths of the first CA, or of the second with prefix NEXT_PREFIX."""
     return DevCerts(
-        ca_cert=outdir / "ca.pem",
-        ca_key=outdir / "ca.key",
-        server_cert=outdir / "server.pem",
-        server_key=outdir / "server.key",
+        ca_cert=outdir / f"{prefix}ca.pem",
+        ca_key=outdir / f"{prefix}ca.key",
+        server_cert=outdir / f"{prefix}server.pem",
+        server_key=outdir / f"{prefix}server.key",
     )
 
 
-def ensure_dev_certs(outdir: Path) -> tuple[DevCerts, list[str]]:
+def ensure_dev_certs(outdir: Path, prefix: str = "") -> tuple[DevCerts, list[str]]:
     """Create the CA and the server certificate in outdir unless valid ones are there.
 
-    Returns the paths and a list of what was created; the list is empty when every file was
-    kept. A new CA always comes with a new server certificate, because the old one would no
-    longer chain to it.
+    prefix "" is the first CA, NEXT_PREFIX the second. Returns the paths and a list of what
+    was created; the list is empty when every file was kept. A new CA always comes with a new
+    server certificate, because the old one would no longer chain to it.
     """
+    if prefix not in CA_COMMON_NAMES:
+        raise ValueError(f"unknown CA prefix {prefix!r}; expected '' or {NEXT_PREFIX!r}")
     outdir.mkdir(parents=True, exist_ok=True)
-    paths = dev_cert_paths(outdir)
+    paths = dev_cert_paths(outdir, prefix)
     created: list[str] = []
 
     ca = _load_valid_ca(paths)
     if ca is None:
-        ca = _create_ca(paths)
+        ca = _create_ca(paths, CA_COMMON_NAMES[prefix])
         created.append(str(paths.ca_cert))
 
     ca_cert, ca_key = ca
@@ -167,11 +180,13 @@ def _server_is_valid(paths: DevCerts, ca_cert: x509.Certificate) -> bool:
     return set(SERVER_DNS_NAMES) <= dns_names and set(SERVER_IP_ADDRESSES) <= ip_addresses
 
 
-def _create_ca(paths: DevCerts) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _create_ca(
+    paths: DevCerts, common_name: str
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "plcbridge development"),
-        x509.NameAttribute(NameOID.COMMON_NAME, "plcbridge development CA"),
+        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
     ])
     now = _now()
     public_key = key.public_key()
@@ -300,10 +315,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "outdir", type=Path, help="folder for ca.pem, ca.key, server.pem and server.key"
     )
+    parser.add_argument(
+        "--next", action="store_true",
+        help=f"also create a second CA and a server certificate under it, as "
+        f"{NEXT_PREFIX}ca.pem, {NEXT_PREFIX}server.pem and their keys",
+    )
     args = parser.parse_args(argv)
 
     try:
         _paths, created = ensure_dev_certs(args.outdir)
+        if args.next:
+            created += ensure_dev_certs(args.outdir, NEXT_PREFIX)[1]
     except OSError as exc:
         print(f"dev_certs: cannot write to {args.outdir}: {exc}", file=sys.stderr)
         return 1

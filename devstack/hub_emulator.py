@@ -8,7 +8,9 @@ A TLS listener takes MQTT 3.1.1 clients, validates each CONNECT against the devi
 registry (client id, user name, SAS token or X.509 certificate) and rejects a failure with
 CONNACK 5. An accepted client's packets go byte for byte to the MQTT broker behind it,
 where any subscriber can watch. A second port serves HTTPS and returns the emulator's
-clock in the `Date` header. docs/hub-emulator.md describes the registry, the fault modes
+clock in the `Date` header. SIGHUP, or a change of the --cert or --key file, loads the
+server certificate and key again for new connections, as the hub does when it moves to a
+certificate under a new root. docs/hub-emulator.md describes the registry, the fault modes
 and the log lines.
 """
 
@@ -70,6 +72,8 @@ TLS_SHUTDOWN_TIMEOUT_S = 1.0
 # waits this long before it tries again, so that it does not spin. Clients wait meanwhile
 # in the kernel's backlog.
 ACCEPT_RETRY_S = 0.5
+# How often the emulator stats its certificate and key files to notice that they changed.
+CERTIFICATE_CHECK_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -105,8 +109,8 @@ class HubEmulator:
         self.registry = registry
         self.logger = logger
         self.faults = FaultsFile(options.faults_file, logger)
-        self.mqtt_tls = server_tls_context(options, request_client_certificate=True)
-        self.https_tls = server_tls_context(options, request_client_certificate=False)
+        self.tls = _listener_contexts(options)
+        self._certificate_files = _file_signatures(options.cert_file, options.key_file)
         self.upstream_tls = upstream_tls_context(options)
         self.trust_anchors = load_trust_anchors(options.client_ca_file)
         self.sessions: dict[str, Session] = {}
@@ -121,18 +125,50 @@ class HubEmulator:
         """Open both listeners and return their ports (useful when 0 was requested)."""
         host = self.options.listen_host
         listeners = (
-            (self.options.listen_port, self._serve_mqtt, self.mqtt_tls, "mqtt"),
-            (self.options.https_port, self._serve_https, self.https_tls, "https"),
+            (self.options.listen_port, self._serve_mqtt, "mqtt"),
+            (self.options.https_port, self._serve_https, "https"),
         )
         ports: list[int] = []
-        for port, serve, context, port_name in listeners:
+        for port, serve, port_name in listeners:
             listener = socket.create_server((host, port), backlog=64)
             listener.setblocking(False)
             self._listeners.append(listener)
             ports.append(listener.getsockname()[1])
-            self._spawn(self._accept_loop(listener, serve, context, port_name),
-                        f"accept-{port_name}")
+            self._spawn(self._accept_loop(listener, serve, port_name), f"accept-{port_name}")
+        self._spawn(self._watch_certificate_files(), "certificate-files")
         return ports[0], ports[1]
+
+    def reload_certificate(self, trigger: str) -> bool:
+        """Load the server certificate and key again; keep the old ones if that fails.
+
+        Connections already open keep the certificate they were accepted with. New ones get
+        the new certificate, so clients must trust its root before the files change.
+        """
+        self._certificate_files = _file_signatures(self.options.cert_file, self.options.key_file)
+        try:
+            contexts = _listener_contexts(self.options)
+            subject, issuer = _certificate_names(self.options.cert_file)
+        except (OptionsError, OSError, ValueError) as exc:
+            self.logger.error(
+                "certificate_reload_failed %s; new connections keep the previous certificate",
+                fields(trigger=trigger, error=exc))
+            return False
+        self.tls = contexts
+        self.logger.info("certificate_reloaded %s", fields(
+            trigger=trigger, cert=self.options.cert_file, subject=subject, issuer=issuer))
+        return True
+
+    async def _watch_certificate_files(self) -> None:
+        """Reload when the certificate or key file changes: mtime, size or inode.
+
+        A rotation written file by file may first give a certificate that does not match
+        the key. That load fails, the old certificate stays, and the next change retries.
+        """
+        while True:
+            await asyncio.sleep(CERTIFICATE_CHECK_S)
+            current = _file_signatures(self.options.cert_file, self.options.key_file)
+            if current != self._certificate_files:
+                self.reload_certificate("file_changed")
 
     async def stop(self) -> None:
         """Close the listeners and every connection; each session logs its end."""
@@ -150,8 +186,7 @@ class HubEmulator:
         task.add_done_callback(self._tasks.discard)
 
     async def _accept_loop(
-        self, listener: socket.socket, serve: ServeFunction, context: ssl.SSLContext,
-        port_name: str,
+        self, listener: socket.socket, serve: ServeFunction, port_name: str
     ) -> None:
         loop = asyncio.get_running_loop()
         failures = 0
@@ -170,7 +205,8 @@ class HubEmulator:
             if failures:
                 self.logger.info("accept_recovered %s", fields(port=port_name, failures=failures))
                 failures = 0
-            self._spawn(self._handle(connection, serve, context, port_name),
+            # The context is looked up at each accept, so a reloaded certificate applies.
+            self._spawn(self._handle(connection, serve, self.tls[port_name], port_name),
                         f"{port_name}-{address[0]}:{address[1]}")
 
     async def _handle(
@@ -365,6 +401,7 @@ class Session:
         self._accepted_at = time.monotonic()
         self._closed = asyncio.Event()
         self._connack_sent = asyncio.Event()
+        self._first_puback_logged = False
         self._reason = ""
         self._delayed: set[asyncio.Task[None]] = set()
         # The PUBACK held last. Each held PUBACK waits for the one before it, because MQTT
@@ -444,6 +481,8 @@ class Session:
                     self._hold_puback(delay_s, packet.raw)
                     continue
                 client_writer.write(packet.raw)
+                if packet.packet_type == PUBACK:
+                    self._log_first_puback()
                 await client_writer.drain()
                 self._connack_sent.set()
         except (FrameError, OSError, asyncio.IncompleteReadError) as exc:
@@ -464,6 +503,16 @@ class Session:
         writer = self.client[1]
         if not writer.is_closing():
             writer.write(data)
+            self._log_first_puback()
+
+    def _log_first_puback(self) -> None:
+        """Log the session's first PUBACK once: when a client's new credentials first worked."""
+        if self._first_puback_logged:
+            return
+        self._first_puback_logged = True
+        self.hub.logger.info("first_puback %s", fields(
+            client_id=self.client_id,
+            after_accept_ms=round((time.monotonic() - self._accepted_at) * 1000, 1)))
 
     async def _watch_expiry(self) -> None:
         """Close at the token's se by the emulator's clock, or when close_after_s has passed.
@@ -537,6 +586,33 @@ def server_tls_context(options: Options, request_client_certificate: bool) -> ss
             raise OptionsError(f"cannot load --client-ca {options.client_ca_file}: {exc}") from exc
         context.verify_mode = ssl.CERT_OPTIONAL
     return context
+
+
+def _listener_contexts(options: Options) -> dict[str, ssl.SSLContext]:
+    """Build the TLS contexts of both listeners, keyed by port name."""
+    return {
+        "mqtt": server_tls_context(options, request_client_certificate=True),
+        "https": server_tls_context(options, request_client_certificate=False),
+    }
+
+
+def _file_signatures(*paths: Path) -> tuple[tuple[int, int, int] | None, ...]:
+    """Return each file's (mtime_ns, size, inode), or None for a file that cannot be stat'ed."""
+    signatures: list[tuple[int, int, int] | None] = []
+    for path in paths:
+        try:
+            status = path.stat()
+        except OSError:
+            signatures.append(None)
+        else:
+            signatures.append((status.st_mtime_ns, status.st_size, status.st_ino))
+    return tuple(signatures)
+
+
+def _certificate_names(cert_file: Path) -> tuple[str, str]:
+    """Return the subject and issuer of the first certificate in cert_file, for the log."""
+    certificate = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    return certificate.subject.rfc4514_string(), certificate.issuer.rfc4514_string()
 
 
 def upstream_tls_context(options: Options) -> ssl.SSLContext | None:
@@ -657,6 +733,8 @@ async def _serve(hub: HubEmulator) -> int:
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signal_number, stop.set)
+    # The handler runs on the event loop, between connections' steps, not inside one.
+    loop.add_signal_handler(signal.SIGHUP, hub.reload_certificate, "SIGHUP")
 
     options = hub.options
     try:

@@ -53,7 +53,9 @@ class HubStack:
     """mosquitto plus the hub emulator in front of it, each on a free loopback port.
 
     The emulator uses the development server certificate, so clients verify it against
-    certs_dir/ca.pem under the name "localhost". The hub host name defaults to "localhost",
+    certs_dir/ca.pem under the name "localhost". server_pair gives the emulator another
+    certificate and key file instead, which a test may then rewrite; mosquitto keeps the
+    development pair. The hub host name defaults to "localhost",
     so that a connection string's HostName is also where a gateway can connect.
     """
 
@@ -68,8 +70,11 @@ class HubStack:
         client_ca_file: Path | None = None,
         extra_args: tuple[str, ...] = (),
         fd_limit: int | None = None,
+        server_pair: tuple[Path, Path] | None = None,
     ) -> None:
         self.certs = dev_cert_paths(certs_dir)
+        self.server_cert, self.server_key = server_pair or (
+            self.certs.server_cert, self.certs.server_key)
         self.ca_file = self.certs.ca_cert
         self.workdir = workdir
         self.hub_host = hub_host
@@ -104,8 +109,8 @@ class HubStack:
             sys.executable, "-m", "devstack.hub_emulator",
             "--listen", "127.0.0.1:0",
             "--https-port", "0",
-            "--cert", str(self.certs.server_cert),
-            "--key", str(self.certs.server_key),
+            "--cert", str(self.server_cert),
+            "--key", str(self.server_key),
             "--registry", str(self.registry_file),
             "--upstream", f"127.0.0.1:{self.broker.port}",
             "--upstream-ca", str(self.ca_file),
