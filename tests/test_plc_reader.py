@@ -454,6 +454,26 @@ def test_plc_reader_seq_gapless_and_epoch_grows(
     assert (base / "state" / "reader-epoch").read_text().strip() == str(second_epoch)
 
 
+def test_plc_reader_lateness_buckets_count_every_poll(
+    base: Path, simulator: PlcSimulator, cleanup: list[Callable[[], None]]
+) -> None:
+    start_buffer(base, cleanup)
+    start_reader(write_config(base, simulator.port), cleanup)
+    tap = watch_tap(base, cleanup)
+
+    counters = wait_until(lambda: (tap.drain().counters.get("polls") or 0) >= 50 and
+                          tap.counters, 10, "50 polls on the tap")
+    buckets = counters["lateness_ms_buckets"]
+    assert list(buckets)[:3] == ["0.5", "1", "2"]
+    assert list(buckets)[-2:] == ["5000", "inf"]
+    # A poll's lateness is counted just before the poll itself, so one device may be one
+    # ahead.
+    assert counters["polls"] <= sum(buckets.values()) <= counters["polls"] + 1
+    later = wait_until(lambda: tap.drain().counters["polls"] >= counters["polls"] + 20 and
+                       tap.counters, 10, "20 more polls")
+    assert all(later["lateness_ms_buckets"][name] >= count for name, count in buckets.items())
+
+
 def test_plc_reader_buffer_away_drops_oldest_then_resends(
     base: Path, simulator: PlcSimulator, cleanup: list[Callable[[], None]]
 ) -> None:

@@ -11,6 +11,7 @@ skips the missed cycles instead of catching up in a burst, and counts them as ov
 
 from __future__ import annotations
 
+import bisect
 import logging
 import queue
 import threading
@@ -38,6 +39,13 @@ RECONNECT_LOG_INTERVAL_S = 10.0
 
 # Lateness of this many recent polls per device is kept for the tap's percentiles.
 LATENESS_WINDOW = 2048
+
+# Upper bounds, in milliseconds, of the lateness histogram's buckets; a last bucket takes
+# the rest. The histogram counts every poll since the start, so two readings of it a minute
+# apart give that minute's percentiles, which the window above cannot.
+LATENESS_BOUNDS_MS = (0.5, 1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200, 300, 500,
+                      700, 1000, 2000, 5000)
+_LATENESS_BOUNDS_S = tuple(bound / 1000 for bound in LATENESS_BOUNDS_MS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +123,7 @@ class DevicePoller:
         self.read_errors = 0
         self.overruns = 0
         self.lateness_s: deque[float] = deque(maxlen=LATENESS_WINDOW)
+        self.lateness_counts = [0] * (len(LATENESS_BOUNDS_MS) + 1)
         # Wall-clock time of the last request that the PLC answered, in epoch milliseconds,
         # and the number of bad tags in the last poll of each group, for `plcbridge status`.
         self.last_good_ts_ms: int | None = None
@@ -157,7 +166,9 @@ class DevicePoller:
             if schedule.next_due > now:
                 continue
             started = time.monotonic()
-            self.lateness_s.append(started - schedule.next_due)
+            lateness_s = started - schedule.next_due
+            self.lateness_s.append(lateness_s)
+            self.lateness_counts[bisect.bisect_left(_LATENESS_BOUNDS_S, lateness_s)] += 1
             self._poll_group(schedule)
             finished = time.monotonic()
             self.overruns += schedule.advance(finished)

@@ -31,7 +31,7 @@ from processes.plc_reader.client import PlcConnection
 from processes.plc_reader.epoch import advance_epoch
 from processes.plc_reader.identity import IdentityGate, IdentityStore
 from processes.plc_reader.lock import ReaderLock
-from processes.plc_reader.poller import DevicePoller, Outbox, Reading
+from processes.plc_reader.poller import LATENESS_BOUNDS_MS, DevicePoller, Outbox, Reading
 from processes.plc_reader.samples import SampleEncoder
 from processes.plc_reader.schedule import GroupSchedule, build_schedules
 from processes.plc_reader.sender import IngestSender, Sample
@@ -108,7 +108,9 @@ class PlcReader:
 
         read_errors counts every request that gave bad samples, including the requests not
         sent while a PLC is unreachable. lateness_ms_p50 and p99 are over the last polls of
-        every device: how long after its due time each poll started.
+        every device: how long after its due time each poll started. lateness_ms_buckets
+        counts every poll since the start by that lateness, keyed by each bucket's upper
+        bound in milliseconds, "inf" for the last.
         """
         identity = self._identity.counters() if self._identity is not None else {}
         return {
@@ -134,7 +136,14 @@ class PlcReader:
                 for poller in self._pollers
             },
             **self._lateness_ms(),
+            "lateness_ms_buckets": self._lateness_buckets(),
         }
+
+    def _lateness_buckets(self) -> dict[str, int]:
+        counts = [sum(column) for column in zip(
+            *(poller.lateness_counts for poller in self._pollers), strict=True)]
+        names = [f"{bound:g}" for bound in LATENESS_BOUNDS_MS] + ["inf"]
+        return dict(zip(names, counts or [0] * len(names), strict=True))
 
     def _lateness_ms(self) -> dict[str, float | None]:
         # Sorting thousands of values at every loop pass would cost more than the rest of it.
