@@ -2,9 +2,9 @@
 
 `python -m devstack.dev_certs OUTDIR` writes ca.pem, ca.key, server.pem and server.key into
 OUTDIR. With --next it also writes next-ca.pem, next-ca.key, next-server.pem and
-next-server.key: a second, unrelated CA and a server certificate under it, for rehearsing a
-CA rotation, where clients first trust both roots and the server then switches to the
-certificate under the new one. The server certificates name DNS localhost and IP 127.0.0.1
+next-server.key: a second, unrelated CA and a server certificate under it. They rehearse a
+CA rotation: clients first trust both roots, then the server switches to the certificate
+under the new one. The server certificates name DNS localhost and IP 127.0.0.1
 and ::1, so a client that checks host names can reach the local mosquitto by any of them.
 Keys are EC P-256 and are written with mode 0600. Existing files are kept while they are
 valid, so running the command again changes nothing. These files are for the demo and the

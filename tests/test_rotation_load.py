@@ -40,9 +40,10 @@ ROTATIONS = 20
 ROTATION_PERIOD_S = 6.0
 BASELINE_S = 20.0
 
-# The cadence during the rotations may be this much worse than before them. Each rotation
-# starts a new Python process on a machine of two cores, which the reader's polling thread
-# shares with the other processes and with other tests; more than that is a regression.
+# The cadence during the rotations may be this much worse than before them, because each
+# rotation starts a new Python process on a machine of two cores. The reader's polling
+# thread shares those cores with the other processes and with other tests. More than that
+# is a regression.
 P99_FACTOR = 2.0
 P99_SLACK_MS = 10.0
 
@@ -64,8 +65,8 @@ def load_config(base: Path, plc_port: int, hub: HubStack) -> str:
 
 
 def percentile_ms(before: dict[str, int], after: dict[str, int], fraction: float) -> float:
-    """Return the upper bound of the lateness bucket that holds the given percentile of the
-    polls counted between two readings of lateness_ms_buckets."""
+    """Return the upper bound of the lateness bucket where the given percentile falls, over
+    the polls counted between two readings of lateness_ms_buckets."""
     counts = [(name, after[name] - before.get(name, 0)) for name in after]
     total = sum(count for _name, count in counts)
     assert total > 0, "no polls between the two readings"
@@ -140,7 +141,7 @@ def test_rotation_under_load_every_sample_and_cadence_kept(
             write_connection_string(gateway.connection_string, key)
             hub.wait_for_log(f"auth=\"sas {slot}\"", timeout_s=20, after=offset)
         rotations_s = time.monotonic() - began
-        # The window ends one period after the last rotation, so it holds that restart whole.
+        # The window ends one period after the last rotation, so it covers that restart whole.
         time.sleep(max(0.0, began + ROTATIONS * ROTATION_PERIOD_S - time.monotonic()))
         after = latest_counters(tap, int(time.time() * 1000))
 
