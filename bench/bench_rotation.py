@@ -35,6 +35,7 @@ import argparse
 import datetime
 import json
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -58,7 +59,9 @@ STEPS = ("detection", "stability", "shutdown", "exit", "spawn", "process_start",
          "first_puback")
 
 # After a rotation's first PUBACK the next one waits this long, so that each starts from a
-# settled gateway rather than inside the previous restart.
+# settled gateway rather than inside the previous restart. A random part of up to one check
+# interval is added: the watcher's checks fall into step with the end of each restart, so a
+# fixed wait would always write at the same point between two checks.
 SETTLE_S = 1.0
 
 
@@ -171,7 +174,7 @@ def main() -> int:
 
         rotations = []
         for number in range(args.rotations):
-            time.sleep(SETTLE_S)
+            time.sleep(SETTLE_S + random.uniform(0, args.check_interval_s))
             key = secondary if number % 2 == 0 else DEVICE_KEY
             rotation = one_rotation(gateway, hub, key)
             rotations.append(rotation)
