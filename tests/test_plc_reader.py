@@ -143,7 +143,7 @@ class StandInBuffer:
 
 
 class TapWatcher:
-    """Subscribes to the reader's tap and keeps the latest counters and every event kind."""
+    """Subscribes to the reader's tap and keeps every counters message and every event."""
 
     def __init__(self, runtime_dir: Path) -> None:
         context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
@@ -152,6 +152,7 @@ class TapWatcher:
         self._socket.setsockopt(zmq.SUBSCRIBE, b"plc_reader")
         self._socket.connect(wire.tap_endpoint(runtime_dir, "plc_reader"))
         self.counters: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
 
     def drain(self) -> TapWatcher:
@@ -160,6 +161,7 @@ class TapWatcher:
             message = json.loads(body)
             if message["kind"] == "counters":
                 self.counters = message
+                self.history.append(message)
             else:
                 self.events.append(message)
         return self

@@ -1,15 +1,21 @@
-"""Credential rotation under load: 20 rotations in 2 minutes while the reader reads 11,000
+"""Credential rotation under load: 20 rotations in 2 minutes while the reader polls 11,000
 samples/s, with the whole gateway under supervisord and the hub emulator checking each key.
 
 The connection string alternates between the device's primary and secondary keys, both in
 the emulator's registry, so each rotation is a real change that the hub accepts. The
 credential watcher restarts the uplink at each one; the reader and the buffer run on. The
-test checks that every sample arrives and that the reader's cadence, which runs in its own
-process, is no worse during the rotations than before them.
+test checks that every sample arrives, that the reader read at least 10,000 samples/s, and
+that its cadence, which it reports from its own process, is no worse during the rotations
+than before and between them.
+
+The load needs most of a core. On a machine whose two cores are shared with other busy
+test runs (load averages of 13 and more), the reader falls short of 10,000 samples/s and
+the test fails on that check.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Iterator
@@ -32,15 +38,20 @@ pytestmark = pytest.mark.integration
 DEVICE_ID = "e2e-device"
 SECONDARY_KEY = new_device_key()
 
-# 220 holding registers every 20 ms: 11,000 samples/s in two requests a poll, so that the
-# reader reads at least 10,000 samples/s even when a few polls overrun.
-TAGS = 220
-POLL_INTERVAL_MS = 20
+# 550 holding registers every 50 ms: 11,000 samples/s in five requests a poll, so that the
+# reader reads at least 10,000 samples/s even when some polls overrun. At 20 ms a poll,
+# the scheduling delays of a machine shared with other test runs made too many overrun.
+TAGS = 550
+POLL_INTERVAL_MS = 50
 ROTATIONS = 20
 ROTATION_PERIOD_S = 6.0
 BASELINE_S = 20.0
+# A second of the reader's counters that overlaps the first ROTATION_S of a rotation counts
+# as during it; the rest of each period as outside. The watcher's two checks, the uplink's
+# restart and its connect took 1.5 to 2.5 s on this machine kind.
+ROTATION_S = 3.0
 
-# The cadence during the rotations may be this much worse than before them, because each
+# The cadence during the rotations may be this much worse than outside them, because each
 # rotation starts a new Python process on a machine of two cores. The reader's polling
 # thread shares those cores with the other processes and with other tests. More than that
 # is a regression.
@@ -64,26 +75,61 @@ def load_config(base: Path, plc_port: int, hub: HubStack) -> str:
     )
 
 
-def percentile_ms(before: dict[str, int], after: dict[str, int], fraction: float) -> float:
-    """Return the upper bound of the lateness bucket where the given percentile falls, over
-    the polls counted between two readings of lateness_ms_buckets."""
-    counts = [(name, after[name] - before.get(name, 0)) for name in after]
-    total = sum(count for _name, count in counts)
-    assert total > 0, "no polls between the two readings"
-    running = 0
-    for name, count in counts:
-        running += count
-        if running >= fraction * total:
-            return float(name)
-    raise AssertionError("unreachable: the buckets add up to the total")
+class Cadence:
+    """Lateness buckets, polls and overruns added up over some seconds of the reader's run."""
+
+    def __init__(self) -> None:
+        self.buckets: dict[str, int] = {}
+        self.polls = 0
+        self.overruns = 0
+        self.seconds = 0.0
+
+    def add(self, earlier: dict[str, Any], later: dict[str, Any]) -> None:
+        """Add the polls between two counters messages."""
+        for name, count in later["lateness_ms_buckets"].items():
+            increase = count - earlier["lateness_ms_buckets"][name]
+            self.buckets[name] = self.buckets.get(name, 0) + increase
+        self.polls += later["polls"] - earlier["polls"]
+        self.overruns += later["overruns"] - earlier["overruns"]
+        self.seconds += (later["ts_ms"] - earlier["ts_ms"]) / 1000
+
+    def p99_ms(self) -> float:
+        """Return the upper bound of the lateness bucket where the 99th percentile falls."""
+        total = sum(self.buckets.values())
+        assert total > 0, "no polls counted"
+        running = 0
+        for name, count in self.buckets.items():
+            running += count
+            if running >= 0.99 * total:
+                return float(name)
+        raise AssertionError("unreachable: the buckets add up to the total")
 
 
-def latest_counters(tap: TapWatcher, newer_than_ms: int = 0) -> dict[str, Any]:
-    """Wait for reader counters published after newer_than_ms (wall clock) and return them."""
-    counters: dict[str, Any] = wait_until(
-        lambda: (tap.drain().counters.get("ts_ms", 0) > newer_than_ms) and tap.counters,
-        10, "the reader's counters on its tap")
-    return counters
+def split_cadence(history: list[dict[str, Any]], since_ms: int,
+                  rotations_ms: list[tuple[int, int]]) -> tuple[Cadence, Cadence]:
+    """Add up the counters messages after since_ms into (outside, during) the rotations.
+
+    The counters come once a second. A second that overlaps a rotation's (start, end) in
+    wall-clock milliseconds counts as during it, any other as outside. The seconds between
+    rotations are thus compared with the rotations under the same load from other tests.
+    """
+    outside, during = Cadence(), Cadence()
+    messages = [message for message in history if message["ts_ms"] >= since_ms]
+    for earlier, later in itertools.pairwise(messages):
+        overlaps = any(start <= later["ts_ms"] and earlier["ts_ms"] < end
+                       for start, end in rotations_ms)
+        (during if overlaps else outside).add(earlier, later)
+    return outside, during
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def wait_counters_after(tap: TapWatcher, after_ms: int) -> None:
+    """Wait until the reader has published counters after after_ms (wall clock)."""
+    wait_until(lambda: tap.drain().counters.get("ts_ms", 0) > after_ms, 10,
+               "the reader's counters on its tap")
 
 
 def write_connection_string(path: Path, key: str) -> None:
@@ -126,24 +172,28 @@ def test_rotation_under_load_every_sample_and_cadence_kept(
         wait_until(lambda: subscriber.arrived() >= 20_000, 30, "20,000 samples at the subscriber")
 
         # Baseline: the reader's cadence with the uplink left alone.
-        start = latest_counters(tap)
+        measured_from_ms = now_ms()
+        wait_counters_after(tap, measured_from_ms)
         time.sleep(BASELINE_S)  # a measuring window, not a wait for an event
-        before = latest_counters(tap, start["ts_ms"])
 
         # Rotations: one every ROTATION_PERIOD_S, alternating keys, each seen at the hub.
         keys = [("secondary", SECONDARY_KEY), ("primary", DEVICE_KEY)]
+        rotations_ms: list[tuple[int, int]] = []
         began = time.monotonic()
         for rotation in range(ROTATIONS):
             due = began + rotation * ROTATION_PERIOD_S
             time.sleep(max(0.0, due - time.monotonic()))  # the rotation schedule
             slot, key = keys[rotation % 2]
             offset = len(hub.log())
+            written_ms = now_ms()
             write_connection_string(gateway.connection_string, key)
+            rotations_ms.append((written_ms, written_ms + int(ROTATION_S * 1000)))
             hub.wait_for_log(f"auth=\"sas {slot}\"", timeout_s=20, after=offset)
+            tap.drain()  # keeps the tap's queue short
         rotations_s = time.monotonic() - began
-        # The window ends one period after the last rotation, so it covers that restart whole.
+        # The measurement ends one period after the last rotation, which covers its restart.
         time.sleep(max(0.0, began + ROTATIONS * ROTATION_PERIOD_S - time.monotonic()))
-        after = latest_counters(tap, int(time.time() * 1000))
+        wait_counters_after(tap, now_ms())
 
         # Every sample the reader read arrives: stop it, then wait for its logged total.
         result = gateway.supervisorctl("stop", "plcbridge:plc_reader")
@@ -155,20 +205,23 @@ def test_rotation_under_load_every_sample_and_cadence_kept(
         tap.close()
 
     restarts = gateway.log("credential_watcher").count("uplink_restarted")
-    baseline_p99 = percentile_ms(start["lateness_ms_buckets"], before["lateness_ms_buckets"],
-                                 0.99)
-    rotation_p99 = percentile_ms(before["lateness_ms_buckets"], after["lateness_ms_buckets"],
-                                 0.99)
-    window_s = (after["ts_ms"] - before["ts_ms"]) / 1000
-    rate = (after["samples"] - before["samples"]) / window_s
+    outside, during = split_cadence(tap.history, measured_from_ms, rotations_ms)
+    measured = [message for message in tap.history if message["ts_ms"] >= measured_from_ms]
+    first, last = measured[0], measured[-1]
+    rate = (last["samples"] - first["samples"]) / ((last["ts_ms"] - first["ts_ms"]) / 1000)
     print(f"rotations={restarts} in {rotations_s:.1f} s, samples/s={rate:.0f}, "
-          f"p99 lateness before={baseline_p99:g} ms during={rotation_p99:g} ms, "
-          f"overruns={after['overruns']}, duplicates="
+          f"p99 lateness outside={outside.p99_ms():g} ms during={during.p99_ms():g} ms, "
+          f"seconds outside={outside.seconds:.0f} during={during.seconds:.0f}, "
+          f"overruns outside={outside.overruns}/{outside.polls} "
+          f"during={during.overruns}/{during.polls} polls, duplicates="
           f"{sum(bitmap.duplicates for bitmap in subscriber.epochs.values())}")
 
     assert restarts == ROTATIONS
     assert subscriber.bad_samples == 0
     assert subscriber.malformed == 0
     assert rate >= 10_000, f"the reader read {rate:.0f} samples/s, short of 10,000"
-    assert rotation_p99 <= P99_FACTOR * baseline_p99 + P99_SLACK_MS, (
-        f"p99 lateness {rotation_p99:g} ms during rotations, {baseline_p99:g} ms before")
+    assert during.seconds >= ROTATIONS * ROTATION_S, "too few seconds during the rotations"
+    assert outside.seconds >= BASELINE_S, "too few seconds counted outside the rotations"
+    assert during.p99_ms() <= P99_FACTOR * outside.p99_ms() + P99_SLACK_MS, (
+        f"p99 lateness {during.p99_ms():g} ms during rotations, {outside.p99_ms():g} ms "
+        "outside them")
