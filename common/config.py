@@ -38,6 +38,10 @@ MAX_UNIX_SOCKET_PATH_BYTES = 107
 MAX_TOPIC_BYTES = 65_535
 TOPIC_FORBIDDEN = ("+", "#", "\0")
 TOPIC_FIELDS = ("client_id", "page_seq")
+EVENT_TOPIC_FIELDS = ("client_id", "kind")
+
+# The longest kind of message that the uplink sends to the event topic.
+LONGEST_EVENT_KIND = "command-result"
 
 # The buffer stores page_seq as an unsigned 64-bit key, so this sample has the most digits.
 SAMPLE_PAGE_SEQ = 2**64 - 1
@@ -245,6 +249,10 @@ class BrokerSettings:
     username: str
     topic_template: str
     tls: bool
+    # Topic filter of cloud-to-device commands; None subscribes to nothing.
+    command_topic: str | None = None
+    # Topic of alerts, health reports and command results, with {kind}; None sends none.
+    event_topic: str | None = None
 
 
 @dataclass(frozen=True)
@@ -261,6 +269,8 @@ class UplinkSettings:
     date_port: int
     shutdown_timeout_s: float
     broker: BrokerSettings | None
+    # How long a write_tag command waits for the reader's result before it reports timeout.
+    write_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -923,6 +933,7 @@ def _parse_uplink(table: _Table) -> UplinkSettings:
         date_port=table.integer("date_port", 443, 1, 65535),
         shutdown_timeout_s=table.number("shutdown_timeout_s", 3.0, 0.1, 60.0),
         broker=broker,
+        write_timeout_s=table.number("write_timeout_s", 10.0, 0.1, 600.0),
     )
     table.reject_unknown()
 
@@ -940,6 +951,8 @@ def _parse_broker(table: _Table) -> BrokerSettings:
         username=table.text("username", ""),
         topic_template=table.text("topic_template", "plcbridge/{client_id}/pages"),
         tls=table.flag("tls", True),
+        command_topic=table.text("command_topic"),
+        event_topic=table.text("event_topic"),
     )
     table.reject_unknown()
 
@@ -950,28 +963,84 @@ def _parse_broker(table: _Table) -> BrokerSettings:
         raise table.error("client_id", broker.client_id,
                           f"a client id that can be part of an MQTT topic, but {problem}")
     _check_topic_template(table, broker)
+    _check_event_topic(table, broker)
+    _check_command_topic(table, broker)
     return broker
+
+
+def _check_event_topic(table: _Table, broker: BrokerSettings) -> None:
+    template = broker.event_topic
+    if template is None:
+        if broker.command_topic is not None:
+            raise table.error(
+                "event_topic", None,
+                "a topic when command_topic is set, because command results are published "
+                "to it")
+        return
+    _check_placeholders(table, "event_topic", template, EVENT_TOPIC_FIELDS)
+    topic = template.format(client_id=broker.client_id, kind=LONGEST_EVENT_KIND)
+    problem = _topic_problem(topic)
+    if problem:
+        raise table.error(
+            "event_topic", template,
+            f"a valid MQTT topic name when filled in with client_id {broker.client_id!r} "
+            f"and kind {LONGEST_EVENT_KIND!r}, but {problem}",
+        )
+
+
+def _check_command_topic(table: _Table, broker: BrokerSettings) -> None:
+    template = broker.command_topic
+    if template is None:
+        return
+    _check_placeholders(table, "command_topic", template, ("client_id",))
+    topic_filter = template.format(client_id=broker.client_id)
+    problem = _topic_filter_problem(topic_filter)
+    if problem:
+        raise table.error(
+            "command_topic", template,
+            f"a valid MQTT topic filter when filled in with client_id {broker.client_id!r}, "
+            f"but {problem}",
+        )
+
+
+def _check_placeholders(table: _Table, key: str, template: str, names: tuple[str, ...]) -> None:
+    """Raise unless template's only placeholders are bare {name} fields from names."""
+    allowed = "a topic whose only placeholders are the bare " + " and ".join(
+        "{" + name + "}" for name in names)
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise table.error(key, template, f"{allowed} ({exc})") from exc
+    for _literal, name, spec, conversion in parsed:
+        if name is not None and (name not in names or spec or conversion is not None):
+            raise table.error(
+                key, template,
+                f"{allowed}, without conversion, attribute, index or format spec; "
+                f"found {_format_field(name, conversion, spec)}",
+            )
+
+
+def _topic_filter_problem(text: str) -> str:
+    """Return why text cannot be an MQTT topic filter, or "" when it can."""
+    if "\0" in text:
+        return "it contains NUL"
+    levels = text.split("/")
+    for index, level in enumerate(levels):
+        if "#" in level and (level != "#" or index != len(levels) - 1):
+            return "# must be a whole level, and the last one"
+        if "+" in level and level != "+":
+            return "+ must be a whole level"
+    size = len(text.encode("utf-8", errors="replace"))
+    if size > MAX_TOPIC_BYTES:
+        return f"it is {size} bytes in UTF-8, above the MQTT limit of {MAX_TOPIC_BYTES}"
+    return ""
 
 
 def _check_topic_template(table: _Table, broker: BrokerSettings) -> None:
     template = broker.topic_template
-    placeholders = "a topic whose only placeholders are the bare {client_id} and {page_seq}"
-
     # A conversion, attribute, index or format spec would be evaluated in every process on
     # each page: {client_id.real} raises, and {page_seq:>99999999999} exhausts memory.
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise table.error("topic_template", template, f"{placeholders} ({exc})") from exc
-    for _literal, name, spec, conversion in parsed:
-        if name is None:
-            continue
-        if name not in TOPIC_FIELDS or spec or conversion is not None:
-            raise table.error(
-                "topic_template", template,
-                f"{placeholders}, without conversion, attribute, index or format spec; "
-                f"found {_format_field(name, conversion, spec)}",
-            )
+    _check_placeholders(table, "topic_template", template, TOPIC_FIELDS)
 
     topic = template.format(client_id=broker.client_id, page_seq=SAMPLE_PAGE_SEQ)
     problem = _topic_problem(topic)

@@ -210,3 +210,58 @@ class CommandDispatcher:
             fields(command=result.command, request_id=result.request_id, status=result.status,
                    reason=result.reason, message=result.message))
         self._publish_result(result)
+
+
+# Results go to the cloud like alerts, as publishes with negative page numbers, from this one
+# down. The range lies between the alerts' (-1 down) and the health message's -(2**62), so a
+# PUBACK tells which kind of message it acknowledges.
+RESULT_PAGE_SEQ_FIRST = -(2**61)
+RESULT_PAGE_SEQ_LAST = -(2**62) + 1
+
+# Results not yet acknowledged by the broker are kept up to this number, oldest dropped first.
+MAX_UNACKED_RESULTS = 1000
+
+
+class ResultOutbox:
+    """Results that the broker has not acknowledged, sent again on every new connection.
+
+    A result whose PUBACK was lost may reach the cloud twice; its request_id tells them apart.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+        self._unacked: dict[int, bytes] = {}
+        self._sent_on: dict[int, int] = {}
+        self._added = 0
+        self.dropped = 0
+
+    def add(self, result: CommandResult) -> None:
+        page_seq = RESULT_PAGE_SEQ_FIRST - self._added % (RESULT_PAGE_SEQ_FIRST
+                                                           - RESULT_PAGE_SEQ_LAST)
+        self._added += 1
+        body = {"kind": "command-result", **result.body()}
+        self._unacked[page_seq] = json.dumps(body, separators=(",", ":"), default=str).encode()
+        if len(self._unacked) > MAX_UNACKED_RESULTS:
+            oldest = next(iter(self._unacked))
+            del self._unacked[oldest]
+            self._sent_on.pop(oldest, None)
+            self.dropped += 1
+            self._logger.warning("command_result_dropped %s", fields(
+                unacked=MAX_UNACKED_RESULTS, dropped=self.dropped,
+                consequence="the cloud never receives the oldest unacknowledged result"))
+
+    def owns(self, page_seq: int) -> bool:
+        return RESULT_PAGE_SEQ_LAST <= page_seq <= RESULT_PAGE_SEQ_FIRST
+
+    def due(self, connection: int) -> list[tuple[int, bytes]]:
+        """Return the results not yet sent on this connection, as (page_seq, payload)."""
+        messages = []
+        for page_seq, payload in self._unacked.items():
+            if self._sent_on.get(page_seq) != connection:
+                self._sent_on[page_seq] = connection
+                messages.append((page_seq, payload))
+        return messages
+
+    def acknowledged(self, page_seq: int) -> None:
+        self._unacked.pop(page_seq, None)
+        self._sent_on.pop(page_seq, None)
