@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from common.config import Tag
+from devstack.gateway_toml import gateway_dirs, gateway_toml, simulator_tags
 from devstack.plc_simulator import BENCH_START
 from processes.plc_reader.client import PlcConnection
 from tests.support.broker import Broker, Subscriber
@@ -241,3 +242,51 @@ def test_write_tag_fails_at_once_without_reader(stack: CommandStack) -> None:
     assert failed["reason"] == "reader unavailable"
     assert stack.gateway.state("uplink") == "RUNNING"
     assert stack.read(SETPOINT) != 7
+
+
+def mqtt_mode_config(base: Path, plc_port: int, broker_port: int, ca_file: Path) -> str:
+    return gateway_toml(
+        gateway={**gateway_dirs(base), "log_level": "INFO"},
+        plc={"host": "127.0.0.1", "port": plc_port, "timeout_s": 0.5},
+        tag_groups=[{"name": "fast", "poll_interval_ms": 100},
+                    {"name": "slow", "poll_interval_ms": 200}],
+        tags=[*simulator_tags("line1.counter"), SETPOINT],
+        uplink={"mode": "mqtt", "port": broker_port, "connect_timeout_s": 2.0,
+                "reconnect_min_s": 0.2, "reconnect_max_s": 2.0},
+        broker={"host": "localhost", "client_id": "gw-mqtt",
+                "command_topic": "plcbridge/{client_id}/commands",
+                "event_topic": "plcbridge/{client_id}/events/{kind}"},
+        credentials={"ca_file": str(ca_file), "check_interval_s": 0.2},
+    )
+
+
+def test_mqtt_mode_command_and_result_topics(base: Path, certs: Path) -> None:
+    plc = PlcSimulator(base)
+    broker = Broker(certs, base / "mosquitto")
+    plc.start()
+    broker.start()
+    cloud = Subscriber(broker.port, broker.ca_file, "plcbridge/gw-mqtt/events/#")
+    modbus = PlcConnection(make_device(plc.port), logging.getLogger(LOGGER))
+    gateway = Gateway(base, mqtt_mode_config(base, plc.port, broker.port, certs / "ca.pem"))
+    try:
+        cloud.start()
+        gateway.start()
+
+        def answered() -> list[tuple[str, bytes]]:
+            cloud.client.publish("plcbridge/gw-mqtt/commands", json.dumps(
+                {"command": "write_tag", "request_id": "q-1", "tag": "line1.setpoint",
+                 "value": 77}).encode(), qos=1)
+            return [message for message in cloud.messages if b'"q-1"' in message[1]]
+
+        topic, payload = wait_until(answered, 30, "the result of a write in mqtt mode",
+                                    step_s=0.5)[0]
+
+        assert topic == "plcbridge/gw-mqtt/events/command-result"
+        assert json.loads(payload)["status"] == "ok"
+        assert read_back(modbus, config_tag(SETPOINT)) == 77
+    finally:
+        gateway.stop()
+        modbus.close()
+        cloud.stop()
+        broker.stop()
+        plc.stop()

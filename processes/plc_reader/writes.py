@@ -6,8 +6,8 @@ outside the tag's min_value and max_value or the range of its type. Coils are wr
 function code 5, one register with function code 6 and several registers with 16. Function
 code 15 (several coils) is not used, because a tag is one coil.
 
-NOTE: nothing calls this for cloud commands yet. The uplink's cloud-to-device path and its
-ZeroMQ message to the reader are still to be built, so writes are reachable only from code.
+The write_tag command reaches prepare_write through the command socket of common/wire.py,
+and the device's poller sends the write (processes/plc_reader/poller.py).
 """
 
 from __future__ import annotations
