@@ -854,11 +854,10 @@ def _check_writable(table: _Table, tag: Tag) -> None:
     if tag.table not in WRITABLE_TABLES:
         raise table.error("writable", True, f"false, because a {tag.table} is read-only; "
                           "only holding_register and coil tags can be written")
-    # NOTE: a bit inside a register would need a read-modify-write that another writer
-    # could interleave with, and string writes are not built yet.
-    if tag.bit is not None or tag.type == STRING_TYPE:
-        raise table.error("writable", True, "false for a string tag or a bit of a register, "
-                          "which cannot be written yet")
+    if limits and tag.type in ("bool", STRING_TYPE):
+        key = "min_value" if tag.min_value is not None else "max_value"
+        raise table.error(key, getattr(tag, key),
+                          f"no limit on a {tag.type} tag, whose values are not numbers")
     if limits and tag.min_value is not None and tag.max_value is not None \
             and tag.min_value > tag.max_value:
         raise table.error("min_value", tag.min_value, f"at most max_value {tag.max_value:g}")

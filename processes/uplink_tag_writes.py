@@ -1,6 +1,7 @@
 """The write_tag command: the uplink sends a write request to the reader and waits, bounded.
 
-`{"command": "write_tag", "request_id": "r1", "tag": "<name>", "value": <number or bool>}`
+`{"command": "write_tag", "request_id": "r1", "tag": "<name>", "value": <value>}`, where the
+value is a number, true or false, or a string, as the tag's type takes.
 
 The uplink rejects a tag that the configuration does not have or that is not writable
 itself, so those answers come even while the reader is down. Everything else (the value's
@@ -165,8 +166,9 @@ def _argument_problem(name: Any, value: Any, arguments: Any) -> str:
         return "tag is missing or not a non-empty string"
     if "value" not in arguments:
         return "value is missing"
-    if not isinstance(value, bool | int | float):
-        return f"value must be a number or true or false, not a JSON {type(value).__name__}"
+    if not isinstance(value, bool | int | float | str):
+        return ("value must be a number, true or false, or a string, not a JSON "
+                f"{type(value).__name__}")
     if isinstance(value, float) and not math.isfinite(value):
         return f"value must be a finite number, not {value!r}"
     return ""

@@ -46,6 +46,16 @@ RATIO: dict[str, Any] = {
     "address": SCRATCH + 2, "type": "float32", "writable": True}
 ENABLE: dict[str, Any] = {
     "name": "line1.enable", "group": "slow", "table": "coil", "address": 3, "writable": True}
+MODE_BIT: dict[str, Any] = {
+    "name": "line1.mode_bit", "group": "slow", "table": "holding_register",
+    "address": SCRATCH + 4, "type": "bool", "bit": 2, "writable": True}
+# Written once before each test, to wait until the reader takes writes.
+WARMUP: dict[str, Any] = {
+    "name": "test.warmup", "group": "slow", "table": "holding_register",
+    "address": SCRATCH + 9, "type": "uint16", "writable": True}
+RECIPE: dict[str, Any] = {
+    "name": "line1.recipe", "group": "slow", "table": "holding_register",
+    "address": SCRATCH + 5, "type": "string", "length_bytes": 8, "writable": True}
 
 
 def config_tag(keys: dict[str, Any]) -> Tag:
@@ -53,7 +63,7 @@ def config_tag(keys: dict[str, Any]) -> Tag:
     if keys["table"] == "coil":
         return Tag(keys["name"], "slow", "coil", keys["address"], "bool", "big", 1.0, 0.0)
     return Tag(keys["name"], "slow", "holding_register", keys["address"], keys["type"], "big",
-               1.0, 0.0)
+               1.0, 0.0, bit=keys.get("bit"), string_bytes=keys.get("length_bytes", 0))
 
 
 @dataclass
@@ -102,6 +112,26 @@ class CommandStack:
 
         wait_until(answered, 30, "a result for a probe command", step_s=0.5)
 
+    def wait_writable(self) -> None:
+        """Write test.warmup until it succeeds: the reader's command socket is then up."""
+        attempt = 0
+
+        def written() -> bool:
+            nonlocal attempt
+            attempt += 1
+            request_id = f"warmup-{attempt}"
+            self.send({"command": "write_tag", "request_id": request_id,
+                       "tag": "test.warmup", "value": attempt})
+            return bool(self.wait_result(request_id)["status"] == "ok")
+
+        wait_until(written, 30, "a first successful write", step_s=0.2)
+
+    def tags_written(self) -> list[str]:
+        """Return the tags of the reader's tag_written log lines, the warm-up left out."""
+        return [part.split("=", 1)[1] for line in self.gateway.log("plc_reader").splitlines()
+                if "tag_written" in line for part in line.split() if part.startswith("tag=")
+                and part != "tag=test.warmup"]
+
 
 @pytest.fixture
 def stack(base: Path, certs: Path) -> Iterator[CommandStack]:
@@ -113,13 +143,14 @@ def stack(base: Path, certs: Path) -> Iterator[CommandStack]:
     modbus = PlcConnection(make_device(plc.port), logging.getLogger(LOGGER))
     text = gateway_config(base, plc.port, broker.port, certs / "ca.pem",
                           extra_uplink=f"write_timeout_s = {WRITE_TIMEOUT_S}",
-                          extra_tags=[SETPOINT, RATIO, ENABLE])
+                          extra_tags=[SETPOINT, RATIO, ENABLE, MODE_BIT, RECIPE, WARMUP])
     gateway = Gateway(base, text, DEVICE_ID)
     running = CommandStack(plc, broker, cloud, gateway, modbus)
     try:
         cloud.start()
         gateway.start()
         running.wait_subscribed()
+        running.wait_writable()
         yield running
     finally:
         gateway.stop()
@@ -146,7 +177,19 @@ def test_write_tag_sets_registers(stack: CommandStack) -> None:
     assert stack.read(SETPOINT) == 321
     assert stack.read(RATIO) == -12.5
     assert stack.read(ENABLE) is True
-    assert "tag_written" in stack.gateway.log("plc_reader")
+    assert stack.tags_written() == ["line1.setpoint", "line1.ratio", "line1.enable"]
+
+
+def test_write_tag_bit_and_string(stack: CommandStack) -> None:
+    stack.send({"command": "write_tag", "request_id": "b-1", "tag": "line1.mode_bit",
+                "value": True})
+    stack.send({"command": "write_tag", "request_id": "b-2", "tag": "line1.recipe",
+                "value": "PVC-20"})
+
+    assert stack.wait_result("b-1")["status"] == "ok"
+    assert stack.wait_result("b-2")["status"] == "ok"
+    assert stack.read(MODE_BIT) is True
+    assert stack.read(RECIPE) == "PVC-20"
 
 
 def test_write_tag_rejections_write_nothing(stack: CommandStack) -> None:
@@ -158,7 +201,7 @@ def test_write_tag_rejections_write_nothing(stack: CommandStack) -> None:
     stack.send({"command": "write_tag", "request_id": "r-3", "tag": "line1.nothing",
                 "value": 1})
     stack.send({"command": "write_tag", "request_id": "r-4", "tag": "line1.setpoint",
-                "value": "high"})
+                "value": [1]})
     stack.send({"command": "write_tag", "request_id": "r-5", "tag": "line1.enable",
                 "value": 1})
 
@@ -174,7 +217,7 @@ def test_write_tag_rejections_write_nothing(stack: CommandStack) -> None:
     assert stack.wait_result("r-5")["reason"] == "invalid value"
     assert stack.read(SETPOINT) == before
     assert stack.read(ENABLE) is False
-    assert "tag_written" not in stack.gateway.log("plc_reader")
+    assert stack.tags_written() == []
 
 
 def test_unknown_and_malformed_commands_rejected(stack: CommandStack) -> None:
@@ -272,17 +315,20 @@ def test_mqtt_mode_command_and_result_topics(base: Path, certs: Path) -> None:
         cloud.start()
         gateway.start()
 
-        def answered() -> list[tuple[str, bytes]]:
+        # Until the uplink subscribes and the reader takes writes, a write gets no result
+        # or a failed one, so each attempt has its own request_id.
+        def written() -> list[tuple[str, dict[str, Any]]]:
             cloud.client.publish("plcbridge/gw-mqtt/commands", json.dumps(
-                {"command": "write_tag", "request_id": "q-1", "tag": "line1.setpoint",
-                 "value": 77}).encode(), qos=1)
-            return [message for message in cloud.messages if b'"q-1"' in message[1]]
+                {"command": "write_tag", "request_id": f"q-{len(cloud.messages)}",
+                 "tag": "line1.setpoint", "value": 77}).encode(), qos=1)
+            results = [(topic, json.loads(payload)) for topic, payload in cloud.messages
+                       if b'"command-result"' in payload]
+            return [(topic, result) for topic, result in results if result["status"] == "ok"]
 
-        topic, payload = wait_until(answered, 30, "the result of a write in mqtt mode",
-                                    step_s=0.5)[0]
+        topic, result = wait_until(written, 30, "a write in mqtt mode", step_s=0.5)[0]
 
         assert topic == "plcbridge/gw-mqtt/events/command-result"
-        assert json.loads(payload)["status"] == "ok"
+        assert result["tag"] == "line1.setpoint"
         assert read_back(modbus, config_tag(SETPOINT)) == 77
     finally:
         gateway.stop()
