@@ -977,14 +977,8 @@ def _check_event_topic(table: _Table, broker: BrokerSettings) -> None:
                 "to it")
         return
     _check_placeholders(table, "event_topic", template, EVENT_TOPIC_FIELDS)
-    topic = template.format(client_id=broker.client_id, kind=LONGEST_EVENT_KIND)
-    problem = _topic_problem(topic)
-    if problem:
-        raise table.error(
-            "event_topic", template,
-            f"a valid MQTT topic name when filled in with client_id {broker.client_id!r} "
-            f"and kind {LONGEST_EVENT_KIND!r}, but {problem}",
-        )
+    _check_filled_topic(table, "event_topic", template,
+                        {"client_id": broker.client_id, "kind": LONGEST_EVENT_KIND})
 
 
 def _check_command_topic(table: _Table, broker: BrokerSettings) -> None:
@@ -1040,14 +1034,18 @@ def _check_topic_template(table: _Table, broker: BrokerSettings) -> None:
     # A conversion, attribute, index or format spec would be evaluated in every process on
     # each page: {client_id.real} raises, and {page_seq:>99999999999} exhausts memory.
     _check_placeholders(table, "topic_template", template, TOPIC_FIELDS)
+    _check_filled_topic(table, "topic_template", template,
+                        {"client_id": broker.client_id, "page_seq": SAMPLE_PAGE_SEQ})
 
-    topic = template.format(client_id=broker.client_id, page_seq=SAMPLE_PAGE_SEQ)
-    problem = _topic_problem(topic)
+
+def _check_filled_topic(table: _Table, key: str, template: str, values: dict[str, Any]) -> None:
+    """Raise unless template, filled in with values, is a valid MQTT topic name."""
+    problem = _topic_problem(template.format(**values))
     if problem:
+        shown = " and ".join(f"{name} {value!r}" for name, value in values.items())
         raise table.error(
-            "topic_template", template,
-            f"a valid MQTT topic name when filled in with client_id {broker.client_id!r} "
-            f"and page_seq {SAMPLE_PAGE_SEQ}, but {problem}",
+            key, template,
+            f"a valid MQTT topic name when filled in with {shown}, but {problem}",
         )
 
 

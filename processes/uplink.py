@@ -1259,13 +1259,7 @@ class Uplink:
 
     def _send_results(self) -> None:
         """Send the results that the broker has not acknowledged, once per connection."""
-        topic = self._identity.event_topic("command-result")
-        if topic is None or not self._link_up:
-            return
-        requests = [PublishRequest(self._connection, page_seq, payload, topic)
-                    for page_seq, payload in self._results.due(self._connection)]
-        if requests:
-            self._link.request_publish(requests)
+        self._send_events("command-result", self._results.due)
 
     def _on_fatal(self, event: LinkEvent) -> None:
         message = f"the MQTT network thread stopped on an error: {event.reason}"
@@ -1372,11 +1366,17 @@ class Uplink:
 
     def _send_alerts(self) -> None:
         """Send the alert changes that the cloud has not acknowledged, once per connection."""
-        topic = self._identity.event_topic("alert")
+        self._send_events("alert", self._health.cloud_messages)
+
+    def _send_events(
+        self, kind: str, unsent: Callable[[int], list[tuple[int, bytes]]]
+    ) -> None:
+        """Publish unsent(connection), a list of (page_seq, payload), to the kind's topic."""
+        topic = self._identity.event_topic(kind)
         if topic is None or not self._link_up:
             return
         requests = [PublishRequest(self._connection, page_seq, payload, topic)
-                    for page_seq, payload in self._health.cloud_messages(self._connection)]
+                    for page_seq, payload in unsent(self._connection)]
         if requests:
             self._link.request_publish(requests)
 

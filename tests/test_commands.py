@@ -12,7 +12,8 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,31 +134,46 @@ class CommandStack:
                 and part != "tag=test.warmup"]
 
 
-@pytest.fixture
-def stack(base: Path, certs: Path) -> Iterator[CommandStack]:
+ConfigText = Callable[[int, int], str]
+
+
+@contextmanager
+def started_stack(base: Path, certs: Path, config_text: ConfigText,
+                  cloud_filter: str) -> Iterator[CommandStack]:
+    """Start the simulator, mosquitto, the cloud's client and the gateway; stop them after.
+
+    config_text(plc_port, broker_port) returns the gateway's configuration.
+    """
     plc = PlcSimulator(base)
     broker = Broker(certs, base / "mosquitto")
     plc.start()
     broker.start()
-    cloud = Subscriber(broker.port, broker.ca_file, EVENTS_FILTER)
+    cloud = Subscriber(broker.port, broker.ca_file, cloud_filter)
     modbus = PlcConnection(make_device(plc.port), logging.getLogger(LOGGER))
-    text = gateway_config(base, plc.port, broker.port, certs / "ca.pem",
-                          extra_uplink=f"write_timeout_s = {WRITE_TIMEOUT_S}",
-                          extra_tags=[SETPOINT, RATIO, ENABLE, MODE_BIT, RECIPE, WARMUP])
-    gateway = Gateway(base, text, DEVICE_ID)
-    running = CommandStack(plc, broker, cloud, gateway, modbus)
+    gateway = Gateway(base, config_text(plc.port, broker.port), DEVICE_ID)
     try:
         cloud.start()
         gateway.start()
-        running.wait_subscribed()
-        running.wait_writable()
-        yield running
+        yield CommandStack(plc, broker, cloud, gateway, modbus)
     finally:
         gateway.stop()
         modbus.close()
         cloud.stop()
         broker.stop()
         plc.stop()
+
+
+@pytest.fixture
+def stack(base: Path, certs: Path) -> Iterator[CommandStack]:
+    def config_text(plc_port: int, broker_port: int) -> str:
+        return gateway_config(base, plc_port, broker_port, certs / "ca.pem",
+                              extra_uplink=f"write_timeout_s = {WRITE_TIMEOUT_S}",
+                              extra_tags=[SETPOINT, RATIO, ENABLE, MODE_BIT, RECIPE, WARMUP])
+
+    with started_stack(base, certs, config_text, EVENTS_FILTER) as running:
+        running.wait_subscribed()
+        running.wait_writable()
+        yield running
 
 
 def test_write_tag_sets_registers(stack: CommandStack) -> None:
@@ -304,16 +320,11 @@ def mqtt_mode_config(base: Path, plc_port: int, broker_port: int, ca_file: Path)
 
 
 def test_mqtt_mode_command_and_result_topics(base: Path, certs: Path) -> None:
-    plc = PlcSimulator(base)
-    broker = Broker(certs, base / "mosquitto")
-    plc.start()
-    broker.start()
-    cloud = Subscriber(broker.port, broker.ca_file, "plcbridge/gw-mqtt/events/#")
-    modbus = PlcConnection(make_device(plc.port), logging.getLogger(LOGGER))
-    gateway = Gateway(base, mqtt_mode_config(base, plc.port, broker.port, certs / "ca.pem"))
-    try:
-        cloud.start()
-        gateway.start()
+    def config_text(plc_port: int, broker_port: int) -> str:
+        return mqtt_mode_config(base, plc_port, broker_port, certs / "ca.pem")
+
+    with started_stack(base, certs, config_text, "plcbridge/gw-mqtt/events/#") as running:
+        cloud = running.cloud
 
         # Until the uplink subscribes and the reader takes writes, a write gets no result
         # or a failed one, so each attempt has its own request_id.
@@ -329,10 +340,4 @@ def test_mqtt_mode_command_and_result_topics(base: Path, certs: Path) -> None:
 
         assert topic == "plcbridge/gw-mqtt/events/command-result"
         assert result["tag"] == "line1.setpoint"
-        assert read_back(modbus, config_tag(SETPOINT)) == 77
-    finally:
-        gateway.stop()
-        modbus.close()
-        cloud.stop()
-        broker.stop()
-        plc.stop()
+        assert running.read(SETPOINT) == 77

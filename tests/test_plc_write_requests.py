@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -26,19 +25,9 @@ from tests.support.plc import PlcSimulator
 from tests.support.waiting import wait_until
 from tests.test_plc_faults import LOGGER, make_device, make_settings, request_of, tag
 from tests.test_plc_writes import SCRATCH, read_back, writable
+from tests.test_plc_writes import plc as plc  # the module's simulator fixture
 
 ROUTE = b"uplink"
-
-
-@pytest.fixture(scope="module")
-def plc() -> Iterator[PlcSimulator]:
-    folder = Path(tempfile.mkdtemp(prefix="pb-", dir="/tmp"))
-    simulator = PlcSimulator(folder, bench_registers=10)
-    simulator.start()
-    try:
-        yield simulator
-    finally:
-        simulator.stop()
 
 
 class RunningPoller:
