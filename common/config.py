@@ -40,7 +40,8 @@ TOPIC_FORBIDDEN = ("+", "#", "\0")
 TOPIC_FIELDS = ("client_id", "page_seq")
 EVENT_TOPIC_FIELDS = ("client_id", "kind")
 
-# The longest kind of message that the uplink sends to the event topic.
+# The kinds of message that the uplink sends to the event topic, and the longest of them.
+EVENT_KINDS = ("alert", "health", "command-result")
 LONGEST_EVENT_KIND = "command-result"
 
 # The buffer stores page_seq as an unsigned 64-bit key, so this sample has the most digits.
@@ -994,6 +995,29 @@ def _check_command_topic(table: _Table, broker: BrokerSettings) -> None:
             f"a valid MQTT topic filter when filled in with client_id {broker.client_id!r}, "
             f"but {problem}",
         )
+
+    # The uplink would receive its own messages as commands: a result, which contains
+    # command and request_id, would run its command again, and again.
+    own_topics = [broker.topic_template.format(client_id=broker.client_id, page_seq=0)]
+    if broker.event_topic is not None:
+        own_topics += [broker.event_topic.format(client_id=broker.client_id, kind=kind)
+                       for kind in EVENT_KINDS]
+    for topic in own_topics:
+        if _filter_matches(topic_filter, topic):
+            raise table.error(
+                "command_topic", template,
+                f"a topic filter that does not match the uplink's own topic {topic!r}")
+
+
+def _filter_matches(topic_filter: str, topic: str) -> bool:
+    """Return whether an MQTT topic filter matches a topic name."""
+    filter_levels, topic_levels = topic_filter.split("/"), topic.split("/")
+    for index, level in enumerate(filter_levels):
+        if level == "#":
+            return True
+        if index >= len(topic_levels) or level not in ("+", topic_levels[index]):
+            return False
+    return len(filter_levels) == len(topic_levels)
 
 
 def _check_placeholders(table: _Table, key: str, template: str, names: tuple[str, ...]) -> None:

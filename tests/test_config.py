@@ -557,6 +557,11 @@ def test_config_command_topics_default_none(tmp_path: Path) -> None:
         ('event_topic = "ev/{page_seq}"', "only placeholders are the bare {client_id} and "
          "{kind}"),
         ('event_topic = "ev/{kind!r}"', "found {kind!r}"),
+        ('command_topic = "ev/#"\nevent_topic = "ev/{client_id}/{kind}"',
+         "does not match the uplink's own topic 'ev/gw1/alert'"),
+        ('command_topic = "p/+"\nevent_topic = "ev/{kind}"',
+         "does not match the uplink's own topic 'p/gw1'"),
+        ('command_topic = "#"\nevent_topic = "ev/{kind}"', "does not match the uplink's own"),
     ],
 )
 def test_config_command_topic_invalid(tmp_path: Path, extra: str, expected: str) -> None:
