@@ -9,13 +9,16 @@ import pytest
 
 from processes.uplink_commands import (
     MAX_COMMAND_BYTES,
+    MAX_UNACKED_RESULTS,
     Command,
     CommandDispatcher,
     CommandError,
     CommandResult,
+    ResultOutbox,
     ok,
     parse_command,
 )
+from processes.uplink_health import HEALTH_PAGE_SEQ
 
 LOGGER = logging.getLogger("plcbridge.test_uplink_commands")
 
@@ -163,3 +166,46 @@ def test_dispatcher_logs_no_argument_values(caplog: pytest.LogCaptureFixture) ->
 
     assert "arguments=key" in caplog.text
     assert "c2VjcmV0" not in caplog.text
+
+
+def result(request_id: str) -> CommandResult:
+    return CommandResult(request_id, "write_tag", "ok")
+
+
+def test_result_outbox_resends_until_acknowledged() -> None:
+    outbox = ResultOutbox(LOGGER)
+    outbox.add(result("a"))
+    outbox.add(result("b"))
+
+    first = outbox.due(1)
+    assert [json.loads(payload)["request_id"] for _seq, payload in first] == ["a", "b"]
+    assert outbox.due(1) == []
+    outbox.acknowledged(first[0][0])
+    again = outbox.due(2)
+
+    assert [json.loads(payload)["request_id"] for _seq, payload in again] == ["b"]
+    assert json.loads(again[0][1])["kind"] == "command-result"
+
+
+def test_result_outbox_page_seqs_distinct() -> None:
+    outbox = ResultOutbox(LOGGER)
+    outbox.add(result("a"))
+    page_seq = outbox.due(1)[0][0]
+
+    assert outbox.owns(page_seq)
+    assert page_seq < 0
+    assert not outbox.owns(-1)
+    assert not outbox.owns(HEALTH_PAGE_SEQ)
+    assert not outbox.owns(0)
+
+
+def test_result_outbox_drops_oldest_beyond_max() -> None:
+    outbox = ResultOutbox(LOGGER)
+    for number in range(MAX_UNACKED_RESULTS + 1):
+        outbox.add(result(f"r{number}"))
+
+    due = outbox.due(1)
+
+    assert len(due) == MAX_UNACKED_RESULTS
+    assert json.loads(due[0][1])["request_id"] == "r1"
+    assert outbox.dropped == 1
