@@ -25,7 +25,10 @@ from tests.support.plc import PlcSimulator
 from tests.support.waiting import wait_until
 from tests.test_plc_faults import LOGGER, make_device, make_settings, request_of, tag
 from tests.test_plc_writes import SCRATCH, read_back, writable
-from tests.test_plc_writes import plc as plc  # the module's simulator fixture
+
+# Fixtures: the simulator, and a Modbus connection of the test's own to read back writes.
+from tests.test_plc_writes import connection as connection
+from tests.test_plc_writes import plc as plc
 
 ROUTE = b"uplink"
 
@@ -68,16 +71,6 @@ class RunningPoller:
 
 
 @pytest.fixture
-def check(plc: PlcSimulator) -> Iterator[PlcConnection]:
-    """A Modbus connection of the test's own, to read back what the poller wrote."""
-    connection = PlcConnection(make_device(plc.port), logging.getLogger(LOGGER))
-    try:
-        yield connection
-    finally:
-        connection.close()
-
-
-@pytest.fixture
 def pollers() -> Iterator[list[RunningPoller]]:
     started: list[RunningPoller] = []
     try:
@@ -93,7 +86,7 @@ def job(request_id: str, value: object, address: int = SCRATCH, deadline_s: floa
                     time.monotonic() + deadline_s)
 
 
-def test_poller_writes_between_polls(plc: PlcSimulator, check: PlcConnection,
+def test_poller_writes_between_polls(plc: PlcSimulator, connection: PlcConnection,
                                      pollers: list[RunningPoller]) -> None:
     running = RunningPoller(make_device(plc.port, timeout_s=1.0))
     pollers.append(running)
@@ -103,7 +96,7 @@ def test_poller_writes_between_polls(plc: PlcSimulator, check: PlcConnection,
 
     assert result == {"write_id": 1, "request_id": "w1", "tag": "w", "status": "ok",
                       "reason": None, "message": "", "value": 4321}
-    assert read_back(check, writable("w", SCRATCH)) == 4321
+    assert read_back(connection, writable("w", SCRATCH)) == 4321
     polls = running.poller.polls
     wait_until(lambda: running.poller.polls > polls + 2, 10, "polls after the write")
 
@@ -124,11 +117,11 @@ def test_poller_write_rejected_and_failed(plc: PlcSimulator,
     assert "illegal data address" in exception["message"]
 
 
-def test_poller_expired_write_not_sent(plc: PlcSimulator, check: PlcConnection,
+def test_poller_expired_write_not_sent(plc: PlcSimulator, connection: PlcConnection,
                                       pollers: list[RunningPoller]) -> None:
     running = RunningPoller(make_device(plc.port, timeout_s=1.0))
     pollers.append(running)
-    before = read_back(check, writable("w", SCRATCH + 1))
+    before = read_back(connection, writable("w", SCRATCH + 1))
 
     running.poller.request_write(job("w4", 999 if before != 999 else 998,
                                      address=SCRATCH + 1, deadline_s=-1.0))
@@ -137,7 +130,7 @@ def test_poller_expired_write_not_sent(plc: PlcSimulator, check: PlcConnection,
     assert result["status"] == "failed"
     assert result["reason"] == "timeout"
     assert "nothing was sent to the PLC" in result["message"]
-    assert read_back(check, writable("w", SCRATCH + 1)) == before
+    assert read_back(connection, writable("w", SCRATCH + 1)) == before
 
 
 def test_poller_hung_device_delays_only_itself(plc: PlcSimulator,
