@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common import wire  # noqa: E402
-from devstack.gateway_toml import gateway_dirs, gateway_toml  # noqa: E402
+from devstack.gateway_toml import bench_plc_tables, gateway_dirs, gateway_toml  # noqa: E402
 from tests.support.plc import PlcSimulator  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -110,15 +110,13 @@ def cpu_seconds(pid: int) -> float:
 
 def reader_config(base: Path, ports: list[int], tags: int, interval_ms: int) -> Path:
     path = base / "reader.toml"
+    devices, tag_tables = bench_plc_tables(ports, tags, "bench")
     path.write_text(gateway_toml(
         gateway=gateway_dirs(base),
         plc={"timeout_s": 1.0, "queue_max_samples": 1000000},
-        devices=[{"name": f"plc{n}", "host": "127.0.0.1", "port": port}
-                 for n, port in enumerate(ports)],
+        devices=devices,
         tag_groups=[{"name": "bench", "poll_interval_ms": interval_ms}],
-        tags=[{"name": f"plc{n}.r{i:04d}", "device": f"plc{n}", "group": "bench",
-               "table": "holding_register", "address": 100 + i}
-              for n in range(len(ports)) for i in range(tags)],
+        tags=tag_tables,
         uplink={"mode": "mqtt"},
         broker={"host": "127.0.0.1", "client_id": "bench-reader"},
         credentials={"ca_file": f"{base}/ca.pem"},

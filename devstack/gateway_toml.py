@@ -43,6 +43,19 @@ def simulator_tags(*names: str) -> list[Keys]:
     return [SIMULATOR_TAGS[name] for name in names]
 
 
+def bench_plc_tables(ports: Sequence[int], tags_per_plc: int,
+                     group: str) -> tuple[list[Keys], list[Keys]]:
+    """Return [[plc.devices]] entries for PLC simulators on these loopback ports, and their
+    tags: the first tags_per_plc bench registers of each, from holding register 100, read
+    as uint16 in group. Start each simulator with --bench-registers tags_per_plc or more."""
+    devices: list[Keys] = [{"name": f"plc{n}", "host": "127.0.0.1", "port": port}
+                           for n, port in enumerate(ports)]
+    tags: list[Keys] = [{"name": f"plc{n}.r{i:04d}", "device": f"plc{n}", "group": group,
+                         "table": "holding_register", "address": 100 + i}
+                        for n in range(len(ports)) for i in range(tags_per_plc)]
+    return devices, tags
+
+
 def toml_value(value: object) -> str:
     """Render one value as TOML, with json.dumps.
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from devstack.gateway_toml import gateway_dirs, gateway_toml
+from devstack.gateway_toml import bench_plc_tables, gateway_dirs, gateway_toml
 from tests.support.gateway import DEVICE_KEY, Gateway
 from tests.support.hub import HubStack, new_device_key
 from tests.support.plc import PlcSimulator
@@ -64,16 +64,14 @@ P99_SLACK_MS = 10.0
 
 
 def load_config(base: Path, plc_ports: list[int], hub: HubStack) -> str:
+    devices, tags = bench_plc_tables(plc_ports, TAGS_PER_PLC, "load")
     return gateway_toml(
         gateway={**gateway_dirs(base), "log_level": "INFO"},
         plc={"timeout_s": 1.0, "reconnect_min_s": 0.1, "reconnect_max_s": 1.0,
              "ack_timeout_s": 1.0},
-        devices=[{"name": f"plc{n}", "host": "127.0.0.1", "port": port}
-                 for n, port in enumerate(plc_ports)],
+        devices=devices,
         tag_groups=[{"name": "load", "poll_interval_ms": POLL_INTERVAL_MS}],
-        tags=[{"name": f"plc{n}.r{i:03d}", "device": f"plc{n}", "group": "load",
-               "table": "holding_register", "address": 100 + i}
-              for n in range(len(plc_ports)) for i in range(TAGS_PER_PLC)],
+        tags=tags,
         buffer={"max_bytes": 268435456, "page_max_samples": 1000, "page_max_age_ms": 100},
         uplink={"mode": "azure", "port": hub.mqtt_port, "date_port": hub.https_port,
                 "connect_timeout_s": 2.0, "reconnect_min_s": 0.2, "reconnect_max_s": 2.0},
