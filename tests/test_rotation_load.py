@@ -1,4 +1,4 @@
-"""Credential rotation under load: 20 rotations in 2 minutes while the reader polls 11,000
+"""Credential rotation under load: 20 rotations in 2 minutes while the reader polls 15,000
 samples/s, with the whole gateway under supervisord and the hub emulator checking each key.
 
 The connection string alternates between the device's primary and secondary keys, both in
@@ -38,14 +38,15 @@ pytestmark = pytest.mark.integration
 DEVICE_ID = "e2e-device"
 SECONDARY_KEY = new_device_key()
 
-# Four simulated PLCs of 275 holding registers each, every 100 ms: 11,000 samples/s, so
-# that the reader reads at least 10,000 samples/s even when some polls overrun. A poll
-# takes three requests, each a round trip between two processes. On a machine whose two
+# Four simulated PLCs of 375 holding registers each, every 100 ms: 15,000 samples/s, so
+# that the reader reads at least 10,000 samples/s even when a quarter of the polls overrun.
+# A poll takes three full requests of 125 registers, each a round trip between two
+# processes. On a machine whose two
 # cores are shared with other test runs, every round trip waits to be scheduled, and one
 # PLC polled every 20 or 50 ms overran most of its polls there. Each PLC has its own
 # polling thread in the reader, so four of them wait in parallel.
 PLCS = 4
-TAGS_PER_PLC = 275
+TAGS_PER_PLC = 375
 POLL_INTERVAL_MS = 100
 ROTATIONS = 20
 ROTATION_PERIOD_S = 6.0
