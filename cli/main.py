@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from cli import buffer as buffer_command
 from cli import checks, launch
+from cli import derive_key as derive_key_command
 from cli import identity as identity_command
 from cli import read as read_command
 from cli import sas as sas_command
@@ -85,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     sas_command.add_arguments(sas)
     sas.set_defaults(handler=sas_command.sas)
+
+    summary = ("print the device key that a DPS symmetric-key group enrollment expects from "
+               "a registration id")
+    derive = commands.add_parser("derive-key", help=summary, description=summary,
+                                 epilog=EXIT_CODES,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    derive_key_command.add_arguments(derive)
+    derive.set_defaults(handler=derive_key_command.derive_key)
 
     # read takes --config as an option, because an ad-hoc tag needs no configuration.
     summary = ("read tags once and print the requests, raw registers, decoded values and "
