@@ -10,6 +10,7 @@ from cli import buffer as buffer_command
 from cli import checks, launch
 from cli import derive_key as derive_key_command
 from cli import identity as identity_command
+from cli import provision as provision_command
 from cli import read as read_command
 from cli import sas as sas_command
 from cli import status as status_command
@@ -25,6 +26,7 @@ EXIT_CODES = """\
 exit codes:
   0  success, and tap stopped with Ctrl-C
   1  failure: a tool or folder is missing, supervisord is already running (run),
+     provision: DPS did not assign the gateway, or it is provisioned and --force is missing,
      or `tap --count N` got fewer than N messages, or buffer: the buffer is not running
   2  invalid configuration or credential file, or invalid command-line arguments
   3  check-credentials: a SAS token or certificate has expired or is not valid
@@ -107,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "store the PLC's serial-number id after a PLC swap, so that the "
                            "reader sends samples again")
     identity_command.add_arguments(confirm)
+
+    provision = _add_command(commands, "provision", provision_command.provision,
+                             "register with Azure DPS and write the connection string file "
+                             "named by credentials.connection_string_file")
+    provision_command.add_arguments(provision)
 
     ctl = _add_command(commands, "ctl", launch.ctl,
                        "run supervisorctl against the gateway's supervisord, e.g. "

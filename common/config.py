@@ -8,6 +8,7 @@ expected. Relative paths are resolved against the configuration file's folder.
 from __future__ import annotations
 
 import codecs
+import json
 import math
 import os
 import string
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from common import wire
+from common.dps_keys import REGISTRATION_ID_RULE, registration_id_problem
 from common.errors import ConfigError
 
 # Modbus allows at most 125 holding or input registers, and 2,000 coils, in one read.
@@ -101,6 +103,9 @@ UPLINK_MODES = ("azure", "mqtt")
 SYNC_MODES = ("full", "nometasync", "off")
 OVERFLOW_POLICIES = ("drop-oldest", "reject-new")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+ATTESTATIONS = ("symmetric_key", "x509")
+REGISTRATION_ID_SOURCES = ("config", "plc_serial", "mac")
+PAYLOAD_VALUE_TYPES = (str, int, float, bool)
 
 
 @dataclass(frozen=True)
@@ -329,6 +334,33 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class ProvisioningSettings:
+    """Azure IoT Hub Device Provisioning Service (DPS): how the gateway gets its hub.
+
+    docs/provisioning.md describes the registration id rule and the first boot.
+    """
+
+    id_scope: str
+    global_endpoint: str
+    port: int
+    attestation: str  # one of ATTESTATIONS
+    group_key_file: Path | None
+    device_key_file: Path | None
+    registration_id: str | None
+    registration_id_from: str  # one of REGISTRATION_ID_SOURCES
+    registration_id_prefix: str
+    mac_interface: str | None
+    # The custom payload sent with the register request, as JSON text; None sends null.
+    payload_json: str | None
+    payload_plc_serial: bool
+    api_version: str
+    request_timeout_s: float
+    retry_min_s: float
+    retry_max_s: float
+    sas_ttl_s: int
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     gateway: GatewaySettings
@@ -339,6 +371,7 @@ class Config:
     supervisor: SupervisorSettings
     alerts: AlertSettings = field(default_factory=AlertSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    provisioning: ProvisioningSettings | None = None
     # The TOML text that was parsed, without a byte-order mark, for the last good copy.
     source_text: str = field(default="", repr=False, compare=False)
 
@@ -547,6 +580,7 @@ def load_config(path: str | Path, text: str | None = None) -> Config:
         supervisor=_parse_supervisor(top.table("supervisor")),
         alerts=_parse_alerts(top.table("alerts")),
         metrics=_parse_metrics(top.table("metrics")),
+        provisioning=_parse_provisioning(top),
         source_text=text,
     )
     top.reject_unknown()
@@ -1167,6 +1201,87 @@ def _parse_metrics(table: _Table) -> MetricsSettings:
     return settings
 
 
+def _parse_provisioning(top: _Table) -> ProvisioningSettings | None:
+    if "provisioning" not in top.data:
+        top.used.add("provisioning")
+        return None
+    table = top.table("provisioning")
+    registration_id = table.text("registration_id")
+    settings = ProvisioningSettings(
+        id_scope=table.text("id_scope", _REQUIRED),
+        global_endpoint=table.text("global_endpoint", "global.azure-devices-provisioning.net"),
+        port=table.integer("port", 8883, 1, 65535),
+        attestation=table.text("attestation", "symmetric_key", ATTESTATIONS),
+        group_key_file=table.path("group_key_file"),
+        device_key_file=table.path("device_key_file"),
+        registration_id=registration_id,
+        registration_id_from=table.text("registration_id_from",
+                                        "config" if registration_id else _REQUIRED,
+                                        REGISTRATION_ID_SOURCES),
+        registration_id_prefix=table.get("registration_id_prefix", str, "", "a string"),
+        mac_interface=table.text("mac_interface"),
+        payload_json=_payload_json(table),
+        payload_plc_serial=table.flag("payload_plc_serial", False),
+        api_version=table.text("api_version", "2019-03-31"),
+        request_timeout_s=table.number("request_timeout_s", 30.0, 1.0, 600.0),
+        retry_min_s=table.number("retry_min_s", 5.0, 0.1, 3600.0),
+        retry_max_s=table.number("retry_max_s", 300.0, 0.1, 86_400.0),
+        sas_ttl_s=table.integer("sas_ttl_s", 3600, 60, 86_400),
+    )
+    table.reject_unknown()
+    _check_provisioning(table, settings)
+    return settings
+
+
+def _payload_json(table: _Table) -> str | None:
+    payload = table.table("payload")
+    if "payload" not in table.data:
+        return None
+    for key, value in payload.data.items():
+        if isinstance(value, PAYLOAD_VALUE_TYPES) and not (
+            isinstance(value, float) and not math.isfinite(value)
+        ):
+            continue
+        raise payload.error(key, value, "a string, an integer, a finite number or a boolean")
+    return json.dumps(payload.data, sort_keys=True)
+
+
+def _check_provisioning(table: _Table, settings: ProvisioningSettings) -> None:
+    """Check the rules between provisioning keys; raise ConfigError naming the key."""
+    if settings.id_scope and "/" in settings.id_scope:
+        raise table.error("id_scope", settings.id_scope, "an id scope without '/'")
+    key_files = [name for name in ("group_key_file", "device_key_file")
+                 if getattr(settings, name) is not None]
+    if settings.attestation == "symmetric_key" and len(key_files) != 1:
+        raise ConfigError(
+            f"{table.source}: symmetric_key attestation needs exactly one of "
+            "provisioning.group_key_file and provisioning.device_key_file, found "
+            f"{', '.join(key_files) or 'none'}"
+        )
+    if settings.attestation == "x509" and key_files:
+        raise ConfigError(f"{table.source}: provisioning.{key_files[0]} is set with x509 "
+                          "attestation, which uses credentials.client_cert_file instead")
+
+    source = settings.registration_id_from
+    if source == "config" and settings.registration_id is None:
+        raise ConfigError(f"{table.source}: missing key provisioning.registration_id; "
+                          "registration_id_from = \"config\" takes the id from it")
+    if source != "config" and settings.registration_id is not None:
+        raise ConfigError(f"{table.source}: provisioning.registration_id is set with "
+                          f"registration_id_from = {source!r}; remove one of the two")
+    if settings.registration_id is not None:
+        problem = registration_id_problem(settings.registration_id)
+        if problem:
+            raise table.error("registration_id", settings.registration_id,
+                              f"{REGISTRATION_ID_RULE}, but {problem}")
+    prefix = settings.registration_id_prefix
+    if prefix and registration_id_problem(prefix):
+        raise table.error("registration_id_prefix", prefix, REGISTRATION_ID_RULE)
+    if settings.retry_max_s < settings.retry_min_s:
+        raise table.error("retry_max_s", settings.retry_max_s,
+                          "a value not below provisioning.retry_min_s")
+
+
 def _check_cross_references(source: Path, config: Config) -> None:
     group_names = [group.name for group in config.plc.tag_groups]
     duplicates = {name for name in group_names if group_names.count(name) > 1}
@@ -1184,6 +1299,19 @@ def _check_cross_references(source: Path, config: Config) -> None:
                 f"{source}: invalid value for plc.tags[{index}].group: {tag.group!r}; "
                 f"expected one of the tag group names {', '.join(group_names)}"
             )
+
+    provisioning = config.provisioning
+    if provisioning is not None:
+        if config.uplink.mode != "azure":
+            raise ConfigError(f"{source}: [provisioning] is set in uplink.mode = "
+                              f"{config.uplink.mode!r}; DPS assigns Azure IoT hubs only, so "
+                              "set uplink.mode = \"azure\" or remove [provisioning]")
+        if provisioning.attestation == "x509" and config.credentials.client_cert_file is None:
+            raise ConfigError(f"{source}: provisioning.attestation = \"x509\" needs "
+                              "credentials.client_cert_file and credentials.client_key_file")
+        if provisioning.registration_id_from == "plc_serial" and config.plc.identity is None:
+            raise ConfigError(f"{source}: provisioning.registration_id_from = \"plc_serial\" "
+                              "needs [plc.identity], which names the serial-number registers")
 
     if config.uplink.mode == "azure" and config.credentials.connection_string_file is None:
         raise ConfigError(

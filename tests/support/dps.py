@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -11,8 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.dps_keys import derive_device_key
 from devstack.dev_certs import dev_cert_paths
 from tests.gateway_files import stop_process
+from tests.support.gateway import ROOT, gateway_config
 
 _READY = re.compile(r"dps_emulator ready mqtt_port=(\d+)")
 ID_SCOPE = "0ne00TEST01"
@@ -101,3 +104,52 @@ def _replace(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(text)
     os.replace(temporary, path)
+
+
+# A gateway that joins a group enrollment, and the configuration that makes it do so.
+GROUP_KEY = base64.b64encode(b"plcbridge-dps-test-group-key-of-48-bytes-length!").decode()
+REGISTRATION_ID = "gw-line-7"
+DEVICE_KEY = derive_device_key(base64.b64decode(GROUP_KEY), REGISTRATION_ID)
+
+
+def provisioning_toml(base: Path, dps_port: int, **extra: Any) -> str:
+    keys = {
+        "id_scope": ID_SCOPE, "global_endpoint": "localhost", "port": dps_port,
+        "group_key_file": str(base / "group.key"), "registration_id": REGISTRATION_ID,
+        "retry_min_s": 0.5, "retry_max_s": 2.0, "request_timeout_s": 10.0, **extra,
+    }
+    lines = [f"{key} = {json.dumps(value)}" for key, value in keys.items()]
+    return "\n[provisioning]\n" + "\n".join(lines) + '\npayload = { site = "plant-7" }\n'
+
+
+def write_config(base: Path, certs: Path, dps_port: int, plc_port: int = 1,
+                 hub_port: int = 1) -> Path:
+    """Write the group key and a configuration that provisions through DPS at dps_port."""
+    (base / "group.key").write_text(GROUP_KEY + "\n")
+    config = base / "plcbridge.toml"
+    config.write_text(gateway_config(base, plc_port, hub_port, certs / "ca.pem")
+                      + provisioning_toml(base, dps_port))
+    return config
+
+
+def group_enrollment(hub_host: str) -> str:
+    return enrollments_toml(groups={"line": {"primary_key": GROUP_KEY,
+                                             "assigned_hub": hub_host}})
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def statuses(dps: DpsStack) -> list[str]:
+    return [part.split("=", 1)[1] for line in dps.requests() for part in line.split()
+            if part.startswith("status=")]
+
+
+def open_alerts(base: Path) -> list[dict[str, Any]]:
+    try:
+        document = json.loads((base / "run" / "alerts-provisioning.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return list(document.get("open", []))
