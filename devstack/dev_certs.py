@@ -36,7 +36,9 @@ RENEW_MARGIN = datetime.timedelta(days=30)
 BACKDATE = datetime.timedelta(hours=1)
 
 SERVER_DNS_NAMES = ("localhost",)
-SERVER_IP_ADDRESSES = ("127.0.0.1", "::1")
+# 127.0.0.2 lets a second emulated hub listen on the same port as the first, as a gateway
+# that DPS moves to another hub keeps its uplink.port.
+SERVER_IP_ADDRESSES = ("127.0.0.1", "127.0.0.2", "::1")
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,7 @@ from common.payload import CONTENT_ENCODING, CONTENT_TYPE
 from common.socket_monitor import SocketMonitor
 from common.tap import Tap
 from processes.uplink_commands import CommandDispatcher, CommandResult, Handler, ResultOutbox
+from processes.uplink_first_boot import wait_for_provisioning
 from processes.uplink_health import HEALTH_PAGE_SEQ, HealthMonitor, LinkFigures
 from processes.uplink_metrics import MetricsServer
 from processes.uplink_tag_writes import TagWriter
@@ -1414,6 +1415,8 @@ class Uplink:
 
 def body(config: Config, logger: logging.Logger, stop: threading.Event) -> None:
     """Run the uplink until stop is set; raise CredentialError for unusable credentials."""
+    if not wait_for_provisioning(config, logger, stop):
+        return
     identity = load_identity(config, logger)
     logger.info(
         "identity %s",
