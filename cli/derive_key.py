@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.credentials import read_regular_file
-from common.dps_keys import decode_key, derive_device_key
-from common.errors import CredentialError
+from common.dps_keys import decode_key, derive_device_key, read_key_file
 
 EXIT_OK = 0
 
@@ -27,7 +25,7 @@ def add_arguments(command: argparse.ArgumentParser) -> None:
 def derive_key(args: argparse.Namespace) -> int:
     """Print the derived device key on stdout, and nothing else, so a script can capture it."""
     if args.group_key_file is not None:
-        text = _read_key_file(args.group_key_file)
+        text = read_key_file(args.group_key_file)
         source = f"group key in {args.group_key_file}"
     else:
         text = args.group_key
@@ -35,19 +33,3 @@ def derive_key(args: argparse.Namespace) -> int:
     group_key = decode_key(text, source)
     print(derive_device_key(group_key, args.registration_id))
     return EXIT_OK
-
-
-def _read_key_file(path: Path) -> str:
-    try:
-        data = read_regular_file(path)
-    except FileNotFoundError as exc:
-        raise CredentialError(f"{path}: group key file not found") from exc
-    except OSError as exc:
-        raise CredentialError(f"{path}: cannot read the group key file: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise CredentialError(f"{path}: {exc}; expected a file with the group key") from exc
-    try:
-        lines = data.decode("utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise CredentialError(f"{path}: not UTF-8 text; expected the base64 group key") from exc
-    return lines[0] if lines else ""

@@ -9,7 +9,6 @@ import threading
 
 from common.config import load_config
 from common.logs import fields
-from processes.provisioning import provision_once
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -23,6 +22,9 @@ def add_arguments(command: argparse.ArgumentParser) -> None:
 
 def provision(args: argparse.Namespace) -> int:
     """Register once; print the hub and device id, never the key."""
+    # Imported here, so that the other commands do not load paho.
+    from processes.provisioning import provision_once
+
     config = load_config(args.config)
     path = config.credentials.connection_string_file
     if config.provisioning is not None and path is not None and path.exists() and not args.force:

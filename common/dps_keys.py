@@ -13,7 +13,9 @@ import binascii
 import hashlib
 import hmac
 import re
+from pathlib import Path
 
+from common.credentials import read_regular_file
 from common.errors import CredentialError
 
 MAX_REGISTRATION_ID_CHARS = 128
@@ -67,3 +69,17 @@ def derive_device_key(group_key: bytes, registration_id: str) -> str:
     check_registration_id(registration_id)
     digest = hmac.new(group_key, registration_id.encode("utf-8"), hashlib.sha256).digest()
     return base64.b64encode(digest).decode("ascii")
+
+
+def read_key_file(path: Path) -> str:
+    """Return the first line of a key file, stripped; raise CredentialError naming the file."""
+    try:
+        lines = read_regular_file(path).decode("utf-8").splitlines()
+    except FileNotFoundError as exc:
+        raise CredentialError(f"{path}: key file not found") from exc
+    except OSError as exc:
+        raise CredentialError(f"{path}: cannot read the key file: {exc.strerror}") from exc
+    except ValueError as exc:
+        # UnicodeDecodeError, or not a regular file. Neither message contains the content.
+        raise CredentialError(f"{path}: invalid key file: {exc}") from exc
+    return lines[0].strip() if lines else ""

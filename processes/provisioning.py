@@ -29,8 +29,13 @@ from common.alerts import PROVISIONING, AlertBook
 from common.atomic_file import write_atomically
 from common.backoff import Backoff
 from common.config import Config, ProvisioningSettings
-from common.credentials import mint_sas_token, read_regular_file
-from common.dps_keys import check_registration_id, decode_key, derive_device_key
+from common.credentials import mint_sas_token
+from common.dps_keys import (
+    check_registration_id,
+    decode_key,
+    derive_device_key,
+    read_key_file,
+)
 from common.dps_topics import registration_resource
 from common.errors import CredentialError, PlcBridgeError
 from common.lifecycle import run_process
@@ -112,27 +117,14 @@ def mac_address(interface: str | None) -> str:
 def device_key(settings: ProvisioningSettings, registration: str) -> str | None:
     """Return the base64 device key for symmetric-key attestation, None for X.509."""
     if settings.group_key_file is not None:
-        group_key = decode_key(_first_line(settings.group_key_file),
+        group_key = decode_key(read_key_file(settings.group_key_file),
                                f"group key in {settings.group_key_file}")
         return derive_device_key(group_key, registration)
     if settings.device_key_file is not None:
-        text = _first_line(settings.device_key_file)
+        text = read_key_file(settings.device_key_file)
         decode_key(text, f"device key in {settings.device_key_file}")
         return text
     return None
-
-
-def _first_line(path: Path) -> str:
-    try:
-        lines = read_regular_file(path).decode("utf-8").splitlines()
-    except FileNotFoundError as exc:
-        raise CredentialError(f"{path}: key file not found") from exc
-    except OSError as exc:
-        raise CredentialError(f"{path}: cannot read the key file: {exc.strerror}") from exc
-    except ValueError as exc:
-        # UnicodeDecodeError, or not a regular file.
-        raise CredentialError(f"{path}: invalid key file: {exc}") from exc
-    return lines[0].strip() if lines else ""
 
 
 def tls_context(config: Config) -> ssl.SSLContext:

@@ -93,4 +93,4 @@ def test_derive_key_command_missing_file(tmp_path: Path,
     missing = tmp_path / "absent.key"
     code = main(["derive-key", "--group-key-file", str(missing), "--registration-id", "gw-01"])
     assert code == 2
-    assert f"{missing}: group key file not found" in capsys.readouterr().err
+    assert f"{missing}: key file not found" in capsys.readouterr().err

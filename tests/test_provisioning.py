@@ -4,6 +4,7 @@ retries, and the provisioning program's alert and backoff."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import stat
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 
 from common.config import load_config
 from common.errors import ConfigError
+from processes.provisioning import NotReadyError, registration_id
 from tests.support.dps import (
     DEVICE_KEY,
     GROUP_KEY,
@@ -136,3 +138,50 @@ def test_provisioning_config_payload(base: Path, certs: Path) -> None:
     assert config.provisioning is not None
     assert config.provisioning.payload_json == '{"site": "plant-7"}'
     assert config.provisioning.registration_id == REGISTRATION_ID
+
+
+def test_check_config_before_first_boot(base: Path, certs: Path) -> None:
+    config = write_config(base, certs, 8883)
+
+    result = run_cli("check-config", "--config", str(config))
+
+    assert result.returncode == 0, result.stderr
+    assert "does not exist yet and is written at the first boot" in result.stdout
+    assert GROUP_KEY not in result.stdout
+
+
+def test_check_config_bad_group_key_file(base: Path, certs: Path) -> None:
+    config = write_config(base, certs, 8883)
+    (base / "group.key").write_text("not*base64\n")
+
+    result = run_cli("check-config", "--config", str(config))
+
+    assert result.returncode == 2
+    assert "not base64" in result.stderr
+
+
+def test_registration_id_from_plc_serial(base: Path, certs: Path) -> None:
+    config = load_config(write_config(base, certs, 1))
+    settings = dataclasses.replace(config.provisioning, registration_id=None,
+                                   registration_id_from="plc_serial",
+                                   registration_id_prefix="plant7-")
+    with pytest.raises(NotReadyError):
+        registration_id(config, settings)
+
+    (base / "state").mkdir(exist_ok=True)
+    (base / "state" / "plc-identity.json").write_text('{"plc_id": "22091017"}\n')
+    assert registration_id(config, settings) == "plant7-22091017"
+
+
+def test_registration_id_from_mac(base: Path, certs: Path) -> None:
+    interfaces = [path for path in Path("/sys/class/net").iterdir()
+                  if path.name != "lo" and (path / "address").read_text().strip("0:\n")]
+    if not interfaces:
+        pytest.skip("no network interface with a MAC address")
+    interface = sorted(interfaces)[0]
+    config = load_config(write_config(base, certs, 1))
+    settings = dataclasses.replace(config.provisioning, registration_id=None,
+                                   registration_id_from="mac", mac_interface=interface.name)
+
+    expected = (interface / "address").read_text().strip().lower().replace(":", "-")
+    assert registration_id(config, settings) == expected
