@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
+import ssl
 import stat
 import subprocess
 import sys
@@ -16,19 +18,22 @@ import pytest
 
 from common.config import load_config
 from common.errors import ConfigError
+from devstack.dev_certs import make_client_cert
 from processes.provisioning import NotReadyError, registration_id
 from tests.support.dps import (
     DEVICE_KEY,
     GROUP_KEY,
+    ID_SCOPE,
     REGISTRATION_ID,
     DpsStack,
+    enrollments_toml,
     group_enrollment,
     open_alerts,
     run_cli,
     statuses,
     write_config,
 )
-from tests.support.gateway import ROOT
+from tests.support.gateway import ROOT, gateway_config
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -185,3 +190,24 @@ def test_registration_id_from_mac(base: Path, certs: Path) -> None:
 
     expected = (interface / "address").read_text().strip().lower().replace(":", "-")
     assert registration_id(config, settings) == expected
+
+
+def test_provision_x509_thumbprint(base: Path, certs: Path) -> None:
+    cert, key = make_client_cert(base / "device", certs / "ca.pem", certs / "ca.key", "meter-7")
+    thumbprint = hashlib.sha1(ssl.PEM_cert_to_DER_cert(cert.read_text())).hexdigest()
+    enrollments = enrollments_toml(individual={"meter-7": {
+        "primary_thumbprint": thumbprint, "assigned_hub": "localhost", "device_id": "m7"}})
+    with DpsStack(certs, base / "dps", enrollments, client_ca_file=certs / "ca.pem") as dps:
+        config = base / "plcbridge.toml"
+        config.write_text(
+            gateway_config(base, 1, 1, certs / "ca.pem")
+            + f'client_cert_file = "{cert}"\nclient_key_file = "{key}"\n'
+            + f'\n[provisioning]\nid_scope = "{ID_SCOPE}"\nglobal_endpoint = "localhost"\n'
+            + f'port = {dps.port}\nattestation = "x509"\nregistration_id = "meter-7"\n')
+
+        result = run_cli("provision", "--config", str(config))
+
+        assert result.returncode == 0, result.stderr
+        assert "x509 thumbprint" in dps.log()
+    assert (base / "connection-string.txt").read_text() == (
+        "HostName=localhost;DeviceId=m7;x509=true\n")

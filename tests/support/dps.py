@@ -37,7 +37,8 @@ def enrollments_toml(individual: dict[str, dict[str, Any]] | None = None,
 class DpsStack:
     """The DPS emulator with an enrollments file and a faults file in workdir."""
 
-    def __init__(self, certs_dir: Path, workdir: Path, enrollments: str) -> None:
+    def __init__(self, certs_dir: Path, workdir: Path, enrollments: str,
+                 client_ca_file: Path | None = None) -> None:
         self.certs = dev_cert_paths(certs_dir)
         self.ca_file = self.certs.ca_cert
         self.workdir = workdir
@@ -45,6 +46,7 @@ class DpsStack:
         self.enrollments_file = workdir / "enrollments.toml"
         self.faults_file = workdir / "dps-faults.json"
         self.log_file = workdir / "dps_emulator.log"
+        self.client_ca_file = client_ca_file
         self.set_enrollments(enrollments)
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -66,6 +68,8 @@ class DpsStack:
             "--cert", str(self.certs.server_cert), "--key", str(self.certs.server_key),
             "--enrollments", str(self.enrollments_file), "--faults", str(self.faults_file),
         ]
+        if self.client_ca_file is not None:
+            command += ["--client-ca", str(self.client_ca_file)]
         with self.log_file.open("wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
