@@ -107,6 +107,8 @@ def provision_after_buffering(boot: FirstBoot) -> float:
     """Let the gateway buffer without a hub, then let DPS assign it; return the file's mtime."""
     wait_until(lambda: open_alerts(boot.base), 30, "the provisioning alert")
     assert "waiting_for_provisioning" in boot.gateway.log("uplink")
+    assert "waiting_for_provisioning" in boot.gateway.log("credential_watcher")
+    assert "credentials_invalid" not in boot.gateway.log("credential_watcher")
     wait_until(lambda: boot.buffered_pages() >= 5, 30, "pages in the buffer before provisioning")
     assert boot.samples() == 0
 
