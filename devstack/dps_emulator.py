@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from common import __version__
 from common.credentials import parse_sas_token
@@ -47,6 +47,7 @@ from devstack.dps_enrollments import Enrollment, Enrollments, parse_enrollments
 from devstack.dps_faults import DpsFaults, parse_dps_faults
 from devstack.followed_file import FollowedFile
 from devstack.hub_auth import MAX_EXPIRY_S, Rejected, decode_signature, raw_token_fields
+from devstack.hub_emulator import OneLineParser, OptionsError, parse_endpoint
 from devstack.mqtt_frames import (
     CONNACK_ACCEPTED,
     CONNACK_NOT_AUTHORIZED,
@@ -93,10 +94,6 @@ class Operation:
     payload: Any
     polls_left: int
     created: str
-
-
-class OptionsError(Exception):
-    """A bad command-line value or file; the message names the option and the value."""
 
 
 class DpsEmulator:
@@ -367,13 +364,8 @@ def _server_tls_context(args: argparse.Namespace) -> ssl.SSLContext:
     return context
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="python -m devstack.dps_emulator",
+    parser = OneLineParser(prog="python -m devstack.dps_emulator",
                             description="Emulate Azure IoT Hub DPS over MQTT with TLS.")
     parser.add_argument("--listen", default="127.0.0.1:8884",
                         help="host:port of the MQTT TLS listener; port 0 picks a free one")
@@ -391,14 +383,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
-
-
-def _listen_endpoint(text: str) -> tuple[str, int]:
-    host, separator, port_text = text.rpartition(":")
-    if not separator or not host or not port_text.isdigit() or int(port_text) > 65535:
-        raise OptionsError(f"invalid --listen {text!r}; expected host:port with a port of 0 "
-                           "to 65535")
-    return host, int(port_text)
 
 
 async def _run(emulator: DpsEmulator, host: str, port: int) -> int:
@@ -427,7 +411,7 @@ async def _run(emulator: DpsEmulator, host: str, port: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        host, port = _listen_endpoint(args.listen)
+        host, port = parse_endpoint("--listen", args.listen, allow_zero=True)
         logger = setup_logging("dps_emulator", args.log_level)
         emulator = DpsEmulator(args, logger)
         if emulator.enrollments.current() is None:
