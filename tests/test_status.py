@@ -69,8 +69,13 @@ def test_status_after_restarts_outage_drops(aged_stack: Stack) -> None:
     assert report["running"] is True
     assert sorted(report["programs"]) == ["buffer", "credential_watcher", "plc_reader",
                                           "provisioning", "uplink"]
-    # Without [provisioning] the provisioning program exits at once, and for good.
+    # Without [provisioning] the provisioning program exits at once, and for good, which
+    # the restart count does not take for a failure.
     assert report["programs"]["provisioning"]["state"] == "EXITED"
+    wait_status(stack, lambda r: r["programs"]["provisioning"]["restarts"] is not None,
+                "the provisioning program in the uplink's health report")
+    _code, report = status(stack)
+    assert report["programs"]["provisioning"]["restarts"] == 0
     assert report["plc"]["devices"]["plc"]["state"] == "connected"
 
     # Two restarts: the uplink killed, the buffer restarted by the operator.
