@@ -2,8 +2,8 @@
 
 `python -m devstack.dev_certs OUTDIR` writes ca.pem, ca.key, server.pem and server.key into
 OUTDIR. The server certificate names DNS localhost and IP 127.0.0.1, 127.0.0.2 and ::1, so a
-client that checks host names can reach the local mosquitto by any of them. Keys are EC P-256 and are
-written with mode 0600. Existing files are kept while they are valid, so running the command
+client that checks host names can reach the local mosquitto by any of them. Keys are EC P-256
+and are written with mode 0600. Existing files are kept while they are valid, so running the command
 again changes nothing. These files are for the demo and the tests only, never for a real
 gateway, and .gitignore keeps them out of the repository.
 """
