@@ -164,6 +164,10 @@ def _uplink(config: Config, credentials: CredentialSet) -> str:
 
 
 def _scheme(config: Config, credentials: CredentialSet) -> str:
+    token_server = config.credentials.token_server
+    if token_server is not None:
+        return (f"SAS tokens from the token server {token_server.url} for device "
+                f"{token_server.device_id} on {token_server.hub_host_name}")
     if credentials.connection is not None:
         return credentials.connection.scheme
     if credentials.client_certificate is not None:

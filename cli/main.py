@@ -15,6 +15,7 @@ from cli import read as read_command
 from cli import sas as sas_command
 from cli import status as status_command
 from cli import tap as tap_command
+from cli import token_server as token_server_command
 from common import wire
 from common.errors import ConfigError, CredentialError, PlcBridgeError
 from common.logs import redact
@@ -114,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "register with Azure DPS and write the connection string file "
                              "named by credentials.connection_string_file")
     provision_command.add_arguments(provision)
+
+    summary = ("run the on-site HTTPS server that issues short-lived SAS tokens to the "
+               "gateways on its allow-list")
+    server = commands.add_parser("token-server", help=summary, description=summary,
+                                 epilog=EXIT_CODES,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    token_server_command.add_arguments(server)
+    server.set_defaults(handler=token_server_command.token_server)
 
     ctl = _add_command(commands, "ctl", launch.ctl,
                        "run supervisorctl against the gateway's supervisord, e.g. "

@@ -13,6 +13,7 @@ import math
 import os
 import string
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -280,6 +281,33 @@ class UplinkSettings:
 
 
 @dataclass(frozen=True)
+class TokenServerSettings:
+    """The on-site token server that issues the gateway's SAS tokens, so no key rests here.
+
+    The gateway proves its identity with client_cert_file and client_key_file, or with
+    serial and secret_file through a challenge. hub_host_name and device_id name the
+    identity that the tokens must be signed for.
+    """
+
+    url: str
+    host: str
+    port: int
+    ca_file: Path
+    hub_host_name: str
+    device_id: str
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+    serial: str | None = None
+    secret_file: Path | None = None
+    timeout_s: float = 10.0
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        files = (self.ca_file, self.client_cert_file, self.client_key_file, self.secret_file)
+        return tuple(path for path in files if path is not None)
+
+
+@dataclass(frozen=True)
 class CredentialSettings:
     connection_string_file: Path | None
     ca_file: Path
@@ -292,6 +320,7 @@ class CredentialSettings:
     certificate_warning_days: float = 30.0
     expiry_error_margin_s: float = 300.0
     client_key_passphrase_file: Path | None = None
+    token_server: TokenServerSettings | None = None
 
     def watched_files(self) -> tuple[Path, ...]:
         """List every credential file the uplink reads, in a fixed order."""
@@ -303,7 +332,8 @@ class CredentialSettings:
             self.client_key_passphrase_file,
             self.password_file,
         )
-        return tuple(path for path in files if path is not None)
+        token_files = self.token_server.files if self.token_server is not None else ()
+        return tuple(path for path in files if path is not None) + token_files
 
 
 @dataclass(frozen=True)
@@ -1145,6 +1175,7 @@ def _parse_credentials(table: _Table) -> CredentialSettings:
         certificate_warning_days=table.number("certificate_warning_days", 30.0, 0.0, 3650.0),
         expiry_error_margin_s=table.number("expiry_error_margin_s", 300.0, 0.0, 31_536_000.0),
         client_key_passphrase_file=table.path("client_key_passphrase_file"),
+        token_server=_parse_token_server(table),
     )
     table.reject_unknown()
 
@@ -1160,6 +1191,59 @@ def _parse_credentials(table: _Table) -> CredentialSettings:
             "must be set together"
         )
     return settings
+
+
+def _parse_token_server(credentials: _Table) -> TokenServerSettings | None:
+    if "token_server" not in credentials.data:
+        credentials.used.add("token_server")
+        return None
+    table = credentials.table("token_server")
+    url = table.text("url", _REQUIRED)
+    host, port = _https_endpoint(table, url)
+    settings = TokenServerSettings(
+        url=url,
+        host=host,
+        port=port,
+        ca_file=table.path("ca_file", _REQUIRED),  # type: ignore[arg-type]
+        hub_host_name=table.text("hub_host_name", _REQUIRED),
+        device_id=table.text("device_id", _REQUIRED),
+        client_cert_file=table.path("client_cert_file"),
+        client_key_file=table.path("client_key_file"),
+        serial=table.text("serial"),
+        secret_file=table.path("secret_file"),
+        timeout_s=table.number("timeout_s", 10.0, 0.5, 120.0),
+    )
+    table.reject_unknown()
+
+    prefix = f"{table.source}: credentials.token_server"
+    if (settings.client_cert_file is None) != (settings.client_key_file is None):
+        raise ConfigError(f"{prefix}.client_cert_file and client_key_file must be set together")
+    if (settings.serial is None) != (settings.secret_file is None):
+        raise ConfigError(f"{prefix}.serial and secret_file must be set together")
+    certificate = settings.client_cert_file is not None
+    challenge = settings.secret_file is not None
+    if certificate == challenge:
+        found = "not both" if certificate else "found neither"
+        raise ConfigError(
+            f"{prefix}: set either client_cert_file and client_key_file (client "
+            f"certificate) or serial and secret_file (challenge), {found}"
+        )
+    return settings
+
+
+def _https_endpoint(table: _Table, url: str) -> tuple[str, int]:
+    """Split an https:// URL without a path into its host and port (443 by default)."""
+    expected = ("an https:// URL with a host and an optional port, such as "
+                "https://tokens.plant.local:8443")
+    parsed = urllib.parse.urlsplit(url)
+    try:
+        port = parsed.port or 443
+    except ValueError as exc:
+        raise table.error("url", url, expected) from exc
+    if parsed.scheme != "https" or not parsed.hostname or parsed.path not in ("", "/") \
+            or parsed.query or parsed.fragment or parsed.username or parsed.password:
+        raise table.error("url", url, expected)
+    return parsed.hostname, port
 
 
 def _parse_supervisor(table: _Table) -> SupervisorSettings:
@@ -1313,8 +1397,27 @@ def _check_cross_references(source: Path, config: Config) -> None:
             raise ConfigError(f"{source}: provisioning.registration_id_from = \"plc_serial\" "
                               "needs [plc.identity], which names the serial-number registers")
 
-    if config.uplink.mode == "azure" and config.credentials.connection_string_file is None:
+    _check_credential_source(source, config)
+
+
+def _check_credential_source(source: Path, config: Config) -> None:
+    credentials = config.credentials
+    if credentials.token_server is not None:
+        if config.uplink.mode != "azure":
+            raise ConfigError(
+                f"{source}: [credentials.token_server] needs uplink.mode = \"azure\"; the "
+                "token server issues Azure IoT Hub SAS tokens"
+            )
+        if credentials.connection_string_file is not None:
+            raise ConfigError(
+                f"{source}: credentials.connection_string_file and "
+                "[credentials.token_server] are both set; remove the connection string, "
+                "because the token server provides the SAS tokens"
+            )
+        return
+    if config.uplink.mode == "azure" and credentials.connection_string_file is None:
         raise ConfigError(
             f"{source}: missing key credentials.connection_string_file; "
-            "azure mode needs the device's connection string"
+            "azure mode needs the device's connection string, or a [credentials.token_server] "
+            "table"
         )
