@@ -1,8 +1,8 @@
 """The gateway's client of the on-site token server (common/token_protocol.py).
 
 It trusts only the configured CA bundle, checks the server's host name, and proves the
-gateway's identity with a client certificate or by answering a challenge with the shared
-secret. The secret and the tokens stay in memory; nothing is written to disk.
+gateway's identity with a client certificate or by responding to a challenge with the
+shared secret. The secret and the tokens stay in memory; nothing is written to disk.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from common.token_protocol import (
     read_base64_secret,
 )
 
-# Longest lifetime a token reply may claim. The server allows at most a day, so a larger
+# Maximum lifetime that a token reply may state. The server allows at most a day, so a larger
 # value means a reply that is not the server's.
 MAX_TTL_S = 86_400
 
@@ -34,7 +34,7 @@ class TokenServerError(UplinkError):
 
 
 class TokenRefusedError(TokenServerError):
-    """The token server answered and refused: a 4xx reply other than 429."""
+    """The token server rejected the request: a 4xx reply other than 429."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class TokenServerClient:
             ) from exc
         except TimeoutError as exc:
             raise TokenServerError(
-                f"token server {where} did not answer within {self.settings.timeout_s:g} s"
+                f"request to token server {where} timed out after {self.settings.timeout_s:g} s"
             ) from exc
         except (OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
@@ -109,7 +109,7 @@ class TokenServerClient:
             return reply
         detail = f"HTTP {status} {reply.get('error')}: {str(reply.get('message'))[:200]}"
         if 400 <= status < 500 and status != 429:
-            raise TokenRefusedError(f"token server {where} refused the request: {detail}")
+            raise TokenRefusedError(f"token server {where} rejected the request: {detail}")
         raise TokenServerError(f"token server {where} failed: {detail}")
 
     def _check_reply(self, reply: dict[str, Any]) -> FetchedToken:

@@ -39,7 +39,7 @@ SERIAL_PATTERN = re.compile(r"[A-Za-z0-9\-._:]{1,64}")
 
 
 def challenge_mac(secret: bytes, serial: str, nonce: str) -> str:
-    """Return the base64 MAC that answers a challenge for this serial and nonce."""
+    """Compute the base64 MAC that responds to a challenge for this serial and nonce."""
     message = f"{MAC_CONTEXT}\n{serial}\n{nonce}".encode()
     return base64.b64encode(hmac.new(secret, message, hashlib.sha256).digest()).decode()
 

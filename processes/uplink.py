@@ -110,6 +110,8 @@ class IssuedPassword:
     text: str | None = field(repr=False)
     expiry_s: int | None
     minted: bool
+    # Seconds of lifetime left by the monotonic clock, when the source knows them.
+    left_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -131,8 +133,9 @@ class PasswordSource:
         """Return the next connection's password; raise TokenUnavailableError without one."""
         if self.remote is not None:
             # Renewable like a minted token, because the server issues a new one on request.
-            fetched = self.remote.issue()
-            return IssuedPassword(fetched.token.text, fetched.token.expiry_s, minted=True)
+            fetched, left_s = self.remote.issue()
+            return IssuedPassword(fetched.token.text, fetched.token.expiry_s, minted=True,
+                                  left_s=left_s)
         if self.key is not None:
             expiry_s = int(now_s) + self.ttl_s
             text = mint_sas_token(self.resource_uri, self.key, expiry_s)
@@ -732,7 +735,9 @@ class MqttLink(threading.Thread):
         self._note_accepted()
         # Serve the connection until it drops, a stop is requested or the token is due.
         if issued.minted and issued.expiry_s is not None:
-            remaining_s = max(0.0, issued.expiry_s - self._clock.now())
+            remaining_s = issued.left_s
+            if remaining_s is None:
+                remaining_s = max(0.0, issued.expiry_s - self._clock.now())
             fraction = random.uniform(SAS_RENEW_FRACTION_MIN, SAS_RENEW_FRACTION_MAX)
             connection.renew_at = time.monotonic() + remaining_s * fraction
         self._post(LinkEvent("connected", number, reason=f"{host}:{port}"))

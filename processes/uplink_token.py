@@ -44,8 +44,11 @@ class HeldToken:
 
 
 class RemoteTokenSource:
-    """Holds the latest token from the token server; issue() and prepare_renewal() are
-    called on the network thread, and fetches in the background run on their own thread."""
+    """The latest token from the token server, and the fetches that replace it.
+
+    issue() and prepare_renewal() run on the network thread. A background fetch runs on a
+    thread of its own.
+    """
 
     def __init__(self, client: TokenServerClient, renew_fraction: Callable[[], float],
                  backoff: Backoff, logger: logging.Logger) -> None:
@@ -66,8 +69,9 @@ class RemoteTokenSource:
     def url(self) -> str:
         return self._client.url
 
-    def issue(self) -> FetchedToken:
-        """Return the token for a new connection, fetching one when none is fresh.
+    def issue(self) -> tuple[FetchedToken, float]:
+        """Return the token for a new connection and its seconds left, fetching one when
+        none is fresh.
 
         Raises TokenUnavailableError when the fetch fails and the held token has run out.
         """
@@ -143,10 +147,10 @@ class RemoteTokenSource:
         self._note_valid(fetched)
         return held
 
-    def _give(self, held: HeldToken) -> FetchedToken:
+    def _give(self, held: HeldToken) -> tuple[FetchedToken, float]:
         with self._lock:
             self._given = held
-        return held.fetched
+        return held.fetched, max(0.0, held.expires_at - time.monotonic())
 
     def _join_fetcher(self) -> None:
         fetcher = self._fetcher

@@ -1,9 +1,9 @@
 """The token server's HTTPS endpoint: authenticate a gateway, then sign a token for it.
 
 Requests are served on one thread each (http.server's ThreadingHTTPServer). The TLS
-handshake runs on that thread too, not in the accepting loop, so that one slow or hostile
-client cannot stall the others, and a failed handshake, such as an expired client
-certificate, can be written to the audit log with the client's address.
+handshake runs on that thread too, not in the accepting loop, so one slow or hostile client
+cannot stall the others. A failed handshake, such as one with an expired client
+certificate, is then written to the audit log with the client's address.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def build_server_context(config: ServerConfig) -> ssl.SSLContext:
                 f"{listen.client_ca_file}: listen.client_ca_file cannot be loaded: {exc}; "
                 "expected the PEM certificate of the CA that signs gateway certificates"
             ) from exc
-        # Optional, because a gateway may answer a challenge instead. A certificate that is
+        # Optional, because a gateway may respond to a challenge instead. A certificate that is
         # presented is still verified, and an invalid one fails the handshake.
         context.verify_mode = ssl.CERT_OPTIONAL
     return context
