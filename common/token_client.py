@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.config import TokenServerSettings
-from common.credentials import SasToken, parse_sas_token
+from common.credentials import CredentialFileError, SasToken, parse_sas_token
 from common.errors import CredentialError, UplinkError
 from common.token_protocol import (
     CHALLENGE_PATH,
@@ -143,8 +143,8 @@ def _client_context(settings: TokenServerSettings) -> ssl.SSLContext:
     try:
         context.load_verify_locations(cafile=str(settings.ca_file))
     except (ssl.SSLError, OSError) as exc:
-        raise CredentialError(
-            f"{settings.ca_file}: credentials.token_server.ca_file cannot be loaded: {exc}; "
+        raise CredentialFileError(
+            settings.ca_file, f"credentials.token_server.ca_file cannot be loaded: {exc}; "
             "expected the PEM certificate of the CA that signed the token server's certificate"
         ) from exc
     if settings.client_cert_file is not None and settings.client_key_file is not None:
@@ -152,8 +152,8 @@ def _client_context(settings: TokenServerSettings) -> ssl.SSLContext:
             context.load_cert_chain(str(settings.client_cert_file), str(settings.client_key_file))
         except (ssl.SSLError, OSError) as exc:
             reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
-            raise CredentialError(
-                f"{settings.client_cert_file}: credentials.token_server.client_cert_file with "
+            raise CredentialFileError(
+                settings.client_cert_file, "credentials.token_server.client_cert_file with "
                 f"client_key_file {settings.client_key_file} cannot be loaded: {reason}; "
                 "expected a PEM certificate and its unencrypted PEM key"
             ) from exc

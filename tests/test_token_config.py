@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from common.config import Config, load_config
+from common.credential_files import validate_credential_files
+from common.credentials import CredentialFileError
 from common.errors import ConfigError
+from devstack.dev_certs import ensure_dev_certs
 from devstack.gateway_toml import gateway_toml, simulator_tags, toml_table
+from tests.support.token_server import write_private
 
 CERTIFICATE = {"client_cert_file": "gw.pem", "client_key_file": "gw.key"}
 CHALLENGE = {"serial": "GW-SN-0042", "secret_file": "token.secret"}
@@ -102,3 +107,17 @@ def test_token_config_azure_needs_some_source(tmp_path: Path) -> None:
 
     assert "missing key credentials.connection_string_file" in message
     assert "or a [credentials.token_server] table" in message
+
+
+def test_token_config_short_secret_invalid(tmp_path: Path) -> None:
+    config = load(tmp_path, config_text(CHALLENGE))
+    write_private(tmp_path / "token.secret", base64.b64encode(b"too short").decode())
+    ensure_dev_certs(tmp_path / "certs")
+    (tmp_path / "site-ca.pem").write_bytes((tmp_path / "certs" / "ca.pem").read_bytes())
+    (tmp_path / "ca.pem").write_bytes((tmp_path / "certs" / "ca.pem").read_bytes())
+
+    with pytest.raises(CredentialFileError) as caught:
+        validate_credential_files(config.credentials)
+
+    assert caught.value.path == tmp_path / "token.secret"
+    assert "challenge secret is 9 bytes long; expected at least 32 bytes" in caught.value.reason

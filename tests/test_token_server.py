@@ -36,6 +36,9 @@ from tests.support.token_server import (
     write_expired_client_cert,
     write_private,
 )
+from token_server import challenges
+from token_server.bucket import RateLimiter
+from token_server.challenges import ChallengeBook
 from token_server.config import load_server_config
 
 pytestmark = pytest.mark.integration
@@ -312,3 +315,58 @@ def test_token_server_command_exits_on_unsafe_config(base: Path, certs: Path) ->
     assert result.returncode == 2
     assert "devices[0].secret_file has mode 0604" in result.stderr
     assert SECRET not in result.stderr + result.stdout
+
+
+def test_token_server_wrong_device_token_rejected(
+    base: Path, certs: Path, servers: list[TokenServerProcess]
+) -> None:
+    server = start_server(base, certs, servers,
+                          gateways=[AllowedGateway(SERIAL, "gw-other", DEVICE_KEY, SECRET)])
+    client = client_for(server, certs, **certificate_for(certs, base, SERIAL))
+
+    with pytest.raises(TokenServerError, match="issued a token for sr='localhost/devices/"
+                                               "gw-other', not for 'localhost/devices/gw-01'"):
+        client.fetch()
+
+
+# -- pure logic: challenges and token buckets ----------------------------------------------
+
+
+def test_challenge_book_single_use() -> None:
+    book = ChallengeBook(ttl_s=30.0, max_pending=10)
+    nonce = book.issue(SERIAL, now=100.0)
+    assert nonce is not None
+
+    assert book.redeem(SERIAL, nonce, now=101.0) == challenges.ACCEPTED
+    assert book.redeem(SERIAL, nonce, now=101.0) == challenges.UNKNOWN
+
+
+def test_challenge_book_expiry_and_serial() -> None:
+    book = ChallengeBook(ttl_s=30.0, max_pending=10)
+    late = book.issue(SERIAL, now=100.0)
+    other = book.issue("SN-0002", now=100.0)
+    assert late is not None
+    assert other is not None
+
+    assert book.redeem(SERIAL, late, now=130.0) == challenges.EXPIRED
+    assert book.redeem(SERIAL, other, now=101.0) == challenges.WRONG_SERIAL
+
+
+def test_challenge_book_bounded_pending() -> None:
+    book = ChallengeBook(ttl_s=30.0, max_pending=2)
+
+    assert book.issue(SERIAL, now=0.0) is not None
+    assert book.issue(SERIAL, now=0.0) is not None
+    assert book.issue(SERIAL, now=1.0) is None
+    # Expired nonces make room again.
+    assert book.issue(SERIAL, now=31.0) is not None
+
+
+def test_rate_limiter_burst_and_refill() -> None:
+    limiter = RateLimiter(burst=2, per_minute=60.0)
+
+    assert limiter.take("10.0.0.1", now=0.0) == 0.0
+    assert limiter.take("10.0.0.1", now=0.0) == 0.0
+    assert limiter.take("10.0.0.1", now=0.0) == pytest.approx(1.0)
+    assert limiter.take("10.0.0.2", now=0.0) == 0.0
+    assert limiter.take("10.0.0.1", now=1.0) == 0.0
