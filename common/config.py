@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from common import wire
+from common.credentials import DEVICE_ID_PATTERN
 from common.dps_keys import REGISTRATION_ID_RULE, registration_id_problem
 from common.errors import ConfigError
 
@@ -1206,7 +1207,7 @@ def _parse_token_server(credentials: _Table) -> TokenServerSettings | None:
         port=port,
         ca_file=table.path("ca_file", _REQUIRED),  # type: ignore[arg-type]
         hub_host_name=table.text("hub_host_name", _REQUIRED),
-        device_id=table.text("device_id", _REQUIRED),
+        device_id=_device_id(table),
         client_cert_file=table.path("client_cert_file"),
         client_key_file=table.path("client_key_file"),
         serial=table.text("serial"),
@@ -1229,6 +1230,14 @@ def _parse_token_server(credentials: _Table) -> TokenServerSettings | None:
             f"certificate) or serial and secret_file (challenge), {found}"
         )
     return settings
+
+
+def _device_id(table: _Table) -> str:
+    device_id: str = table.text("device_id", _REQUIRED)
+    if not DEVICE_ID_PATTERN.fullmatch(device_id):
+        raise table.error("device_id", device_id, "an IoT Hub device id: up to 128 ASCII "
+                          "letters, digits and - . % _ * ? ! ( ) , : = @ $ '")
+    return device_id
 
 
 def _https_endpoint(table: _Table, url: str) -> tuple[str, int]:

@@ -90,7 +90,7 @@ class RemoteTokenSource:
                     error=exc, token_left_s=f"{held.expires_at - now:.0f}",
                     consequence="the connection uses the token it holds"))
                 return self._give(held)
-            self._note_expired(exc)
+            self._note_expired(exc, ever_held=held is not None)
             raise TokenUnavailableError(
                 f"no valid SAS token: {exc}; pages wait in the buffer until the token "
                 "server answers") from exc
@@ -162,9 +162,9 @@ class RemoteTokenSource:
         self._set_state("valid", f"SAS token from {self.url} valid for {fetched.ttl_s} s "
                                  f"(se={fetched.token.expiry_s})")
 
-    def _note_expired(self, exc: Exception) -> None:
-        self._set_state("expired", f"SAS token expired and the token server gives no new "
-                                   f"one: {exc}")
+    def _note_expired(self, exc: Exception, ever_held: bool) -> None:
+        what = "SAS token expired" if ever_held else "no SAS token yet"
+        self._set_state("expired", f"{what}, and the token server issued no new one: {exc}")
 
     def _set_state(self, state: str, message: str) -> None:
         """Report a state change as the credential guard does, for the credentials alert."""

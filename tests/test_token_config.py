@@ -89,6 +89,9 @@ def test_token_config_challenge_default_port(tmp_path: Path) -> None:
          "expected an https:// URL"),
         ({**CERTIFICATE, "url": "https://tokens.plant.local/v1"}, {}, "expected an https:// URL"),
         ({**CERTIFICATE, "urls": "x"}, {}, "unknown key credentials.token_server.urls"),
+        ({**CERTIFICATE, "device_id": "gw/01"}, {},
+         "invalid value for credentials.token_server.device_id: 'gw/01'; expected an IoT Hub "
+         "device id"),
         (CERTIFICATE, {"connection_string": True},
          "credentials.connection_string_file and [credentials.token_server] are both set"),
         (CERTIFICATE, {"mode": "mqtt"}, '[credentials.token_server] needs uplink.mode = "azure"'),

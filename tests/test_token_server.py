@@ -36,6 +36,7 @@ from tests.support.token_server import (
     write_expired_client_cert,
     write_private,
 )
+from tests.support.waiting import wait_until
 from token_server import challenges
 from token_server.bucket import RateLimiter
 from token_server.challenges import ChallengeBook
@@ -221,7 +222,8 @@ def test_token_server_refuses_expired_certificate(
         client.fetch()
 
     assert server.url in str(raised.value)
-    [record] = server.audit()
+    # The client sees the TLS alert before the server has written its record.
+    [record] = wait_until(server.audit, 10, "the audit record of the refused certificate")
     assert record["outcome"] == "refused"
     assert record["method"] == "certificate"
     assert "certificate has expired" in record["reason"]
@@ -273,6 +275,8 @@ def test_token_server_config_valid(base: Path, certs: Path) -> None:
         ("both_keys", r"devices\[0\] \(serial 'SN-0001'\) sets key_file while "
                       r"tokens\.group_key_file is set"),
         ("short_ttl", r"invalid value for tokens\.ttl_s: 5; expected an integer from 10"),
+        ("bad_device_id", r"invalid value for devices\[0\]\.device_id: 'gw#01'; expected an "
+                          r"IoT Hub device id"),
     ],
 )
 def test_token_server_unsafe_config_rejected(
@@ -297,6 +301,8 @@ def test_token_server_unsafe_config_rejected(
         path.write_text(path.read_text().replace("ttl_s = 3600", "ttl_s = 3600\nttl = 5"))
     elif change == "both_keys":
         path = config_file(base, certs, group_key=new_secret())
+    elif change == "bad_device_id":
+        path = config_file(base, certs, gateways=[AllowedGateway(SERIAL, "gw#01", DEVICE_KEY)])
     else:
         path = config_file(base, certs, ttl_s=5)
 
