@@ -13,8 +13,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import _REQUIRED, _Table, config_source, read_config_text
-from common.credentials import DEVICE_ID_PATTERN
+from common.config import _REQUIRED, _device_id, _Table, config_source, read_config_text
 from common.errors import ConfigError
 from common.token_protocol import SERIAL_PATTERN
 from token_server.file_safety import check_private_file
@@ -165,13 +164,9 @@ def _parse_device(table: _Table) -> AllowedDevice:
     if not SERIAL_PATTERN.fullmatch(serial):
         raise table.error("serial", serial,
                           "up to 64 ASCII letters, digits and - . _ : (the gateway's serial)")
-    device_id = table.text("device_id", _REQUIRED)
-    if not DEVICE_ID_PATTERN.fullmatch(device_id):
-        raise table.error("device_id", device_id, "an IoT Hub device id: up to 128 ASCII "
-                          "letters, digits and - . % _ * ? ! ( ) , : = @ $ '")
     device = AllowedDevice(
         serial=serial,
-        device_id=device_id,
+        device_id=_device_id(table),
         key_file=table.path("key_file"),
         secret_file=table.path("secret_file"),
     )

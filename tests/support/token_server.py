@@ -102,17 +102,6 @@ class TokenServerProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
 
-    def __enter__(self) -> TokenServerProcess:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop()
-
     @property
     def url(self) -> str:
         return f"https://localhost:{self.port}"
