@@ -1,8 +1,9 @@
 """The whole gateway with SAS tokens from the on-site token server, and no key on its disk.
 
 The PLC simulator, the hub emulator (mosquitto behind it), the token server and the four
-gateway processes under supervisord all run for real. Tokens live 20 s, so a test sees
-several renewals, and a stopped token server lets the gateway's token run out.
+gateway processes under supervisord all run for real. Tokens live 20 s, so a test of a
+minute covers several renewals, and a stopped token server lets the gateway's token run
+out.
 """
 
 from __future__ import annotations
@@ -125,6 +126,11 @@ def token_alert(report: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def status_with_token_alert(gateway: Gateway) -> dict[str, Any] | None:
+    report = status(gateway)
+    return report if token_alert(report) else None
+
+
 def issued(server: TokenServerProcess) -> int:
     return sum(1 for record in server.audit() if record["outcome"] == "issued")
 
@@ -153,9 +159,8 @@ def test_token_gateway_server_outage_alerts_then_delivers(token_stack: TokenStac
 
     # Without the server, the token runs out within one lifetime and the hub closes.
     server.stop()
-    report = wait_until(lambda: (lambda r: r if token_alert(r) else None)(status(gateway)),
-                        3 * TTL_S + 30, "the token_server credentials alert in status",
-                        step_s=1.0)
+    report = wait_until(lambda: status_with_token_alert(gateway), 3 * TTL_S + 30,
+                        "the token_server credentials alert in status", step_s=1.0)
     alert = token_alert(report)
     assert alert is not None
     assert "expired" in alert["detail"]
