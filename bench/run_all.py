@@ -8,7 +8,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 SCRIPTS = ("bench_paho.py", "bench_buffer.py", "bench_backlog.py", "bench_gateway.py",
-           "bench_rotation.py")
+           "bench_token_server.py", "bench_rotation.py")
 
 
 def main() -> int:

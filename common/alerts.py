@@ -32,9 +32,10 @@ BUFFER_FULL = "buffer_full"
 SAMPLES_DROPPED = "samples_dropped"
 PLC_UNREACHABLE = "plc_unreachable"
 RESTART_LOOP = "restart_loop"
+PROVISIONING = "provisioning"
 
 ALERT_NAMES = (NO_PUBLISH, CREDENTIALS, CLOCK, BUFFER_FULL, SAMPLES_DROPPED, PLC_UNREACHABLE,
-               RESTART_LOOP)
+               RESTART_LOOP, PROVISIONING)
 
 # The cloud queue keeps at most this many raises and clears. A link that is down for days
 # with a flapping condition would otherwise grow the file without bound; the oldest go.

@@ -4,7 +4,7 @@
 OUTDIR. With --next it also writes next-ca.pem, next-ca.key, next-server.pem and
 next-server.key: a second, unrelated CA and a server certificate under it. They rehearse a
 CA rotation: clients first trust both roots, then the server switches to the certificate
-under the new one. The server certificates name DNS localhost and IP 127.0.0.1
+under the new one. The server certificates name DNS localhost and IP 127.0.0.1, 127.0.0.2
 and ::1, so a client that checks host names can reach the local mosquitto by any of them.
 Keys are EC P-256 and are written with mode 0600. Existing files are kept while they are
 valid, so running the command again changes nothing. These files are for the demo and the
@@ -39,7 +39,9 @@ RENEW_MARGIN = datetime.timedelta(days=30)
 BACKDATE = datetime.timedelta(hours=1)
 
 SERVER_DNS_NAMES = ("localhost",)
-SERVER_IP_ADDRESSES = ("127.0.0.1", "::1")
+# 127.0.0.2 lets a second emulated hub listen on the same port as the first, as a gateway
+# that DPS moves to another hub keeps its uplink.port.
+SERVER_IP_ADDRESSES = ("127.0.0.1", "127.0.0.2", "::1")
 
 # File name prefix of the second CA and its server certificate.
 NEXT_PREFIX = "next-"

@@ -2,8 +2,9 @@
 gateway processes under supervisord.
 
 Commands are published to the device's devicebound topic, as IoT Hub delivers them, and the
-results are read from the telemetry topic. Each write is checked against the simulator's
-registers with a Modbus client of its own.
+results are read from the telemetry topic. One test puts the IoT Hub emulator in front of
+mosquitto, so the gateway authenticates with a SAS token as it does with a real hub. Each
+write is checked against the simulator's registers with a Modbus client of its own.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from devstack.gateway_toml import gateway_dirs, gateway_toml, simulator_tags
 from devstack.plc_simulator import BENCH_START
 from processes.plc_reader.client import PlcConnection
 from tests.support.broker import Broker, Subscriber
-from tests.support.gateway import Gateway, gateway_config, wait_until
+from tests.support.gateway import DEVICE_KEY, Gateway, gateway_config, wait_until
+from tests.support.hub import HubStack
 from tests.support.plc import PlcSimulator
 from tests.test_plc_faults import LOGGER, make_device
 from tests.test_plc_writes import read_back
@@ -36,7 +38,8 @@ DEVICE_ID = "e2e-device"
 C2D_TOPIC = f"devices/{DEVICE_ID}/messages/devicebound/%24.to=%2Fdevices%2F{DEVICE_ID}"
 EVENTS_FILTER = "devices/+/messages/events/#"
 SCRATCH = BENCH_START + 1000  # the first scratch register of a simulator with 1000 bench ones
-WRITE_TIMEOUT_S = 2.0
+# Long enough for a write on a loaded machine, short enough for the timeout test.
+WRITE_TIMEOUT_S = 5.0
 
 SETPOINT: dict[str, Any] = {
     "name": "line1.setpoint", "group": "slow", "table": "holding_register",
@@ -138,19 +141,22 @@ ConfigText = Callable[[int, int], str]
 
 
 @contextmanager
-def started_stack(base: Path, certs: Path, config_text: ConfigText,
-                  cloud_filter: str) -> Iterator[CommandStack]:
+def started_stack(base: Path, certs: Path, config_text: ConfigText, cloud_filter: str,
+                  hub: HubStack | None = None) -> Iterator[CommandStack]:
     """Start the simulator, mosquitto, the cloud's client and the gateway; stop them after.
 
-    config_text(plc_port, broker_port) returns the gateway's configuration.
+    config_text(plc_port, gateway_port) returns the gateway's configuration. With a running
+    hub the gateway connects to the hub emulator, and the cloud's client to its mosquitto.
     """
     plc = PlcSimulator(base)
-    broker = Broker(certs, base / "mosquitto")
+    broker = hub.broker if hub is not None else Broker(certs, base / "mosquitto")
     plc.start()
-    broker.start()
+    if hub is None:
+        broker.start()
     cloud = Subscriber(broker.port, broker.ca_file, cloud_filter)
     modbus = PlcConnection(make_device(plc.port), logging.getLogger(LOGGER))
-    gateway = Gateway(base, config_text(plc.port, broker.port), DEVICE_ID)
+    gateway_port = hub.mqtt_port if hub is not None else broker.port
+    gateway = Gateway(base, config_text(plc.port, gateway_port), DEVICE_ID)
     try:
         cloud.start()
         gateway.start()
@@ -159,18 +165,23 @@ def started_stack(base: Path, certs: Path, config_text: ConfigText,
         gateway.stop()
         modbus.close()
         cloud.stop()
-        broker.stop()
+        if hub is None:
+            broker.stop()
         plc.stop()
+
+
+def azure_config(base: Path, certs: Path) -> ConfigText:
+    def config_text(plc_port: int, gateway_port: int) -> str:
+        return gateway_config(base, plc_port, gateway_port, certs / "ca.pem",
+                              extra_uplink=f"write_timeout_s = {WRITE_TIMEOUT_S}",
+                              extra_tags=[SETPOINT, RATIO, ENABLE, MODE_BIT, RECIPE, WARMUP])
+
+    return config_text
 
 
 @pytest.fixture
 def stack(base: Path, certs: Path) -> Iterator[CommandStack]:
-    def config_text(plc_port: int, broker_port: int) -> str:
-        return gateway_config(base, plc_port, broker_port, certs / "ca.pem",
-                              extra_uplink=f"write_timeout_s = {WRITE_TIMEOUT_S}",
-                              extra_tags=[SETPOINT, RATIO, ENABLE, MODE_BIT, RECIPE, WARMUP])
-
-    with started_stack(base, certs, config_text, EVENTS_FILTER) as running:
+    with started_stack(base, certs, azure_config(base, certs), EVENTS_FILTER) as running:
         running.wait_subscribed()
         running.wait_writable()
         yield running
@@ -194,6 +205,20 @@ def test_write_tag_sets_registers(stack: CommandStack) -> None:
     assert stack.read(RATIO) == -12.5
     assert stack.read(ENABLE) is True
     assert stack.tags_written() == ["line1.setpoint", "line1.ratio", "line1.enable"]
+
+
+def test_write_tag_through_hub_emulator(base: Path, certs: Path) -> None:
+    devices = {DEVICE_ID: {"primary_key": DEVICE_KEY}}
+    with HubStack(certs, base / "hub", devices) as hub, \
+            started_stack(base, certs, azure_config(base, certs), EVENTS_FILTER, hub) as running:
+        running.wait_subscribed()
+        running.wait_writable()
+
+        running.send({"command": "write_tag", "request_id": "h-1", "tag": "line1.setpoint",
+                      "value": 123})
+
+        assert running.wait_result("h-1")["status"] == "ok"
+        assert running.read(SETPOINT) == 123
 
 
 def test_write_tag_bit_and_string(stack: CommandStack) -> None:
