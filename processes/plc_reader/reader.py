@@ -157,7 +157,11 @@ class PlcReader:
         now = time.monotonic()
         if now >= self._next_lateness:
             self._next_lateness = now + LATENESS_INTERVAL_S
-            lateness = sorted(value for poller in self._pollers for value in poller.lateness_s)
+            # The polling threads append to their deques meanwhile. Iterating a deque that
+            # grows raises RuntimeError, which stopped the reader; deque.copy() runs in C
+            # under the interpreter lock, so no append comes in between.
+            lateness = sorted(value for poller in self._pollers
+                              for value in poller.lateness_s.copy())
             self._lateness = {
                 "lateness_ms_p50": _percentile_ms(lateness, 0.50),
                 "lateness_ms_p99": _percentile_ms(lateness, 0.99),
