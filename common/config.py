@@ -276,6 +276,9 @@ class CredentialSettings:
     certificate_warning_days: float = 30.0
     expiry_error_margin_s: float = 300.0
     client_key_passphrase_file: Path | None = None
+    # Whether the uplink goes back to the last credential set that connected when the hub
+    # rejects a new one; see common/last_good_credentials.py.
+    fallback_to_last_good: bool = True
 
     def watched_files(self) -> tuple[Path, ...]:
         """List every credential file the uplink reads, in a fixed order."""
@@ -1021,6 +1024,7 @@ def _parse_credentials(table: _Table) -> CredentialSettings:
         certificate_warning_days=table.number("certificate_warning_days", 30.0, 0.0, 3650.0),
         expiry_error_margin_s=table.number("expiry_error_margin_s", 300.0, 0.0, 31_536_000.0),
         client_key_passphrase_file=table.path("client_key_passphrase_file"),
+        fallback_to_last_good=table.flag("fallback_to_last_good", True),
     )
     table.reject_unknown()
 

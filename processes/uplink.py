@@ -48,7 +48,7 @@ from common import wire
 from common.alerts import AlertBook
 from common.backoff import Backoff
 from common.clock import HubClock, TimeFloor
-from common.config import Config, CredentialSettings, UplinkSettings
+from common.config import Config, CredentialSettings
 from common.credential_files import (
     ClientCertificate,
     read_passphrase,
@@ -63,11 +63,13 @@ from common.credentials import (
     read_password_file,
 )
 from common.errors import CredentialError, PlcBridgeError, UplinkError
+from common.last_good_credentials import CredentialSnapshot, read_snapshot
 from common.lifecycle import gateway_version, run_process
 from common.logs import fields
 from common.payload import CONTENT_ENCODING, CONTENT_TYPE
 from common.socket_monitor import SocketMonitor
 from common.tap import Tap
+from processes.uplink_fallback import Choice, CredentialSets
 from processes.uplink_health import HEALTH_PAGE_SEQ, HealthMonitor, LinkFigures
 from processes.uplink_metrics import MetricsServer
 
@@ -150,6 +152,8 @@ class Identity:
     client_certificate: ClientCertificate | None = None
     # Topic of the gateway's own messages, with {kind} to fill in; None sends none.
     event_topic_format: str | None = None
+    # The CA bundle that tls_context trusts, for the error of a failed verification.
+    ca_file: Path | None = None
 
     def topic(self, page_seq: int) -> str:
         return self.topic_format.format(page_seq=page_seq)
@@ -170,7 +174,43 @@ def load_identity(config: Config, logger: logging.Logger) -> Identity:
         identity = _azure_identity(config, logger)
     else:
         identity = _mqtt_identity(config, logger)
-    return dataclasses.replace(identity, client_certificate=loaded.client_certificate)
+    return dataclasses.replace(identity, client_certificate=loaded.client_certificate,
+                               ca_file=config.credentials.ca_file)
+
+
+# A rotation written while the files are read is read again, at most this many times.
+SNAPSHOT_ATTEMPTS = 3
+
+
+def load_identity_with_snapshot(
+    config: Config, logger: logging.Logger
+) -> tuple[Identity, CredentialSnapshot | None]:
+    """Load the identity and the bytes of the files it was built from.
+
+    The files are read before and after the identity is built. The bytes are returned only
+    when both reads agree, because only then are they the set that will connect and that
+    the uplink may save as the last good set.
+    """
+    identity = None
+    for _attempt in range(SNAPSHOT_ATTEMPTS):
+        try:
+            before = read_snapshot(config.credentials)
+        except (OSError, ValueError):
+            before = None
+        identity = load_identity(config, logger)
+        try:
+            after = read_snapshot(config.credentials)
+        except (OSError, ValueError):
+            after = None
+        if before is not None and before == after:
+            return identity, before
+    # The files keep changing, so the credential watcher restarts the uplink soon anyway.
+    logger.warning("credential_snapshot_unstable %s",
+                   fields(attempts=SNAPSHOT_ATTEMPTS,
+                          consequence="this run does not save its credentials as the last "
+                          "good set and cannot fall back to it"))
+    assert identity is not None
+    return identity, None
 
 
 def _azure_identity(config: Config, logger: logging.Logger) -> Identity:
@@ -429,9 +469,9 @@ class Wakeup:
 class LinkEvent:
     """Something that happened on the network thread, for the main thread to act on.
 
-    kind is one of connecting, connected, connect_failed, disconnected, puback, c2d, tap
-    and fatal. connection numbers the connection attempt it belongs to. A tap event has its
-    tap kind in reason and its values in values.
+    kind is one of connecting, connected, connect_failed, disconnected, puback, c2d, tap,
+    credential_set and fatal. connection numbers the connection attempt it belongs to. A tap
+    event has its tap kind in reason and its values in values.
     """
 
     kind: str
@@ -464,6 +504,8 @@ class Connection:
     refused: str | None = None
     refused_code: int | None = None
     close_reason: str = ""
+    # paho's last error message before CONNACK, such as a TLS alert read after the handshake.
+    connect_error: str = ""
     renew_at: float | None = None
     mid_to_page: dict[int, int] = field(default_factory=dict)
 
@@ -477,6 +519,8 @@ class Outcome:
     renew: bool = False
     connected_s: float = 0.0
     rejected: bool = False
+    tls_refused: bool = False
+    closed_before_connack: bool = False
 
 
 # A connection that stayed up this long was accepted and worked, so the next reconnect
@@ -507,33 +551,49 @@ class CredentialsRejectedError(UplinkError):
     """A CONNACK that rejects the credentials: bad user name or password, or not authorized."""
 
 
+class ClosedBeforeConnackError(UplinkError):
+    """The broker closed the connection after the TLS handshake and before CONNACK."""
+
+
+class TlsRefusedError(UplinkError):
+    """A TLS handshake that failed over a certificate: the CA bundle does not trust the
+    server's, or the server refused the client's."""
+
+
+# Fragments of OpenSSL 3 reasons of a handshake that the server ended over the client's
+# certificate, such as SSLV3_ALERT_BAD_CERTIFICATE, TLSV1_ALERT_UNKNOWN_CA and
+# TLSV13_ALERT_CERTIFICATE_REQUIRED.
+CLIENT_CERTIFICATE_ALERTS = ("CERTIFICATE", "UNKNOWN_CA")
+
+
+def _names_certificate_alert(reason: str) -> bool:
+    upper = reason.upper()
+    return any(fragment in upper for fragment in CLIENT_CERTIFICATE_ALERTS)
+
+
 class MqttLink(threading.Thread):
     """Runs paho for one connection after another until stop() is called."""
 
     def __init__(
         self,
         identity: Identity,
-        settings: UplinkSettings,
-        credentials: CredentialSettings,
+        snapshot: CredentialSnapshot | None,
+        config: Config,
         logger: logging.Logger,
         events: queue.Queue[LinkEvent],
         events_wakeup: Wakeup,
-        state_dir: Path,
     ) -> None:
         super().__init__(name="mqtt-network", daemon=True)
         self._identity = identity
-        self._settings = settings
-        self._ca_file = credentials.ca_file
+        self._settings = config.uplink
         self._logger = logger
         self._clock = HubClock()
-        date_source = None
-        if identity.tls_context is not None:
-            date_source = DateSource(identity.connect_host, settings.date_port,
-                                     identity.tls_context)
         self._guard = CredentialGuard(
-            credentials, TimeFloor(state_dir, logger), self._clock, date_source,
-            identity.client_certificate, logger, self._report_tap,
+            config.credentials, TimeFloor(config.gateway.state_dir, logger), self._clock,
+            self._date_source(identity), identity.client_certificate, logger, self._report_tap,
         )
+        self._sets = CredentialSets(config, logger, lambda other: load_identity(other, logger),
+                                    identity, snapshot, self._report_tap)
         self._rejected_attempts = 0
         self._events = events
         self._events_wakeup = events_wakeup
@@ -586,6 +646,15 @@ class MqttLink(threading.Thread):
             if outcome.rejected:
                 self._rejected_attempts += 1
                 self._guard.after_rejection()
+            choice = None
+            if outcome.rejected or outcome.tls_refused:
+                choice = self._sets.after_failure(outcome.reason, self._clock.now())
+            elif outcome.closed_before_connack:
+                choice = self._sets.after_early_close(outcome.reason, self._clock.now())
+            if choice is not None:
+                self._use(choice)
+                if choice.at_once:
+                    continue
 
             if held_long_enough(outcome.connected_s, self._settings.reconnect_max_s):
                 backoff.reset()
@@ -609,6 +678,22 @@ class MqttLink(threading.Thread):
                 ),
             )
             self._stop_requested.wait(delay_s)
+
+    def _date_source(self, identity: Identity) -> DateSource | None:
+        if identity.tls_context is None:
+            return None
+        return DateSource(identity.connect_host, self._settings.date_port, identity.tls_context)
+
+    def _use(self, choice: Choice) -> None:
+        """Connect with another credential set from the next attempt on."""
+        self._identity = choice.identity
+        self._guard.use_credentials(choice.identity.client_certificate,
+                                    self._date_source(choice.identity))
+        self._logger.info("credential_set %s",
+                          fields(set="last_good" if choice.last_good else "current",
+                                 identity=choice.identity.description))
+        self._post(LinkEvent("credential_set", 0, values={"identity": choice.identity,
+                                                          "last_good": choice.last_good}))
 
     def _report_rejection(self, reason: str, delay_s: float) -> None:
         """Raise one alert for a run of rejected connects, then log each retry at INFO."""
@@ -665,15 +750,19 @@ class MqttLink(threading.Thread):
             if not self._stop_requested.is_set():
                 self._post(LinkEvent("connect_failed", number, reason=str(exc),
                                      values={"rejected": rejected}))
-            return Outcome(False, str(exc), rejected=rejected)
+            return Outcome(False, str(exc), rejected=rejected,
+                           tls_refused=isinstance(exc, TlsRefusedError),
+                           closed_before_connack=isinstance(exc, ClosedBeforeConnackError))
 
         self._note_accepted()
+        self._sets.on_accepted()
         # Serve the connection until it drops, a stop is requested or the token is due.
         if issued.minted and issued.expiry_s is not None:
             remaining_s = max(0.0, issued.expiry_s - self._clock.now())
             fraction = random.uniform(SAS_RENEW_FRACTION_MIN, SAS_RENEW_FRACTION_MAX)
             connection.renew_at = time.monotonic() + remaining_s * fraction
-        self._post(LinkEvent("connected", number, reason=f"{host}:{port}"))
+        self._post(LinkEvent("connected", number, reason=f"{host}:{port}",
+                             values={"last_good": self._sets.on_last_good}))
         self._subscribe_c2d(connection)
         connected_at = time.monotonic()
         outcome = self._serve(connection)
@@ -707,6 +796,10 @@ class MqttLink(threading.Thread):
         if self._identity.tls_context is not None:
             client.tls_set_context(self._identity.tls_context)
 
+        # Under TLS 1.3 a server that refuses the client certificate sends its alert after
+        # the handshake, and paho 2.2 reports that read error only through its log. The
+        # callback is removed at CONNACK, because paho formats every message it passes.
+        client.on_log = self._on_log_before_connack
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -735,14 +828,16 @@ class MqttLink(threading.Thread):
                 f"within {timeout_s:g} s"
             ) from exc
         except ssl.SSLCertVerificationError as exc:
-            raise UplinkError(
+            raise TlsRefusedError(
                 f"TLS handshake with {where} failed: certificate verify failed: "
                 f"{exc.verify_message}; check that "
-                f"{self._ca_file} contains the broker's root CA and that the broker's "
-                f"certificate names {host}"
+                f"{self._identity.ca_file} contains the broker's root CA and that the "
+                f"broker's certificate names {host}"
             ) from exc
         except ssl.SSLError as exc:
-            raise UplinkError(f"TLS handshake with {where} failed: {exc.reason or exc}") from exc
+            reason = str(exc.reason or exc)
+            error = TlsRefusedError if _names_certificate_alert(reason) else UplinkError
+            raise error(f"TLS handshake with {where} failed: {reason}") from exc
         except ConnectionRefusedError as exc:
             raise UplinkError(
                 f"connection to {where} refused; check that the broker runs and that "
@@ -774,7 +869,11 @@ class MqttLink(threading.Thread):
                     f"{self._refusal_hint()}"
                 )
             if connection.closed:
-                raise UplinkError(
+                if _names_certificate_alert(connection.connect_error):
+                    raise TlsRefusedError(
+                        f"TLS connection to {where} failed before CONNACK: the server "
+                        f"refused the client certificate: {connection.connect_error}")
+                raise ClosedBeforeConnackError(
                     f"connection to {where} closed before CONNACK: {connection.close_reason}"
                 )
             if self._stop_requested.is_set():
@@ -927,10 +1026,18 @@ class MqttLink(threading.Thread):
     # Reason codes are paho ReasonCode objects. Only str() and is_failure are used on
     # them: int() on one inside a callback has crashed paho's network thread in the field.
 
+    @staticmethod
+    def _on_log_before_connack(
+        _client: mqtt.Client, connection: Connection, level: int, message: str
+    ) -> None:
+        if level == mqtt.MQTT_LOG_ERR:
+            connection.connect_error = message
+
     def _on_connect(
-        self, _client: mqtt.Client, connection: Connection, _flags: Any, reason_code: Any,
+        self, client: mqtt.Client, connection: Connection, _flags: Any, reason_code: Any,
         _properties: Any,
     ) -> None:
+        client.on_log = None
         if reason_code.is_failure:
             # .value is a plain attribute; int(reason_code) is what crashed paho's thread.
             connection.refused = str(reason_code)
@@ -999,7 +1106,8 @@ class Uplink:
     """The main thread's side: talks to the buffer and the tap, drives the network thread."""
 
     def __init__(
-        self, config: Config, logger: logging.Logger, stop: threading.Event, identity: Identity
+        self, config: Config, logger: logging.Logger, stop: threading.Event, identity: Identity,
+        snapshot: CredentialSnapshot | None = None,
     ) -> None:
         self._config = config
         self._settings = config.uplink
@@ -1017,12 +1125,11 @@ class Uplink:
             "puback": self._on_puback,
             "c2d": self._on_c2d,
             "tap": self._on_tap,
+            "credential_set": self._on_credential_set,
             "fatal": self._on_fatal,
         }
-        self._link = MqttLink(
-            identity, config.uplink, config.credentials, logger, self._events,
-            self._events_wakeup, config.gateway.state_dir,
-        )
+        self._link = MqttLink(identity, snapshot, config, logger, self._events,
+                              self._events_wakeup)
 
         # Link state as the buffer should see it.
         self._session = new_session_id()
@@ -1189,7 +1296,7 @@ class Uplink:
                    session=self._session),
         )
         self._tap.publish("connected", endpoint=event.reason, session=self._session)
-        self._health.on_connected()
+        self._health.on_connected(last_good=bool(event.values.get("last_good")))
         self._send_link()
         self._send_alerts()
 
@@ -1202,6 +1309,14 @@ class Uplink:
     def _on_tap(self, event: LinkEvent) -> None:
         self._tap.publish(event.reason, **event.values)
         self._health.on_tap_event(event.reason, event.values)
+
+    def _on_credential_set(self, event: LinkEvent) -> None:
+        """Follow the network thread to another credential set, for the topics it names."""
+        self._identity = event.values["identity"]
+        last_good = bool(event.values["last_good"])
+        self._tap.publish("credential_set", set="last_good" if last_good else "current",
+                          identity=self._identity.description)
+        self._health.on_credential_set(last_good)
 
     def _on_disconnected(self, event: LinkEvent) -> None:
         if event.connection != self._connection:
@@ -1372,7 +1487,7 @@ class Uplink:
 
 def body(config: Config, logger: logging.Logger, stop: threading.Event) -> None:
     """Run the uplink until stop is set; raise CredentialError for unusable credentials."""
-    identity = load_identity(config, logger)
+    identity, snapshot = load_identity_with_snapshot(config, logger)
     logger.info(
         "identity %s",
         fields(
@@ -1384,7 +1499,7 @@ def body(config: Config, logger: logging.Logger, stop: threading.Event) -> None:
             ca_file=config.credentials.ca_file,
         ),
     )
-    Uplink(config, logger, stop, identity).run()
+    Uplink(config, logger, stop, identity, snapshot).run()
 
 
 def main() -> int:

@@ -101,6 +101,9 @@ class HealthMonitor:
         # "unknown" until the credential guard reports or a connect succeeds, so that a
         # restarted uplink neither clears nor raises the clock alert before the clock is judged.
         self._clock: dict[str, Any] = {"state": "unknown", "offset_s": 0.0}
+        # Which credential set the uplink connects with, and what the hub rejected.
+        self._credential_set: dict[str, Any] = {"active": "current", "rejected_files": [],
+                                                "last_good_saved_ms": None}
         self._last_puback_ms: int | None = None
         self._last_puback_at: float | None = None
         self._waiting_since: float | None = None
@@ -125,11 +128,25 @@ class HealthMonitor:
             self._clock["state"] = "ok"
         elif kind == "clock_offset":
             self._clock["offset_s"] = values.get("offset_s", 0.0)
+        elif kind == "rotation_rejected":
+            self._credential_set["rejected_files"] = list(values.get("files", []))
+            self._credential_set["last_good_saved_ms"] = values.get("saved_ms")
+            self.book.raise_alert(alerts.ROTATION_REJECTED, str(values.get("detail")))
 
-    def on_connected(self) -> None:
-        """Judge the clock right after a successful connect, unless the guard judged it wrong."""
+    def on_connected(self, last_good: bool = False) -> None:
+        """Judge the clock right after a successful connect, unless the guard judged it wrong.
+
+        A connect with the current credential files ends a rejected rotation.
+        """
         if self._clock["state"] == "unknown":
             self._clock["state"] = "ok"
+        if not last_good:
+            self._credential_set.update(active="current", rejected_files=[],
+                                        last_good_saved_ms=None)
+            self.book.clear(alerts.ROTATION_REJECTED)
+
+    def on_credential_set(self, last_good: bool) -> None:
+        self._credential_set["active"] = "last_good" if last_good else "current"
 
     def on_puback(self) -> None:
         self._last_puback_ms = int(time.time() * 1000)
@@ -382,6 +399,7 @@ class HealthMonitor:
                 "time_left_s": None if expiry_s is None else int(expiry_s - now_s),
                 "checks": self._credential_states,
                 "clock": dict(self._clock),
+                "set": dict(self._credential_set),
             },
             "plc": self._plc_snapshot(),
             "buffer": alerts.buffer_summary(buffer),
