@@ -5,7 +5,7 @@ file of that set (connection string or password file, client certificate, key, p
 file and CA bundle) into <state_dir>/credentials-last-good/. When the hub later rejects a
 rotated set, the uplink can connect with these copies instead (processes/uplink_fallback.py).
 
-The folder holds one subfolder per saved set, named after the set's digest, and
+The folder contains one subfolder per saved set, named after the set's digest, and
 manifest.json, which names the current subfolder and records each file's source path and
 SHA-256. A save writes and fsyncs a new subfolder first, and only then replaces the
 manifest with common.atomic_file, so a crash at any moment leaves the manifest naming one

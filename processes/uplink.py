@@ -519,7 +519,7 @@ class Outcome:
     renew: bool = False
     connected_s: float = 0.0
     rejected: bool = False
-    tls_refused: bool = False
+    tls_rejected: bool = False
     closed_before_connack: bool = False
 
 
@@ -555,9 +555,9 @@ class ClosedBeforeConnackError(UplinkError):
     """The broker closed the connection after the TLS handshake and before CONNACK."""
 
 
-class TlsRefusedError(UplinkError):
+class TlsRejectedError(UplinkError):
     """A TLS handshake that failed over a certificate: the CA bundle does not trust the
-    server's, or the server refused the client's."""
+    server's, or the server rejected the client's."""
 
 
 # Fragments of OpenSSL 3 reasons of a handshake that the server ended over the client's
@@ -647,7 +647,7 @@ class MqttLink(threading.Thread):
                 self._rejected_attempts += 1
                 self._guard.after_rejection()
             choice = None
-            if outcome.rejected or outcome.tls_refused:
+            if outcome.rejected or outcome.tls_rejected:
                 choice = self._sets.after_failure(outcome.reason, self._clock.now())
             elif outcome.closed_before_connack:
                 choice = self._sets.after_early_close(outcome.reason, self._clock.now())
@@ -751,7 +751,7 @@ class MqttLink(threading.Thread):
                 self._post(LinkEvent("connect_failed", number, reason=str(exc),
                                      values={"rejected": rejected}))
             return Outcome(False, str(exc), rejected=rejected,
-                           tls_refused=isinstance(exc, TlsRefusedError),
+                           tls_rejected=isinstance(exc, TlsRejectedError),
                            closed_before_connack=isinstance(exc, ClosedBeforeConnackError))
 
         self._note_accepted()
@@ -796,9 +796,11 @@ class MqttLink(threading.Thread):
         if self._identity.tls_context is not None:
             client.tls_set_context(self._identity.tls_context)
 
-        # Under TLS 1.3 a server that refuses the client certificate sends its alert after
+        # Under TLS 1.3 a server that rejects the client certificate sends its alert after
         # the handshake, and paho 2.2 reports that read error only through its log. The
         # callback is removed at CONNACK, because paho formats every message it passes.
+        # NOTE: the hub emulator closes without an alert, so the tests cover only the
+        # count of closes in processes/uplink_fallback.py, not this path.
         client.on_log = self._on_log_before_connack
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -828,7 +830,7 @@ class MqttLink(threading.Thread):
                 f"within {timeout_s:g} s"
             ) from exc
         except ssl.SSLCertVerificationError as exc:
-            raise TlsRefusedError(
+            raise TlsRejectedError(
                 f"TLS handshake with {where} failed: certificate verify failed: "
                 f"{exc.verify_message}; check that "
                 f"{self._identity.ca_file} contains the broker's root CA and that the "
@@ -836,7 +838,7 @@ class MqttLink(threading.Thread):
             ) from exc
         except ssl.SSLError as exc:
             reason = str(exc.reason or exc)
-            error = TlsRefusedError if _names_certificate_alert(reason) else UplinkError
+            error = TlsRejectedError if _names_certificate_alert(reason) else UplinkError
             raise error(f"TLS handshake with {where} failed: {reason}") from exc
         except ConnectionRefusedError as exc:
             raise UplinkError(
@@ -870,9 +872,9 @@ class MqttLink(threading.Thread):
                 )
             if connection.closed:
                 if _names_certificate_alert(connection.connect_error):
-                    raise TlsRefusedError(
+                    raise TlsRejectedError(
                         f"TLS connection to {where} failed before CONNACK: the server "
-                        f"refused the client certificate: {connection.connect_error}")
+                        f"rejected the client certificate: {connection.connect_error}")
                 raise ClosedBeforeConnackError(
                     f"connection to {where} closed before CONNACK: {connection.close_reason}"
                 )

@@ -1,12 +1,13 @@
 """The uplink's choice between the current credential files and the last good set.
 
 The uplink starts with the current files. After their first accepted CONNACK it saves them
-as the last good set (common/last_good_credentials.py). When the hub rejects the current
-files (CONNACK 4 or 5, or a TLS failure over the server's or the client's certificate) and
-a stored set differs from them and is still valid, the uplink connects with the stored
-copies at once, and stays on them until the process ends. The credential watcher restarts
-it when the operator writes new files, and the new process tries the current files first
-again, so a restart while on the fallback costs one rejected attempt and never loops.
+as the last good set (common/last_good_credentials.py). The hub may reject the current
+files with CONNACK 4 or 5, or with a TLS failure over the server's or the client's
+certificate. When a stored set then differs from them and is still valid, the uplink
+connects with the stored copies at once, and stays on them until the process ends or the
+hub rejects them too. The credential watcher restarts it when the operator writes new
+files, and the new process tries the current files first again, so a restart while on the
+fallback costs one rejected attempt and never loops.
 
 With credentials.fallback_to_last_good = false, the uplink keeps retrying the current files
 with its backoff. In both cases the rotation_rejected alert names the rejected files, and
@@ -49,11 +50,11 @@ LoadIdentity = Callable[[Config], "Identity"]
 # Publishes an event on the uplink's tap through the main thread: kind, then its values.
 Report = Callable[..., None]
 
-# A server that refuses a client certificate may just close the connection after the TLS
+# A server that rejects a client certificate may just close the connection after the TLS
 # handshake, as the hub emulator does, which looks like any connection lost before
 # CONNACK. After a new client certificate or key, this many such closes in a row count as
-# a refusal of the new certificate.
-EARLY_CLOSES_AS_REFUSAL = 3
+# a rejection of the new certificate.
+EARLY_CLOSES_AS_REJECTION = 3
 
 # The settings whose change can make a server close the connection during TLS.
 CLIENT_CERTIFICATE_ROLES = ("client_cert_file", "client_key_file", "client_key_passphrase_file")
@@ -142,18 +143,18 @@ class CredentialSets:
     def after_early_close(self, reason: str, now_s: float) -> Choice | None:
         """Choose the set for the next attempt after the server closed before CONNACK.
 
-        Only a run of such closes with a new client certificate counts as a refusal.
+        Only a run of such closes with a new client certificate counts as a rejection.
         """
         if self.on_last_good or not self._client_certificate_changed():
             self._early_closes = 0
             return None
         self._early_closes += 1
-        if self._early_closes < EARLY_CLOSES_AS_REFUSAL:
+        if self._early_closes < EARLY_CLOSES_AS_REJECTION:
             return None
         self._early_closes = 0
         return self.after_failure(
-            f"{reason}, {EARLY_CLOSES_AS_REFUSAL} times in a row after a new client "
-            "certificate, so the server is taken to refuse it", now_s)
+            f"{reason}, {EARLY_CLOSES_AS_REJECTION} times in a row after a new client "
+            "certificate, so the server is taken to reject it", now_s)
 
     def _client_certificate_changed(self) -> bool:
         if self._snapshot is None:
@@ -174,6 +175,10 @@ class CredentialSets:
         try:
             stored = self._store.load()
         except LastGoodError as exc:
+            self._logger.warning(
+                "last_good_unusable %s",
+                fields(error=exc, consequence="the uplink retries the rejected credentials "
+                       "with its backoff; the next set that connects is saved anew"))
             return None, f"the last good set is unusable: {exc}"
         if stored is None:
             return None, "no set has connected yet, so there is no last good set"

@@ -1,7 +1,7 @@
 """Falling back to the last good credentials: the whole gateway under supervisord, the hub
 emulator, a rotation that the hub rejects, and every sample checked at the subscriber.
 
-The emulator's registry holds the device's primary key, which the gateway starts with, and
+The emulator's registry contains the device's primary key, which the gateway starts with, and
 a secondary key, which the tests write as the operator's corrected rotation. Any other key
 is rejected with CONNACK 5.
 """
@@ -241,12 +241,12 @@ def test_fallback_untrusted_ca_bundle(stack: FallbackStack) -> None:
     stack.drain_and_check()
 
 
-def test_fallback_client_certificate_refused_in_tls(x509_stack: FallbackStack) -> None:
+def test_fallback_client_certificate_rejected_in_tls(x509_stack: FallbackStack) -> None:
     stack = x509_stack
     uplink_log = stack.gateway.log
     cert = stack.base / "device" / f"{DEVICE_ID}.pem"
     key = stack.base / "device" / f"{DEVICE_ID}.key"
-    # A self-signed pair, which the hub's TLS layer refuses: it closes the connection
+    # A self-signed pair, which the hub's TLS layer rejects: it closes the connection
     # after the handshake without a TLS alert.
     write_client_pair(cert, key, DEVICE_ID)
 

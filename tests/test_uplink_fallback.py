@@ -14,7 +14,7 @@ import pytest
 from common.config import Config, load_config
 from common.last_good_credentials import LastGoodStore, read_snapshot
 from processes.uplink import Identity, load_identity
-from processes.uplink_fallback import EARLY_CLOSES_AS_REFUSAL, CredentialSets
+from processes.uplink_fallback import EARLY_CLOSES_AS_REJECTION, CredentialSets
 from tests.gateway_files import (
     GatewayFiles,
     device_key_string,
@@ -166,7 +166,7 @@ def test_fallback_skipped_for_damaged_store(tmp_path: Path, runtime_dir: Path) -
     stored.files["ca_file"].copy.write_text("changed\n")
 
     assert sets.after_failure(REJECTED, time.time()) is None
-    # Without a readable last good set the rejected files cannot be told apart.
+    # Without a readable last good set the rejected files are unknown.
     assert reports.kinds() == []
 
 
@@ -211,9 +211,9 @@ def test_early_closes_count_after_new_certificate(tmp_path: Path, runtime_dir: P
     sets, _config = make_sets(files, Reports())
 
     choices = [sets.after_early_close("closed before CONNACK", time.time())
-               for _attempt in range(EARLY_CLOSES_AS_REFUSAL)]
+               for _attempt in range(EARLY_CLOSES_AS_REJECTION)]
 
-    assert choices[:-1] == [None] * (EARLY_CLOSES_AS_REFUSAL - 1)
+    assert choices[:-1] == [None] * (EARLY_CLOSES_AS_REJECTION - 1)
     if certificate_changed:
         assert choices[-1] is not None
         assert choices[-1].last_good
