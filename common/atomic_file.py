@@ -1,5 +1,5 @@
 """Atomic, durable replacement of small state files: the reader's epoch, the credential
-record and the last good configuration."""
+record, the last good configuration and the last good credential set."""
 
 from __future__ import annotations
 

@@ -170,8 +170,8 @@ class LastGoodStore:
         shutil.rmtree(temporary, ignore_errors=True)
         os.mkdir(temporary, 0o700)
         for role, (_path, data) in snapshot.files.items():
-            _write_private(temporary / COPY_NAMES[role], data)
-        _fsync_folder(temporary)
+            # Each copy is fsynced, and so is the folder's entry for it.
+            write_atomically(temporary / COPY_NAMES[role], data, mode=0o600)
 
         # A folder of this name is left by a save that crashed before its manifest, or is
         # the set of an earlier save with the same content. Either way it is rewritten.
@@ -219,18 +219,6 @@ class LastGoodStore:
 def _set_digest(digests: dict[str, str]) -> str:
     lines = "".join(f"{role}={digests[role]}\n" for role, _copy in ROLES if role in digests)
     return hashlib.sha256(lines.encode()).hexdigest()
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(descriptor, 0o600)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(descriptor, view):]
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _fsync_folder(path: Path) -> None:
