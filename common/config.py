@@ -38,6 +38,11 @@ MAX_UNIX_SOCKET_PATH_BYTES = 107
 MAX_TOPIC_BYTES = 65_535
 TOPIC_FORBIDDEN = ("+", "#", "\0")
 TOPIC_FIELDS = ("client_id", "page_seq")
+EVENT_TOPIC_FIELDS = ("client_id", "kind")
+
+# The kinds of message that the uplink sends to the event topic, and the longest of them.
+EVENT_KINDS = ("alert", "health", "command-result")
+LONGEST_EVENT_KIND = "command-result"
 
 # The buffer stores page_seq as an unsigned 64-bit key, so this sample has the most digits.
 SAMPLE_PAGE_SEQ = 2**64 - 1
@@ -245,6 +250,10 @@ class BrokerSettings:
     username: str
     topic_template: str
     tls: bool
+    # Topic filter of cloud-to-device commands; None subscribes to nothing.
+    command_topic: str | None = None
+    # Topic of alerts, health reports and command results, with {kind}; None sends none.
+    event_topic: str | None = None
 
 
 @dataclass(frozen=True)
@@ -261,6 +270,8 @@ class UplinkSettings:
     date_port: int
     shutdown_timeout_s: float
     broker: BrokerSettings | None
+    # How long a write_tag command waits for the reader's result before it reports timeout.
+    write_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -847,11 +858,10 @@ def _check_writable(table: _Table, tag: Tag) -> None:
     if tag.table not in WRITABLE_TABLES:
         raise table.error("writable", True, f"false, because a {tag.table} is read-only; "
                           "only holding_register and coil tags can be written")
-    # NOTE: a bit inside a register would need a read-modify-write that another writer
-    # could interleave with, and string writes are not built yet.
-    if tag.bit is not None or tag.type == STRING_TYPE:
-        raise table.error("writable", True, "false for a string tag or a bit of a register, "
-                          "which cannot be written yet")
+    if limits and tag.type in ("bool", STRING_TYPE):
+        key = "min_value" if tag.min_value is not None else "max_value"
+        raise table.error(key, getattr(tag, key),
+                          f"no limit on a {tag.type} tag, whose values are not numbers")
     if limits and tag.min_value is not None and tag.max_value is not None \
             and tag.min_value > tag.max_value:
         raise table.error("min_value", tag.min_value, f"at most max_value {tag.max_value:g}")
@@ -926,6 +936,7 @@ def _parse_uplink(table: _Table) -> UplinkSettings:
         date_port=table.integer("date_port", 443, 1, 65535),
         shutdown_timeout_s=table.number("shutdown_timeout_s", 3.0, 0.1, 60.0),
         broker=broker,
+        write_timeout_s=table.number("write_timeout_s", 10.0, 0.1, 600.0),
     )
     table.reject_unknown()
 
@@ -943,6 +954,8 @@ def _parse_broker(table: _Table) -> BrokerSettings:
         username=table.text("username", ""),
         topic_template=table.text("topic_template", "plcbridge/{client_id}/pages"),
         tls=table.flag("tls", True),
+        command_topic=table.text("command_topic"),
+        event_topic=table.text("event_topic"),
     )
     table.reject_unknown()
 
@@ -953,36 +966,113 @@ def _parse_broker(table: _Table) -> BrokerSettings:
         raise table.error("client_id", broker.client_id,
                           f"a client id that can be part of an MQTT topic, but {problem}")
     _check_topic_template(table, broker)
+    _check_event_topic(table, broker)
+    _check_command_topic(table, broker)
     return broker
+
+
+def _check_event_topic(table: _Table, broker: BrokerSettings) -> None:
+    template = broker.event_topic
+    if template is None:
+        if broker.command_topic is not None:
+            raise table.error(
+                "event_topic", None,
+                "a topic when command_topic is set, because command results are published "
+                "to it")
+        return
+    _check_placeholders(table, "event_topic", template, EVENT_TOPIC_FIELDS)
+    _check_filled_topic(table, "event_topic", template,
+                        {"client_id": broker.client_id, "kind": LONGEST_EVENT_KIND})
+
+
+def _check_command_topic(table: _Table, broker: BrokerSettings) -> None:
+    template = broker.command_topic
+    if template is None:
+        return
+    _check_placeholders(table, "command_topic", template, ("client_id",))
+    topic_filter = template.format(client_id=broker.client_id)
+    problem = _topic_filter_problem(topic_filter)
+    if problem:
+        raise table.error(
+            "command_topic", template,
+            f"a valid MQTT topic filter when filled in with client_id {broker.client_id!r}, "
+            f"but {problem}",
+        )
+
+    # The uplink would receive its own messages as commands: a result, which contains
+    # command and request_id, would run its command again, and again.
+    own_topics = [broker.topic_template.format(client_id=broker.client_id, page_seq=0)]
+    if broker.event_topic is not None:
+        own_topics += [broker.event_topic.format(client_id=broker.client_id, kind=kind)
+                       for kind in EVENT_KINDS]
+    for topic in own_topics:
+        if _filter_matches(topic_filter, topic):
+            raise table.error(
+                "command_topic", template,
+                f"a topic filter that does not match the uplink's own topic {topic!r}")
+
+
+def _filter_matches(topic_filter: str, topic: str) -> bool:
+    """Return whether an MQTT topic filter matches a topic name."""
+    filter_levels, topic_levels = topic_filter.split("/"), topic.split("/")
+    for index, level in enumerate(filter_levels):
+        if level == "#":
+            return True
+        if index >= len(topic_levels) or level not in ("+", topic_levels[index]):
+            return False
+    return len(filter_levels) == len(topic_levels)
+
+
+def _check_placeholders(table: _Table, key: str, template: str, names: tuple[str, ...]) -> None:
+    """Raise unless template's only placeholders are bare {name} fields from names."""
+    allowed = "a topic whose only placeholders are the bare " + " and ".join(
+        "{" + name + "}" for name in names)
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise table.error(key, template, f"{allowed} ({exc})") from exc
+    for _literal, name, spec, conversion in parsed:
+        if name is not None and (name not in names or spec or conversion is not None):
+            raise table.error(
+                key, template,
+                f"{allowed}, without conversion, attribute, index or format spec; "
+                f"found {_format_field(name, conversion, spec)}",
+            )
+
+
+def _topic_filter_problem(text: str) -> str:
+    """Return why text cannot be an MQTT topic filter, or "" when it can."""
+    if "\0" in text:
+        return "it contains NUL"
+    levels = text.split("/")
+    for index, level in enumerate(levels):
+        if "#" in level and (level != "#" or index != len(levels) - 1):
+            return "# must be a whole level, and the last one"
+        if "+" in level and level != "+":
+            return "+ must be a whole level"
+    size = len(text.encode("utf-8", errors="replace"))
+    if size > MAX_TOPIC_BYTES:
+        return f"it is {size} bytes in UTF-8, above the MQTT limit of {MAX_TOPIC_BYTES}"
+    return ""
 
 
 def _check_topic_template(table: _Table, broker: BrokerSettings) -> None:
     template = broker.topic_template
-    placeholders = "a topic whose only placeholders are the bare {client_id} and {page_seq}"
-
     # A conversion, attribute, index or format spec would be evaluated in every process on
     # each page: {client_id.real} raises, and {page_seq:>99999999999} exhausts memory.
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise table.error("topic_template", template, f"{placeholders} ({exc})") from exc
-    for _literal, name, spec, conversion in parsed:
-        if name is None:
-            continue
-        if name not in TOPIC_FIELDS or spec or conversion is not None:
-            raise table.error(
-                "topic_template", template,
-                f"{placeholders}, without conversion, attribute, index or format spec; "
-                f"found {_format_field(name, conversion, spec)}",
-            )
+    _check_placeholders(table, "topic_template", template, TOPIC_FIELDS)
+    _check_filled_topic(table, "topic_template", template,
+                        {"client_id": broker.client_id, "page_seq": SAMPLE_PAGE_SEQ})
 
-    topic = template.format(client_id=broker.client_id, page_seq=SAMPLE_PAGE_SEQ)
-    problem = _topic_problem(topic)
+
+def _check_filled_topic(table: _Table, key: str, template: str, values: dict[str, Any]) -> None:
+    """Raise unless template, filled in with values, is a valid MQTT topic name."""
+    problem = _topic_problem(template.format(**values))
     if problem:
+        shown = " and ".join(f"{name} {value!r}" for name, value in values.items())
         raise table.error(
-            "topic_template", template,
-            f"a valid MQTT topic name when filled in with client_id {broker.client_id!r} "
-            f"and page_seq {SAMPLE_PAGE_SEQ}, but {problem}",
+            key, template,
+            f"a valid MQTT topic name when filled in with {shown}, but {problem}",
         )
 
 

@@ -178,6 +178,25 @@ def decode_string(words: Sequence[int], length_bytes: int, padding: str, byte_sw
     return text.rstrip(strip) if strip else text
 
 
+# The byte that fills a written string's unused bytes, per padding setting. "none" keeps
+# every byte when reading, so NUL is as good as any there.
+_PADDING_BYTES = {"nul": b"\0", "space": b" ", "none": b"\0"}
+
+
+def encode_string(tag: Tag, text: str) -> list[int]:
+    """Encode text as the registers of a string tag, filled up with the padding byte.
+
+    Raises ValueError when its UTF-8 form is longer than length_bytes.
+    """
+    data = text.encode("utf-8")
+    if len(data) > tag.string_bytes:
+        raise ValueError(f"{len(data)} bytes in UTF-8 do not fit length_bytes "
+                         f"{tag.string_bytes}")
+    data += _PADDING_BYTES[tag.string_padding] * (tag.register_count * 2 - len(data))
+    endian = "<" if tag.byte_swap else ">"
+    return list(struct.unpack(f"{endian}{tag.register_count}H", data))
+
+
 def _ordered_bytes(words: Sequence[int], word_order: str, byte_swap: bool) -> bytes:
     ordered = list(words) if word_order == "big" else list(reversed(words))
     # Packing each register little-endian swaps its two bytes.

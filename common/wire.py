@@ -17,6 +17,15 @@ payload frame that is passed through unparsed.
         uplink -> buffer  puback  {"session", "page_seq"}         the broker acknowledged it
         buffer -> uplink  page    {"page_seq", "count"}           payload: the page's JSON
 
+    command (ipc://<runtime_dir>/command.sock): the reader binds a ROUTER, the uplink
+    connects a DEALER.
+        uplink -> reader  write    {"write_id", "request_id",    write value to the tag, unless
+                                    "tag", "value",              the reader takes it up after
+                                    "deadline_ms"}               deadline_ms (see below)
+        reader -> uplink  written  {"write_id", "request_id",    the result of that write
+                                    "tag", "status", "reason",
+                                    "message", "value"}
+
     tap (ipc://<runtime_dir>/tap-<process>.sock): each process binds an XPUB socket.
         topic "<process>", then one JSON object with "ts_ms", "process", "kind" and fields.
         topic "data.<process>", kind "data": a copy of the data passing through, sent only
@@ -33,6 +42,17 @@ that the buffer rejected in the ack's epoch so far, committed like the batches t
 They are totals, so an ack that is lost costs no count: the reader adds the increase over
 the totals it last saw. An ack for an epoch other than the buffer's current one leaves both
 out, and a reader treats them as absent, as it does with an older buffer.
+
+A write's status is "ok" (value was written), "rejected" (nothing was sent to the PLC:
+unknown or read-only tag, value out of range or of the wrong kind) or "failed" (with the
+reason of the Modbus failure; after a timeout the PLC may or may not have taken the value).
+deadline_ms is on CLOCK_MONOTONIC in milliseconds (Python's time.monotonic()), which every
+process of one boot shares. The uplink stops waiting for the result at that time and reports
+a timeout. The reader sends the Modbus request only before deadline_ms, and otherwise
+returns "failed" with reason "timeout" without sending it, so no write leaves for the PLC
+after the cloud received a timeout result for it. The uplink's DEALER sets ZMQ_IMMEDIATE,
+so a write to a reader that is not running fails at once instead of waiting in a queue
+for the next reader.
 
 The uplink opens a new session for every MQTT connection. A session starts with "free" pages
 of credit, each puback returns one, and the buffer hands out pages oldest first within that
@@ -53,18 +73,24 @@ import zmq
 
 INGEST = "ingest"
 DELIVERY = "delivery"
+COMMAND = "command"
 
 BATCH = b"batch"
 ACK = b"ack"
 LINK = b"link"
 PUBACK = b"puback"
 PAGE = b"page"
+WRITE = b"write"
+WRITTEN = b"written"
 
 PROCESS_NAMES = ("plc_reader", "buffer", "uplink", "credential_watcher")
 
 # Batches and pages are large, so a few hundred queued ones are plenty. Beyond that the
 # sender gets EAGAIN and keeps the data in its own bounded queue.
 DATA_HWM = 200
+
+# Writes come one per cloud command, so a short queue is plenty; a full one fails the write.
+COMMAND_HWM = 100
 
 # A tap drops messages for a slow subscriber rather than slow down the gateway.
 TAP_HWM = 10_000

@@ -69,9 +69,11 @@ from common.logs import fields
 from common.payload import CONTENT_ENCODING, CONTENT_TYPE
 from common.socket_monitor import SocketMonitor
 from common.tap import Tap
+from processes.uplink_commands import CommandDispatcher, CommandResult, Handler, ResultOutbox
 from processes.uplink_fallback import Choice, CredentialSets
 from processes.uplink_health import HEALTH_PAGE_SEQ, HealthMonitor, LinkFigures
 from processes.uplink_metrics import MetricsServer
+from processes.uplink_tag_writes import TagWriter
 
 PROCESS = "uplink"
 
@@ -87,9 +89,6 @@ MAIN_POLL_S = 0.2
 
 # How often the link state is repeated to the buffer and the tap counters are published.
 LINK_REPEAT_S = 1.0
-
-# Maximum number of cloud-to-device payload bytes quoted in the log.
-C2D_LOG_BYTES = 200
 
 # The buffer may start after the uplink; only a longer silence is worth a warning.
 BUFFER_WARNING_S = 5.0
@@ -331,6 +330,12 @@ def _mqtt_identity(config: Config, logger: logging.Logger) -> Identity:
 
     client_id = broker.client_id.replace("{", "{{").replace("}", "}}")
     template = broker.topic_template.replace("{client_id}", client_id)
+    event_topic_format = None
+    if broker.event_topic is not None:
+        event_topic_format = broker.event_topic.replace("{client_id}", client_id)
+    c2d_filter = None
+    if broker.command_topic is not None:
+        c2d_filter = broker.command_topic.format(client_id=broker.client_id)
     return Identity(
         connect_host=broker.host,
         port=config.uplink.port,
@@ -338,7 +343,8 @@ def _mqtt_identity(config: Config, logger: logging.Logger) -> Identity:
         username=broker.username or None,
         tls_context=build_tls_context(credentials) if broker.tls else None,
         topic_format=template,
-        c2d_filter=None,
+        event_topic_format=event_topic_format,
+        c2d_filter=c2d_filter,
         password=PasswordSource(static=password_text),
         description=f"mqtt tls={'on' if broker.tls else 'off'}",
     )
@@ -471,7 +477,8 @@ class LinkEvent:
 
     kind is one of connecting, connected, connect_failed, disconnected, puback, c2d, tap,
     credential_set and fatal. connection numbers the connection attempt it belongs to. A tap
-    event has its tap kind in reason and its values in values.
+    event has its tap kind in reason and its values in values. A c2d event has the
+    message's body in payload.
     """
 
     kind: str
@@ -481,6 +488,7 @@ class LinkEvent:
     topic: str = ""
     size: int = 0
     values: dict[str, Any] = field(default_factory=dict)
+    payload: bytes = field(default=b"", repr=False)
 
 
 @dataclass(frozen=True)
@@ -1080,18 +1088,12 @@ class MqttLink(threading.Thread):
     def _on_message(
         self, _client: mqtt.Client, connection: Connection, message: mqtt.MQTTMessage
     ) -> None:
+        # The body is not logged, because a command may carry a secret such as a key.
         payload = bytes(message.payload)
-        excerpt = payload[:C2D_LOG_BYTES].decode("utf-8", errors="replace")
-        self._logger.info(
-            "c2d_message %s",
-            fields(
-                topic=message.topic,
-                bytes=len(payload),
-                payload=excerpt + ("..." if len(payload) > C2D_LOG_BYTES else ""),
-            ),
-        )
+        self._logger.info("c2d_message %s", fields(topic=message.topic, bytes=len(payload)))
         self._post_from_callback(
-            LinkEvent("c2d", connection.number, topic=message.topic, size=len(payload)))
+            LinkEvent("c2d", connection.number, topic=message.topic, size=len(payload),
+                      payload=payload))
 
 
 # ---------------------------------------------------------------------------------------
@@ -1164,6 +1166,13 @@ class Uplink:
                 f"cannot open the ZeroMQ sockets in {runtime_dir}: {exc}; check that the "
                 "folder is writable and that no other uplink runs with this runtime_dir"
             ) from exc
+        self._results = ResultOutbox(logger)
+        self._tag_writer = TagWriter(config, self._context, self._report_result, logger)
+        # The table of cloud-to-device commands: a name and the function that handles it.
+        handlers: dict[str, Handler] = {
+            "write_tag": self._tag_writer.handle,
+        }
+        self._commands = CommandDispatcher(handlers, self._publish_result, logger)
         book = AlertBook(PROCESS, runtime_dir, logger, self._tap.publish)
         self._health = HealthMonitor(config, logger, book, self._context, identity.description)
         self._metrics = MetricsServer(config.metrics, lambda: self._health.last_snapshot,
@@ -1200,6 +1209,7 @@ class Uplink:
         poller.register(self._dealer, zmq.POLLIN)
         poller.register(self._events_wakeup.fileno(), zmq.POLLIN)
         poller.register(self._dealer_monitor.socket, zmq.POLLIN)
+        poller.register(self._tag_writer.socket, zmq.POLLIN)
         next_tick_s = time.monotonic()
 
         while not self._stop.is_set():
@@ -1212,7 +1222,10 @@ class Uplink:
                 self._events_wakeup.drain()
             if self._dealer_monitor.socket in ready:
                 self._dealer_monitor.drain()
+            if self._tag_writer.socket in ready:
+                self._tag_writer.receive()
             self._handle_events()
+            self._tag_writer.expire()
 
             if time.monotonic() >= next_tick_s:
                 next_tick_s = time.monotonic() + LINK_REPEAT_S
@@ -1301,6 +1314,7 @@ class Uplink:
         self._health.on_connected(last_good=bool(event.values.get("last_good")))
         self._send_link()
         self._send_alerts()
+        self._send_results()
 
     def _on_connect_failed(self, event: LinkEvent) -> None:
         self._tap.publish("connect_failed", reason=event.reason, attempt=event.connection)
@@ -1330,6 +1344,9 @@ class Uplink:
         self._send_link()
 
     def _on_puback(self, event: LinkEvent) -> None:
+        if self._results.owns(event.page_seq):
+            self._results.acknowledged(event.page_seq)
+            return
         if event.page_seq < 0:
             self._health.on_cloud_ack(event.page_seq)
             return
@@ -1344,6 +1361,22 @@ class Uplink:
 
     def _on_c2d(self, event: LinkEvent) -> None:
         self._tap.publish("c2d", topic=event.topic, bytes=event.size)
+        self._commands.dispatch(event.payload, event.topic)
+
+    # -- command results --------------------------------------------------------------------
+
+    def _report_result(self, result: CommandResult) -> None:
+        """Report the deferred result of a command, such as a write result from the reader."""
+        self._commands.report(result)
+
+    def _publish_result(self, result: CommandResult) -> None:
+        self._tap.publish("command_result", **result.body())
+        self._results.add(result)
+        self._send_results()
+
+    def _send_results(self) -> None:
+        """Send the results that the broker has not acknowledged, once per connection."""
+        self._send_events("command-result", self._results.due)
 
     def _on_fatal(self, event: LinkEvent) -> None:
         message = f"the MQTT network thread stopped on an error: {event.reason}"
@@ -1408,6 +1441,8 @@ class Uplink:
             reconnects=self._link.reconnects,
             inflight=len(self._outstanding),
             pages_not_sent=self._pages_not_sent + self._link.dropped,
+            commands=self._commands.received,
+            writes_pending=self._tag_writer.pending,
         )
         self._tap.publish_counters_if_due()
 
@@ -1448,11 +1483,17 @@ class Uplink:
 
     def _send_alerts(self) -> None:
         """Send the alert changes that the cloud has not acknowledged, once per connection."""
-        topic = self._identity.event_topic("alert")
+        self._send_events("alert", self._health.cloud_messages)
+
+    def _send_events(
+        self, kind: str, unsent: Callable[[int], list[tuple[int, bytes]]]
+    ) -> None:
+        """Publish unsent(connection), a list of (page_seq, payload), to the kind's topic."""
+        topic = self._identity.event_topic(kind)
         if topic is None or not self._link_up:
             return
         requests = [PublishRequest(self._connection, page_seq, payload, topic)
-                    for page_seq, payload in self._health.cloud_messages(self._connection)]
+                    for page_seq, payload in unsent(self._connection)]
         if requests:
             self._link.request_publish(requests)
 
@@ -1477,6 +1518,7 @@ class Uplink:
         self._link_up = False
         self._send_link()
         self._tap.publish("stop", pages_published=self._link.published, pubacks=self._pubacks)
+        self._tag_writer.close()
         self._health.close()
         self._metrics.close()
         self._tap.close()

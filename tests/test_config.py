@@ -523,3 +523,55 @@ def test_config_text_errors_name_path(tmp_path: Path) -> None:
 
     assert str(caught.value).startswith(f"{path}: unknown key credentials.colour")
     assert not os.path.exists(path)
+
+
+def command_config(extra: str) -> str:
+    """Return the mqtt-mode configuration with more [uplink.broker] keys."""
+    text = mqtt_config("gw1", "p/{client_id}")
+    return replace_once(text, 'topic_template = "p/{client_id}"\n',
+                        f'topic_template = "p/{{client_id}}"\n{extra}\n')
+
+
+def test_config_command_and_event_topics(tmp_path: Path) -> None:
+    path = write(tmp_path, command_config(
+        'command_topic = "cmd/{client_id}/#"\nevent_topic = "ev/{client_id}/{kind}"'))
+
+    broker = load_config(path).uplink.broker
+
+    assert broker is not None
+    assert broker.command_topic == "cmd/{client_id}/#"
+    assert broker.event_topic == "ev/{client_id}/{kind}"
+
+
+def test_config_command_topics_default_none(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, command_config("")))
+
+    assert config.uplink.broker is not None
+    assert config.uplink.broker.command_topic is None
+    assert config.uplink.broker.event_topic is None
+    assert config.uplink.write_timeout_s == 10.0
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ('command_topic = "cmd"', "uplink.broker.event_topic: None; expected a topic when "
+         "command_topic is set"),
+        ('command_topic = "cmd/#/x"\nevent_topic = "ev"', "# must be a whole level, and the "
+         "last one"),
+        ('command_topic = "cmd/a+"\nevent_topic = "ev"', "+ must be a whole level"),
+        ('command_topic = "cmd/{kind}"\nevent_topic = "ev"', "found {kind}"),
+        ('command_topic = ""\nevent_topic = "ev"', "expected a non-empty string"),
+        ('event_topic = "ev/+/{kind}"', "it contains '+'"),
+        ('event_topic = "ev/{page_seq}"', "only placeholders are the bare {client_id} and "
+         "{kind}"),
+        ('event_topic = "ev/{kind!r}"', "found {kind!r}"),
+        ('command_topic = "ev/#"\nevent_topic = "ev/{client_id}/{kind}"',
+         "does not match the uplink's own topic 'ev/gw1/alert'"),
+        ('command_topic = "p/+"\nevent_topic = "ev/{kind}"',
+         "does not match the uplink's own topic 'p/gw1'"),
+        ('command_topic = "#"\nevent_topic = "ev/{kind}"', "does not match the uplink's own"),
+    ],
+)
+def test_config_command_topic_invalid(tmp_path: Path, extra: str, expected: str) -> None:
+    assert expected in config_error(write(tmp_path, command_config(extra)))

@@ -14,9 +14,11 @@ from common.config import BYTE_ORDERS, Tag
 from common.modbus_tags import ReadRequest, decode_tag, encode_tag
 from processes.plc_reader.client import PlcConnection
 from processes.plc_reader.writes import (
+    MASK_WRITE_REGISTER,
     WRITE_MULTIPLE_REGISTERS,
     WRITE_SINGLE_COIL,
     WRITE_SINGLE_REGISTER,
+    PreparedWrite,
     WriteRejected,
     prepare_write,
     write_tag,
@@ -93,6 +95,46 @@ def test_writes_scaled_value_round_trips(connection: PlcConnection) -> None:
     assert read_back(connection, tag) == pytest.approx(21.5)
 
 
+def test_writes_bit_keeps_other_bits(connection: PlcConnection) -> None:
+    whole = writable("whole", SCRATCH + 12)
+    assert write_tag(connection, whole, 0b1010_0000)["result"] == "ok"
+    bit = writable("b", SCRATCH + 12, "bool", "AB", bit=4)
+
+    assert prepare_write(bit, True).function_code == MASK_WRITE_REGISTER
+    assert write_tag(connection, bit, True)["result"] == "ok"
+    assert read_back(connection, whole) == 0b1011_0000
+    assert write_tag(connection, bit, False)["result"] == "ok"
+    assert read_back(connection, whole) == 0b1010_0000
+    assert read_back(connection, bit) is False
+
+
+def test_writes_bool_on_whole_register(connection: PlcConnection) -> None:
+    flag = writable("f", SCRATCH + 13, "bool", "AB")
+
+    assert prepare_write(flag, True) == PreparedWrite(flag, WRITE_SINGLE_REGISTER, (1,))
+    assert write_tag(connection, flag, True)["result"] == "ok"
+    assert read_back(connection, writable("raw", SCRATCH + 13)) == 1
+
+
+@pytest.mark.parametrize(
+    ("order", "padding", "text", "registers"),
+    [("AB", "nul", "Hi!", [0x4869, 0x2100, 0x0000]),
+     ("BA", "space", "Hi", [0x6948, 0x2020, 0x2020]),
+     ("AB", "none", "\u00e9t\u00e9!", [0xC3A9, 0x74C3, 0xA921])],
+)
+def test_writes_string_round_trips(connection: PlcConnection, order: str, padding: str,
+                                   text: str, registers: list[int]) -> None:
+    tag = writable("s", SCRATCH + 13, "string", order, string_bytes=6, string_padding=padding)
+
+    prepared = prepare_write(tag, text)
+    ack = write_tag(connection, tag, text)
+
+    assert prepared.function_code == WRITE_MULTIPLE_REGISTERS
+    assert list(prepared.registers) == registers
+    assert ack["result"] == "ok"
+    assert read_back(connection, tag) == text
+
+
 def test_writes_coil(connection: PlcConnection) -> None:
     tag = writable("c", 3, "bool", "AB", table="coil")
 
@@ -123,6 +165,12 @@ def test_writes_coil(connection: PlcConnection) -> None:
          "takes true or false"),
         (Tag("r", "fast", "holding_register", SCRATCH, "uint16", "big", 1.0, 0.0), 5,
          "not writable", "is not marked writable"),
+        (writable("s", SCRATCH, "string", "AB", string_bytes=4), "hello", "out of range",
+         "5 bytes in UTF-8 do not fit length_bytes 4"),
+        (writable("s", SCRATCH, "string", "AB", string_bytes=4), 5, "invalid value",
+         "takes a string"),
+        (writable("b", SCRATCH, "bool", "AB", bit=3), 1, "invalid value",
+         "takes true or false"),
     ],
 )
 def test_writes_rejected_before_sending(
@@ -154,8 +202,8 @@ def test_writes_exception_response_fails(connection: PlcConnection) -> None:
     [
         ("writable = true", "uint16", "input_register",
          "plc.tags[0].writable: True; expected false, because a input_register is read-only"),
-        ("writable = true\nbit = 3", "bool", "holding_register",
-         "expected false for a string tag or a bit of a register"),
+        ("writable = true\nbit = 3\nmax_value = 1.0", "bool", "holding_register",
+         "plc.tags[0].max_value: 1.0; expected no limit on a bool tag"),
         ("max_value = 5.0", "uint16", "holding_register",
          "plc.tags[0].writable: False; expected true when min_value or max_value is set"),
         ("writable = true\nmin_value = 5.0\nmax_value = 1.0", "uint16", "holding_register",

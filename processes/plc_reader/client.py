@@ -261,8 +261,10 @@ class PlcConnection:
     def write(self, tag: Tag, function_code: int, registers: list[int], coil: bool) -> None:
         """Send one write request for tag; raise PlcReadError on any failure.
 
-        function_code 5 writes coil, 6 the one register and 16 the registers. Failures are
-        handled as for reads: an exception response keeps the connection, others close it.
+        function_code 5 writes coil, 6 the one register and 16 the registers. 22 applies
+        registers[0] as the AND mask and registers[1] as the OR mask to the tag's register.
+        Failures are handled as for reads: an exception response keeps the connection,
+        others close it.
         """
         unit_id = self.unit_id if tag.unit_id is None else tag.unit_id
         where = (
@@ -275,6 +277,10 @@ class PlcConnection:
                 return self._client.write_coil(tag.address, coil, device_id=unit_id)
             if function_code == 6:
                 return self._client.write_register(tag.address, registers[0], device_id=unit_id)
+            if function_code == 22:
+                return self._client.mask_write_register(
+                    address=tag.address, and_mask=registers[0], or_mask=registers[1],
+                    device_id=unit_id)
             return self._client.write_registers(tag.address, registers, device_id=unit_id)
 
         self._exchange("write to", where, send)

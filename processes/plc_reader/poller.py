@@ -33,6 +33,14 @@ from processes.plc_reader.identity import (
 )
 from processes.plc_reader.report import ReportFilter
 from processes.plc_reader.schedule import GroupSchedule
+from processes.plc_reader.write_requests import (
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_REJECTED,
+    WriteJob,
+    expired,
+)
+from processes.plc_reader.writes import WriteRejected, prepare_write
 
 RECONNECT_LOG_INTERVAL_S = 10.0
 
@@ -52,7 +60,8 @@ class Reading:
 
 # Outbox messages: ("readings", list[Reading]), ("event", kind, values) for the tap,
 # ("identity", id), ("identity_unreachable", reason) and ("identity_invalid", error) from the
-# identity device, and ("crashed", device name, exception) when a polling thread fails.
+# identity device, ("written", route, result) with a write's result for the command socket,
+# and ("crashed", device name, exception) when a polling thread fails.
 Outbox = queue.SimpleQueue[tuple[Any, ...]]
 
 
@@ -68,6 +77,8 @@ class Connection(Protocol):
     def close(self) -> None: ...
 
     def read(self, request: ReadRequest) -> list[int] | list[bool]: ...
+
+    def write(self, tag: Tag, function_code: int, registers: list[int], coil: bool) -> None: ...
 
 
 class DevicePoller:
@@ -94,6 +105,11 @@ class DevicePoller:
         self._reconnect_log = RateLimit(RECONNECT_LOG_INTERVAL_S)
         self._report = ReportFilter()
         self._thread: threading.Thread | None = None
+
+        # Writes from the cloud, run on this thread between polls. wake() ends the wait for
+        # the next poll early, so a write does not wait for a slow group's next cycle.
+        self._writes: queue.SimpleQueue[WriteJob] = queue.SimpleQueue()
+        self._wake = threading.Event()
 
         # The serial-number identity is read on this device's own connection, because a
         # serial port can be opened only once, before every poll until it succeeds.
@@ -136,19 +152,76 @@ class DevicePoller:
     def close(self) -> None:
         self._connection.close()
 
+    def request_write(self, job: WriteJob) -> None:
+        """Queue a write for this device's thread; called from the reader's main thread."""
+        self._writes.put(job)
+        self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
     def _run(self, stop: threading.Event) -> None:
         # An unexpected error must stop the process, not leave one device silently unpolled.
         try:
             while not stop.is_set():
+                # Cleared before the work, so a write queued during it ends the wait below.
+                self._wake.clear()
                 if self._identity is not None:
                     self._read_identity()
                 self.poll_due()
+                self._run_writes()
                 # A device with only the identity to read retries it once a second.
                 next_due = min((schedule.next_due for schedule in self.schedules),
                                default=time.monotonic() + 1.0)
-                stop.wait(max(next_due - time.monotonic(), 0.0))
+                self._wake.wait(max(next_due - time.monotonic(), 0.0))
         except Exception as exc:
             self._outbox.put(("crashed", self.device.name, exc))
+
+    def _run_writes(self) -> None:
+        while True:
+            try:
+                job = self._writes.get_nowait()
+            except queue.Empty:
+                return
+            result = self._write(job)
+            self._outbox.put(("written", job.route, result))
+
+    def _write(self, job: WriteJob) -> dict[str, Any]:
+        """Check, encode and send one write, and return its result for the uplink."""
+        try:
+            prepared = prepare_write(job.tag, job.value)
+        except WriteRejected as exc:
+            return job.result(STATUS_REJECTED, exc.reason, str(exc))
+        if not self._ensure_connected():
+            return job.result(STATUS_FAILED, self._down_reason,
+                              f"device {self.device.name} is unreachable, so nothing was "
+                              "written")
+
+        # Checked last, right before the request goes out: after its deadline the uplink has
+        # reported a timeout, and a write sent later would surprise whoever sent it.
+        self._pause_before_request()
+        late = expired(job)
+        if late is not None:
+            return late
+        try:
+            self._connection.write(prepared.tag, prepared.function_code,
+                                   list(prepared.registers), prepared.coil)
+        except PlcReadError as exc:
+            if exc.connection_lost:
+                self._on_link_failure(exc)
+            self._logger.warning("write_failed %s", fields(
+                device=self.device.name, tag=job.tag.name, request_id=job.request_id,
+                error=exc))
+            message = str(exc)
+            if exc.reason == "timeout":
+                message += "; the PLC may or may not have taken the value"
+            return job.result(STATUS_FAILED, exc.reason, message)
+        finally:
+            self._last_request_end = time.monotonic()
+        self._logger.info("tag_written %s", fields(
+            device=self.device.name, tag=job.tag.name, request_id=job.request_id,
+            function_code=prepared.function_code))
+        return job.result(STATUS_OK)
 
     def poll_due(self) -> None:
         """Poll every group that is due now."""

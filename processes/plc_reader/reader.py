@@ -35,6 +35,7 @@ from processes.plc_reader.poller import DevicePoller, Outbox, Reading
 from processes.plc_reader.samples import SampleEncoder
 from processes.plc_reader.schedule import GroupSchedule, build_schedules
 from processes.plc_reader.sender import IngestSender, Sample
+from processes.plc_reader.write_requests import REASON_NO_POLLER, STATUS_FAILED, WriteServer
 
 __all__ = ["GroupSchedule", "PlcReader", "build_schedules", "main", "run_reader"]
 
@@ -66,8 +67,11 @@ class PlcReader:
         tap: Tap,
         epoch: int,
         identity: IdentityGate | None = None,
+        writes: WriteServer | None = None,
     ) -> None:
         self._pollers = pollers
+        self._pollers_by_device = {poller.device.name: poller for poller in pollers}
+        self._writes = writes
         self._identity = identity
         self._outbox = outbox
         self._sender = sender
@@ -86,6 +90,7 @@ class PlcReader:
         try:
             while not stop.is_set():
                 self._take_readings()
+                self._take_write_requests()
                 if self._identity is not None:
                     self._identity.check_confirmation()
                 self._sender.pump()
@@ -94,6 +99,8 @@ class PlcReader:
         finally:
             # Also after a crashed poller, so that the other pollers end before the exit.
             stop.set()
+            for poller in self._pollers:
+                poller.wake()
             self._join_pollers()
         self._take_readings()
 
@@ -161,12 +168,36 @@ class PlcReader:
                 self._enqueue(message[1])
             elif kind == "event":
                 self._tap.publish(message[1], **message[2])
+            elif kind == "written":
+                self._on_written(message[1], message[2])
             elif kind.startswith("identity"):
                 self._on_identity(kind, message[1])
             else:
                 raise ReaderCrashed(
                     f"the polling thread of device {message[1]!r} failed: {message[2]!r}"
                 ) from message[2]
+
+    def _take_write_requests(self) -> None:
+        """Hand each write request to the poller of its tag's device."""
+        if self._writes is None:
+            return
+        jobs, answers = self._writes.receive()
+        for route, result in answers:
+            self._on_written(route, result)
+        for job in jobs:
+            poller = self._pollers_by_device.get(job.tag.device)
+            if poller is None:
+                self._on_written(job.route, job.result(
+                    STATUS_FAILED, REASON_NO_POLLER,
+                    f"device {job.tag.device} has no poller, so nothing was written"))
+                continue
+            poller.request_write(job)
+
+    def _on_written(self, route: bytes, result: dict[str, Any]) -> None:
+        assert self._writes is not None
+        self._writes.answer(route, result)
+        self._tap.publish("write", **{key: value for key, value in result.items()
+                                      if key != "value"})
 
     def _on_identity(self, kind: str, detail: str) -> None:
         gate = self._identity
@@ -254,12 +285,15 @@ def run_epoch(
     outbox: Outbox = Outbox()
     pollers = build_pollers(config, logger, schedules, outbox)
     sender: IngestSender | None = None
+    writes: WriteServer | None = None
     try:
         identity = None
         if config.plc.identity is not None:
             identity = IdentityGate.open(IdentityStore(config.gateway.state_dir), logger)
         sender = IngestSender(context, endpoint, config.plc, epoch, logger, tap)
-        reader = PlcReader(pollers, outbox, sender, tap, epoch, identity)
+        writes = WriteServer(context, wire.endpoint(config.gateway.runtime_dir, wire.COMMAND),
+                             {tag.name: tag for tag in config.plc.tags}, logger)
+        reader = PlcReader(pollers, outbox, sender, tap, epoch, identity, writes)
         request_count = sum(len(s.requests) for group in schedules.values() for s in group)
         plc = ",".join(poller.device.endpoint for poller in pollers)
         logger.info(
@@ -272,6 +306,7 @@ def run_epoch(
                 tags=len(config.plc.tags),
                 requests=request_count,
                 ingest=endpoint,
+                command=writes.endpoint,
             ),
         )
         tap.publish("start", epoch=epoch, plc=plc, requests=request_count)
@@ -306,6 +341,8 @@ def run_epoch(
             poller.close()
         if sender is not None:
             sender.close()
+        if writes is not None:
+            writes.close()
         tap.close()
         context.term()
 

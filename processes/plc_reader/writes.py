@@ -1,13 +1,20 @@
 """Writes of one value to a writable tag: checked, encoded, sent, and acknowledged with a result.
 
 A write is rejected before anything is sent when the tag is not marked writable, when the
-value has the wrong kind (true or false for a bool tag, a number otherwise), or when it lies
-outside the tag's min_value and max_value or the range of its type. Coils are written with
-function code 5, one register with function code 6 and several registers with 16. Function
-code 15 (several coils) is not used, because a tag is one coil.
+value has the wrong kind (true or false for a bool tag, text for a string tag, a number
+otherwise), or when it lies outside the tag's min_value and max_value or the range of its
+type. Coils are written with function code 5, one register with function code 6 and several
+registers, and every string, with 16. Function code 15 (several coils) is not used, because
+a tag is one coil.
 
-NOTE: nothing calls this for cloud commands yet. The uplink's cloud-to-device path and its
-ZeroMQ message to the reader are still to be built, so writes are reachable only from code.
+A bool tag on one bit of a holding register is written with function code 22 (mask write
+register), which the device applies to the register in one step, so the other 15 bits keep
+whatever the PLC program or another client wrote meanwhile. A read, then a write of the
+whole register would overwrite such a change made between the two. A device without
+function code 22 answers with Modbus exception 1 (illegal function), and the write fails.
+
+The write_tag command reaches prepare_write through the command socket of common/wire.py,
+and the device's poller sends the write (processes/plc_reader/poller.py).
 """
 
 from __future__ import annotations
@@ -16,8 +23,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from common.config import BIT_TABLES, Tag
-from common.modbus_tags import encode_tag
+from common.config import BIT_TABLES, STRING_TYPE, Tag
+from common.modbus_tags import encode_string, encode_tag
 from processes.plc_reader.client import PlcConnection, PlcReadError
 
 REASON_NOT_WRITABLE = "not writable"
@@ -27,6 +34,7 @@ REASON_INVALID_VALUE = "invalid value"
 WRITE_SINGLE_COIL = 5
 WRITE_SINGLE_REGISTER = 6
 WRITE_MULTIPLE_REGISTERS = 16
+MASK_WRITE_REGISTER = 22
 
 
 class WriteRejected(Exception):
@@ -39,7 +47,10 @@ class WriteRejected(Exception):
 
 @dataclass(frozen=True)
 class PreparedWrite:
-    """One Modbus write request for one tag."""
+    """One Modbus write request for one tag.
+
+    For function code 22, registers contains the AND mask and the OR mask.
+    """
 
     tag: Tag
     function_code: int
@@ -56,7 +67,10 @@ def prepare_write(tag: Tag, value: Any) -> PreparedWrite:
         if not isinstance(value, bool):
             raise WriteRejected(f"tag {tag.name!r} takes true or false, not {value!r}",
                                 REASON_INVALID_VALUE)
-        return PreparedWrite(tag, WRITE_SINGLE_COIL, coil=value)
+        return _prepare_bool(tag, value)
+
+    if tag.type == STRING_TYPE:
+        return _prepare_string(tag, value)
 
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise WriteRejected(f"tag {tag.name!r} takes a finite number, not {value!r}",
@@ -69,6 +83,29 @@ def prepare_write(tag: Tag, value: Any) -> PreparedWrite:
                             REASON_OUT_OF_RANGE) from exc
     code = WRITE_SINGLE_REGISTER if len(registers) == 1 else WRITE_MULTIPLE_REGISTERS
     return PreparedWrite(tag, code, tuple(registers))
+
+
+def _prepare_bool(tag: Tag, value: bool) -> PreparedWrite:
+    if tag.table in BIT_TABLES:
+        return PreparedWrite(tag, WRITE_SINGLE_COIL, coil=value)
+    if tag.bit is None:
+        # A bool on a whole register reads true when the register is not zero.
+        return PreparedWrite(tag, WRITE_SINGLE_REGISTER, (int(value),))
+    # The device computes (register AND and_mask) OR (or_mask AND NOT and_mask).
+    bit = 1 << tag.bit
+    return PreparedWrite(tag, MASK_WRITE_REGISTER, (0xFFFF ^ bit, bit if value else 0))
+
+
+def _prepare_string(tag: Tag, value: Any) -> PreparedWrite:
+    if not isinstance(value, str):
+        raise WriteRejected(f"tag {tag.name!r} takes a string, not {value!r}",
+                            REASON_INVALID_VALUE)
+    try:
+        registers = encode_string(tag, value)
+    except ValueError as exc:
+        raise WriteRejected(f"tag {tag.name!r}: the string cannot be written: {exc}",
+                            REASON_OUT_OF_RANGE) from exc
+    return PreparedWrite(tag, WRITE_MULTIPLE_REGISTERS, tuple(registers))
 
 
 def _check_limits(tag: Tag, value: float) -> None:

@@ -8,12 +8,13 @@ import signal
 import subprocess
 import sys
 import xmlrpc.client
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from supervisor.xmlrpc import SupervisorTransport
 
-from devstack.gateway_toml import gateway_dirs, gateway_toml, simulator_tags
+from devstack.gateway_toml import Keys, gateway_dirs, gateway_toml, simulator_tags
 from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,6 +32,7 @@ def gateway_config(
     poll_interval_ms: int = 20,
     extra_uplink: str = "",
     extra_buffer: str = "",
+    extra_tags: Sequence[Keys] = (),
 ) -> str:
     """Return a configuration for the test stack: simulator tags, azure mode on loopback."""
     return gateway_toml(
@@ -40,7 +42,7 @@ def gateway_config(
         tag_groups=[{"name": "fast", "poll_interval_ms": poll_interval_ms},
                     {"name": "slow", "poll_interval_ms": 200}],
         tags=simulator_tags("line1.counter", "line1.sine", "line1.check", "line1.temperature_c",
-                            "plc.serial_number", "line1.running"),
+                            "plc.serial_number", "line1.running") + list(extra_tags),
         buffer=[{"max_bytes": 67108864, "page_max_samples": 200, "page_max_age_ms": 100},
                 extra_buffer],
         uplink=[{"mode": "azure", "port": broker_port, "connect_timeout_s": 2.0,
