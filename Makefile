@@ -48,7 +48,7 @@ run: venv deps-run certs
 	$(PY) -m devstack.demo
 
 lint: venv
-	$(PY) -m ruff check common processes cli devstack tests bench
+	$(PY) -m ruff check common processes cli devstack token_server tests bench
 
 typecheck: venv
 	$(PY) -m mypy

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-SCRIPTS = ("bench_paho.py", "bench_buffer.py", "bench_backlog.py", "bench_gateway.py")
+SCRIPTS = ("bench_paho.py", "bench_buffer.py", "bench_backlog.py", "bench_gateway.py",
+           "bench_token_server.py")
 
 
 def main() -> int:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 from common.clock import LOCAL_FLOOR_SOURCE, TimeFloor
 from common.config import Config, load_config
@@ -17,6 +19,7 @@ from common.credential_files import (
     validate_credential_files,
 )
 from common.credentials import EXPIRED, NOT_YET_VALID, redact_token
+from common.dps_keys import decode_key, read_key_file
 
 EXIT_OK = 0
 EXIT_EXPIRED = 3
@@ -25,6 +28,9 @@ EXIT_EXPIRED = 3
 def check_config(args: argparse.Namespace) -> int:
     """Validate the configuration and its credential files and print a summary."""
     config = load_config(args.config)
+    path = config.credentials.connection_string_file
+    if config.provisioning is not None and path is not None and not path.exists():
+        return _check_unprovisioned(config, path)
     credentials = validate_credential_files(config.credentials)
     expiry = check_sas_expiry(credentials.connection, config.credentials, config.uplink)
 
@@ -32,6 +38,25 @@ def check_config(args: argparse.Namespace) -> int:
     for line in _summary_lines(config, credentials):
         print(f"  {line}")
     print(f"  SAS expiry: {expiry.state}: {expiry.message}")
+    return EXIT_OK
+
+
+def _check_unprovisioned(config: Config, path: Path) -> int:
+    """Validate a first-boot configuration, whose connection string DPS has not written yet."""
+    others = dataclasses.replace(config.credentials, connection_string_file=None)
+    credentials = validate_credential_files(others)
+    settings = config.provisioning
+    assert settings is not None
+    key_file = settings.group_key_file or settings.device_key_file
+    if key_file is not None:
+        decode_key(read_key_file(key_file), f"key in {key_file}")
+
+    print(f"configuration {config.path} is valid")
+    for line in _summary_lines(config, credentials):
+        print(f"  {line}")
+    print(f"  provisioning: DPS {settings.global_endpoint}:{settings.port}, id scope "
+          f"{settings.id_scope}, registration id from {settings.registration_id_from}; "
+          f"{path} does not exist yet and is written at the first boot")
     return EXIT_OK
 
 
@@ -139,6 +164,10 @@ def _uplink(config: Config, credentials: CredentialSet) -> str:
 
 
 def _scheme(config: Config, credentials: CredentialSet) -> str:
+    token_server = config.credentials.token_server
+    if token_server is not None:
+        return (f"SAS tokens from the token server {token_server.url} for device "
+                f"{token_server.device_id} on {token_server.hub_host_name}")
     if credentials.connection is not None:
         return credentials.connection.scheme
     if credentials.client_certificate is not None:

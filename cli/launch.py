@@ -20,6 +20,7 @@ from common.config import Config, load_config
 from common.credential_files import validate_credential_files
 from common.errors import CredentialError, PlcBridgeError
 from common.last_good import last_good_path, load_config_or_last_good, save_last_good
+from common.lifecycle import SUPERVISORD_PID_VARIABLE
 from common.logs import redact
 
 # The repository root, where supervisord.conf lives next to the cli package.
@@ -45,7 +46,13 @@ def run(args: argparse.Namespace) -> int:
 
     command = [supervisord, "-n", "-c", str(conf)]
     print(f"plcbridge run: starting {' '.join(command)}", file=sys.stderr, flush=True)
-    _exec(command, gateway_environment(config))
+
+    # execve keeps the pid, so this is supervisord's pid: a program that finds another
+    # parent when it starts knows that supervisord died before the program could ask the
+    # kernel to be told (see common/lifecycle.py).
+    environment = gateway_environment(config)
+    environment[SUPERVISORD_PID_VARIABLE] = str(os.getpid())
+    _exec(command, environment)
 
 
 def ctl(args: argparse.Namespace) -> int:

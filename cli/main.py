@@ -8,11 +8,14 @@ from collections.abc import Sequence
 
 from cli import buffer as buffer_command
 from cli import checks, launch
+from cli import derive_key as derive_key_command
 from cli import identity as identity_command
+from cli import provision as provision_command
 from cli import read as read_command
 from cli import sas as sas_command
 from cli import status as status_command
 from cli import tap as tap_command
+from cli import token_server as token_server_command
 from common import wire
 from common.errors import ConfigError, CredentialError, PlcBridgeError
 from common.logs import redact
@@ -24,6 +27,7 @@ EXIT_CODES = """\
 exit codes:
   0  success, and tap stopped with Ctrl-C
   1  failure: a tool or folder is missing, supervisord is already running (run),
+     provision: DPS did not assign the gateway, or it is provisioned and --force is missing,
      or `tap --count N` got fewer than N messages, or buffer: the buffer is not running
   2  invalid configuration or credential file, or invalid command-line arguments
   3  check-credentials: a SAS token or certificate has expired or is not valid
@@ -86,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     sas_command.add_arguments(sas)
     sas.set_defaults(handler=sas_command.sas)
 
+    summary = ("print the device key that a DPS symmetric-key group enrollment expects from "
+               "a registration id")
+    derive = commands.add_parser("derive-key", help=summary, description=summary,
+                                 epilog=EXIT_CODES,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    derive_key_command.add_arguments(derive)
+    derive.set_defaults(handler=derive_key_command.derive_key)
+
     # read takes --config as an option, because an ad-hoc tag needs no configuration.
     summary = ("read tags once and print the requests, raw registers, decoded values and "
                "quality; --config FILE [--tag NAME ...], or one ad-hoc tag")
@@ -98,6 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
                            "store the PLC's serial-number id after a PLC swap, so that the "
                            "reader sends samples again")
     identity_command.add_arguments(confirm)
+
+    provision = _add_command(commands, "provision", provision_command.provision,
+                             "register with Azure DPS and write the connection string file "
+                             "named by credentials.connection_string_file")
+    provision_command.add_arguments(provision)
+
+    summary = ("run the on-site HTTPS server that issues short-lived SAS tokens to the "
+               "gateways on its allow-list")
+    server = commands.add_parser("token-server", help=summary, description=summary,
+                                 epilog=EXIT_CODES,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    token_server_command.add_arguments(server)
+    server.set_defaults(handler=token_server_command.token_server)
 
     ctl = _add_command(commands, "ctl", launch.ctl,
                        "run supervisorctl against the gateway's supervisord, e.g. "

@@ -69,6 +69,8 @@ def gather(config: Config) -> dict[str, Any]:
     health = _fresh(_read_json(runtime_dir / HEALTH_FILE))
     buffer = _fresh(_read_json(runtime_dir / BUFFER_STATUS_FILE))
     alerts = read_alerts_file(alerts_path(runtime_dir, "uplink")) or {}
+    # The provisioning program keeps its own file, because it runs before the uplink can.
+    provisioning = read_alerts_file(alerts_path(runtime_dir, "provisioning")) or {}
 
     # Restart counts come from the uplink's monitor, which watches supervisord all the time.
     for name, record in (health or {}).get("programs", {}).items():
@@ -94,7 +96,7 @@ def gather(config: Config) -> dict[str, Any]:
         "buffer": buffer_summary(buffer),
         "uplink": health.get("uplink"),
         "credentials": health.get("credentials"),
-        "alerts": alerts.get("open", []),
+        "alerts": [*alerts.get("open", []), *provisioning.get("open", [])],
         "restart_loop_window_s": config.alerts.restart_loop_window_s,
     }
 

@@ -8,15 +8,19 @@ expected. Relative paths are resolved against the configuration file's folder.
 from __future__ import annotations
 
 import codecs
+import json
 import math
 import os
 import string
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from common import wire
+from common.credentials import DEVICE_ID_PATTERN
+from common.dps_keys import REGISTRATION_ID_RULE, registration_id_problem
 from common.errors import ConfigError
 
 # Modbus allows at most 125 holding or input registers, and 2,000 coils, in one read.
@@ -101,6 +105,9 @@ UPLINK_MODES = ("azure", "mqtt")
 SYNC_MODES = ("full", "nometasync", "off")
 OVERFLOW_POLICIES = ("drop-oldest", "reject-new")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+ATTESTATIONS = ("symmetric_key", "x509")
+REGISTRATION_ID_SOURCES = ("config", "plc_serial", "mac")
+PAYLOAD_VALUE_TYPES = (str, int, float, bool)
 
 
 @dataclass(frozen=True)
@@ -275,6 +282,33 @@ class UplinkSettings:
 
 
 @dataclass(frozen=True)
+class TokenServerSettings:
+    """The on-site token server that issues the gateway's SAS tokens, so no key rests here.
+
+    The gateway proves its identity with client_cert_file and client_key_file, or with
+    serial and secret_file through a challenge. hub_host_name and device_id name the
+    identity that the tokens must be signed for.
+    """
+
+    url: str
+    host: str
+    port: int
+    ca_file: Path
+    hub_host_name: str
+    device_id: str
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+    serial: str | None = None
+    secret_file: Path | None = None
+    timeout_s: float = 10.0
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        files = (self.ca_file, self.client_cert_file, self.client_key_file, self.secret_file)
+        return tuple(path for path in files if path is not None)
+
+
+@dataclass(frozen=True)
 class CredentialSettings:
     connection_string_file: Path | None
     ca_file: Path
@@ -287,6 +321,7 @@ class CredentialSettings:
     certificate_warning_days: float = 30.0
     expiry_error_margin_s: float = 300.0
     client_key_passphrase_file: Path | None = None
+    token_server: TokenServerSettings | None = None
     # Whether the uplink goes back to the last credential set that connected when the hub
     # rejects a new one; see common/last_good_credentials.py.
     fallback_to_last_good: bool = True
@@ -301,7 +336,8 @@ class CredentialSettings:
             self.client_key_passphrase_file,
             self.password_file,
         )
-        return tuple(path for path in files if path is not None)
+        token_files = self.token_server.files if self.token_server is not None else ()
+        return tuple(path for path in files if path is not None) + token_files
 
 
 @dataclass(frozen=True)
@@ -332,6 +368,33 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class ProvisioningSettings:
+    """Azure IoT Hub Device Provisioning Service (DPS): how the gateway gets its hub.
+
+    docs/provisioning.md describes the registration id rule and the first boot.
+    """
+
+    id_scope: str
+    global_endpoint: str
+    port: int
+    attestation: str  # one of ATTESTATIONS
+    group_key_file: Path | None
+    device_key_file: Path | None
+    registration_id: str | None
+    registration_id_from: str  # one of REGISTRATION_ID_SOURCES
+    registration_id_prefix: str
+    mac_interface: str | None
+    # The custom payload sent with the register request, as JSON text; None sends null.
+    payload_json: str | None
+    payload_plc_serial: bool
+    api_version: str
+    request_timeout_s: float
+    retry_min_s: float
+    retry_max_s: float
+    sas_ttl_s: int
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     gateway: GatewaySettings
@@ -342,6 +405,7 @@ class Config:
     supervisor: SupervisorSettings
     alerts: AlertSettings = field(default_factory=AlertSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    provisioning: ProvisioningSettings | None = None
     # The TOML text that was parsed, without a byte-order mark, for the last good copy.
     source_text: str = field(default="", repr=False, compare=False)
 
@@ -550,6 +614,7 @@ def load_config(path: str | Path, text: str | None = None) -> Config:
         supervisor=_parse_supervisor(top.table("supervisor")),
         alerts=_parse_alerts(top.table("alerts")),
         metrics=_parse_metrics(top.table("metrics")),
+        provisioning=_parse_provisioning(top),
         source_text=text,
     )
     top.reject_unknown()
@@ -1114,6 +1179,7 @@ def _parse_credentials(table: _Table) -> CredentialSettings:
         certificate_warning_days=table.number("certificate_warning_days", 30.0, 0.0, 3650.0),
         expiry_error_margin_s=table.number("expiry_error_margin_s", 300.0, 0.0, 31_536_000.0),
         client_key_passphrase_file=table.path("client_key_passphrase_file"),
+        token_server=_parse_token_server(table),
         fallback_to_last_good=table.flag("fallback_to_last_good", True),
     )
     table.reject_unknown()
@@ -1130,6 +1196,67 @@ def _parse_credentials(table: _Table) -> CredentialSettings:
             "must be set together"
         )
     return settings
+
+
+def _parse_token_server(credentials: _Table) -> TokenServerSettings | None:
+    if "token_server" not in credentials.data:
+        credentials.used.add("token_server")
+        return None
+    table = credentials.table("token_server")
+    url = table.text("url", _REQUIRED)
+    host, port = _https_endpoint(table, url)
+    settings = TokenServerSettings(
+        url=url,
+        host=host,
+        port=port,
+        ca_file=table.path("ca_file", _REQUIRED),  # type: ignore[arg-type]
+        hub_host_name=table.text("hub_host_name", _REQUIRED),
+        device_id=_device_id(table),
+        client_cert_file=table.path("client_cert_file"),
+        client_key_file=table.path("client_key_file"),
+        serial=table.text("serial"),
+        secret_file=table.path("secret_file"),
+        timeout_s=table.number("timeout_s", 10.0, 0.5, 120.0),
+    )
+    table.reject_unknown()
+
+    prefix = f"{table.source}: credentials.token_server"
+    if (settings.client_cert_file is None) != (settings.client_key_file is None):
+        raise ConfigError(f"{prefix}.client_cert_file and client_key_file must be set together")
+    if (settings.serial is None) != (settings.secret_file is None):
+        raise ConfigError(f"{prefix}.serial and secret_file must be set together")
+    certificate = settings.client_cert_file is not None
+    challenge = settings.secret_file is not None
+    if certificate == challenge:
+        found = "not both" if certificate else "found neither"
+        raise ConfigError(
+            f"{prefix}: set either client_cert_file and client_key_file (client "
+            f"certificate) or serial and secret_file (challenge), {found}"
+        )
+    return settings
+
+
+def _device_id(table: _Table) -> str:
+    device_id: str = table.text("device_id", _REQUIRED)
+    if not DEVICE_ID_PATTERN.fullmatch(device_id):
+        raise table.error("device_id", device_id, "an IoT Hub device id: up to 128 ASCII "
+                          "letters, digits and - . % _ * ? ! ( ) , : = @ $ '")
+    return device_id
+
+
+def _https_endpoint(table: _Table, url: str) -> tuple[str, int]:
+    """Split an https:// URL without a path into its host and port (443 by default)."""
+    expected = ("an https:// URL with a host and an optional port, such as "
+                "https://tokens.plant.local:8443")
+    parsed = urllib.parse.urlsplit(url)
+    try:
+        port = parsed.port or 443
+    except ValueError as exc:
+        raise table.error("url", url, expected) from exc
+    if parsed.scheme != "https" or not parsed.hostname or parsed.path not in ("", "/") \
+            or parsed.query or parsed.fragment or parsed.username or parsed.password:
+        raise table.error("url", url, expected)
+    return parsed.hostname, port
 
 
 def _parse_supervisor(table: _Table) -> SupervisorSettings:
@@ -1171,6 +1298,87 @@ def _parse_metrics(table: _Table) -> MetricsSettings:
     return settings
 
 
+def _parse_provisioning(top: _Table) -> ProvisioningSettings | None:
+    if "provisioning" not in top.data:
+        top.used.add("provisioning")
+        return None
+    table = top.table("provisioning")
+    registration_id = table.text("registration_id")
+    settings = ProvisioningSettings(
+        id_scope=table.text("id_scope", _REQUIRED),
+        global_endpoint=table.text("global_endpoint", "global.azure-devices-provisioning.net"),
+        port=table.integer("port", 8883, 1, 65535),
+        attestation=table.text("attestation", "symmetric_key", ATTESTATIONS),
+        group_key_file=table.path("group_key_file"),
+        device_key_file=table.path("device_key_file"),
+        registration_id=registration_id,
+        registration_id_from=table.text("registration_id_from",
+                                        "config" if registration_id else _REQUIRED,
+                                        REGISTRATION_ID_SOURCES),
+        registration_id_prefix=table.get("registration_id_prefix", str, "", "a string"),
+        mac_interface=table.text("mac_interface"),
+        payload_json=_payload_json(table),
+        payload_plc_serial=table.flag("payload_plc_serial", False),
+        api_version=table.text("api_version", "2019-03-31"),
+        request_timeout_s=table.number("request_timeout_s", 30.0, 1.0, 600.0),
+        retry_min_s=table.number("retry_min_s", 5.0, 0.1, 3600.0),
+        retry_max_s=table.number("retry_max_s", 300.0, 0.1, 86_400.0),
+        sas_ttl_s=table.integer("sas_ttl_s", 3600, 60, 86_400),
+    )
+    table.reject_unknown()
+    _check_provisioning(table, settings)
+    return settings
+
+
+def _payload_json(table: _Table) -> str | None:
+    payload = table.table("payload")
+    if "payload" not in table.data:
+        return None
+    for key, value in payload.data.items():
+        if isinstance(value, PAYLOAD_VALUE_TYPES) and not (
+            isinstance(value, float) and not math.isfinite(value)
+        ):
+            continue
+        raise payload.error(key, value, "a string, an integer, a finite number or a boolean")
+    return json.dumps(payload.data, sort_keys=True)
+
+
+def _check_provisioning(table: _Table, settings: ProvisioningSettings) -> None:
+    """Check the rules between provisioning keys; raise ConfigError naming the key."""
+    if settings.id_scope and "/" in settings.id_scope:
+        raise table.error("id_scope", settings.id_scope, "an id scope without '/'")
+    key_files = [name for name in ("group_key_file", "device_key_file")
+                 if getattr(settings, name) is not None]
+    if settings.attestation == "symmetric_key" and len(key_files) != 1:
+        raise ConfigError(
+            f"{table.source}: symmetric_key attestation needs exactly one of "
+            "provisioning.group_key_file and provisioning.device_key_file, found "
+            f"{', '.join(key_files) or 'none'}"
+        )
+    if settings.attestation == "x509" and key_files:
+        raise ConfigError(f"{table.source}: provisioning.{key_files[0]} is set with x509 "
+                          "attestation, which uses credentials.client_cert_file instead")
+
+    source = settings.registration_id_from
+    if source == "config" and settings.registration_id is None:
+        raise ConfigError(f"{table.source}: missing key provisioning.registration_id; "
+                          "registration_id_from = \"config\" takes the id from it")
+    if source != "config" and settings.registration_id is not None:
+        raise ConfigError(f"{table.source}: provisioning.registration_id is set with "
+                          f"registration_id_from = {source!r}; remove one of the two")
+    if settings.registration_id is not None:
+        problem = registration_id_problem(settings.registration_id)
+        if problem:
+            raise table.error("registration_id", settings.registration_id,
+                              f"{REGISTRATION_ID_RULE}, but {problem}")
+    prefix = settings.registration_id_prefix
+    if prefix and registration_id_problem(prefix):
+        raise table.error("registration_id_prefix", prefix, REGISTRATION_ID_RULE)
+    if settings.retry_max_s < settings.retry_min_s:
+        raise table.error("retry_max_s", settings.retry_max_s,
+                          "a value not below provisioning.retry_min_s")
+
+
 def _check_cross_references(source: Path, config: Config) -> None:
     group_names = [group.name for group in config.plc.tag_groups]
     duplicates = {name for name in group_names if group_names.count(name) > 1}
@@ -1189,8 +1397,40 @@ def _check_cross_references(source: Path, config: Config) -> None:
                 f"expected one of the tag group names {', '.join(group_names)}"
             )
 
-    if config.uplink.mode == "azure" and config.credentials.connection_string_file is None:
+    provisioning = config.provisioning
+    if provisioning is not None:
+        if config.uplink.mode != "azure":
+            raise ConfigError(f"{source}: [provisioning] is set in uplink.mode = "
+                              f"{config.uplink.mode!r}; DPS assigns Azure IoT hubs only, so "
+                              "set uplink.mode = \"azure\" or remove [provisioning]")
+        if provisioning.attestation == "x509" and config.credentials.client_cert_file is None:
+            raise ConfigError(f"{source}: provisioning.attestation = \"x509\" needs "
+                              "credentials.client_cert_file and credentials.client_key_file")
+        if provisioning.registration_id_from == "plc_serial" and config.plc.identity is None:
+            raise ConfigError(f"{source}: provisioning.registration_id_from = \"plc_serial\" "
+                              "needs [plc.identity], which names the serial-number registers")
+
+    _check_credential_source(source, config)
+
+
+def _check_credential_source(source: Path, config: Config) -> None:
+    credentials = config.credentials
+    if credentials.token_server is not None:
+        if config.uplink.mode != "azure":
+            raise ConfigError(
+                f"{source}: [credentials.token_server] needs uplink.mode = \"azure\"; the "
+                "token server issues Azure IoT Hub SAS tokens"
+            )
+        if credentials.connection_string_file is not None:
+            raise ConfigError(
+                f"{source}: credentials.connection_string_file and "
+                "[credentials.token_server] are both set; remove the connection string, "
+                "because the token server provides the SAS tokens"
+            )
+        return
+    if config.uplink.mode == "azure" and credentials.connection_string_file is None:
         raise ConfigError(
             f"{source}: missing key credentials.connection_string_file; "
-            "azure mode needs the device's connection string"
+            "azure mode needs the device's connection string, or a [credentials.token_server] "
+            "table"
         )

@@ -32,6 +32,7 @@ from common.credentials import (
     read_credential_bytes,
     read_password_file,
 )
+from common.token_client import TokenServerClient
 
 SECONDS_PER_DAY = 86_400
 
@@ -97,6 +98,10 @@ def validate_credential_files(settings: CredentialSettings) -> CredentialSet:
 
     if settings.password_file is not None:
         read_password_file(settings.password_file)
+    if settings.token_server is not None:
+        # Loads the server's CA, the client certificate pair or the challenge secret, with
+        # the same errors as the uplink gets at start.
+        TokenServerClient(settings.token_server)
     return CredentialSet(connection, ca_count, client)
 
 

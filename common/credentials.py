@@ -57,6 +57,7 @@ MAX_CREDENTIAL_FILE_BYTES = 512 * 1024
 # "+", "#" and ";", but "+" and "#" are wildcards, which MQTT 3.1.1 forbids in the topic of
 # a PUBLISH, and ";" ends a value in a connection string. "/" would split the topic.
 _ID_PATTERN = re.compile(r"[A-Za-z0-9\-.%_*?!(),:=@$']{1,128}")
+DEVICE_ID_PATTERN = _ID_PATTERN
 
 
 @dataclass(frozen=True)

@@ -39,16 +39,23 @@ def gateway_version() -> str:
 # prctl option that makes the kernel signal this process when its parent exits (Linux).
 PR_SET_PDEATHSIG = 1
 
+# Set by `plcbridge run` to its own pid, which supervisord keeps after execve.
+SUPERVISORD_PID_VARIABLE = "PLCBRIDGE_SUPERVISORD_PID"
+
 
 def _stop_with_parent(stop: threading.Event) -> None:
     """Ask the kernel for SIGTERM when supervisord dies, so no program outlives it.
 
     supervisord puts each program in a process group of its own, so a SIGKILL of
     supervisord alone would leave the four running, holding their locks against the next
-    `plcbridge run`. The check of the parent's pid closes the race with a parent that died
-    before the request.
+    `plcbridge run`. The request covers only a parent that dies after it. A program can
+    take seconds to import on a loaded machine, and supervisord may die before then, so
+    the parent's pid is compared with supervisord's pid from the environment after the
+    request. Started another way, the program compares it with the parent it had just
+    before the request, which closes the shorter race only.
     """
-    parent = os.getppid()
+    expected = os.environ.get(SUPERVISORD_PID_VARIABLE, "")
+    parent = int(expected) if expected.isdigit() else os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
@@ -64,13 +71,6 @@ def run_process(process: str, body: Body, argv: Sequence[str] | None = None) -> 
     parser.add_argument("--config", required=True, help="path of the gateway's TOML file")
     args = parser.parse_args(argv)
 
-    try:
-        config, rejected = load_config_or_last_good(args.config)
-    except ConfigError as exc:
-        print(redact(f"plcbridge {process}: {exc}"), file=sys.stderr)
-        return EXIT_CONFIG
-
-    logger = setup_logging(process, config.gateway.log_level)
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -79,6 +79,18 @@ def run_process(process: str, body: Body, argv: Sequence[str] | None = None) -> 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     _stop_with_parent(stop)
+
+    try:
+        config, rejected = load_config_or_last_good(args.config)
+    except ConfigError as exc:
+        print(redact(f"plcbridge {process}: {exc}"), file=sys.stderr)
+        return EXIT_CONFIG
+
+    logger = setup_logging(process, config.gateway.log_level)
+    if stop.is_set():
+        logger.warning("parent_gone %s", fields(
+            reason="supervisord exited before this process started",
+            consequence="this process stops at once"))
 
     logger.info("start version=%s config=%s", gateway_version(), config.path)
     if rejected is None:

@@ -1,9 +1,9 @@
 """Development certificates: a private CA, a loopback server certificate and client ones.
 
 `python -m devstack.dev_certs OUTDIR` writes ca.pem, ca.key, server.pem and server.key into
-OUTDIR. The server certificate names DNS localhost and IP 127.0.0.1 and ::1, so a client that
-checks host names can reach the local mosquitto by any of them. Keys are EC P-256 and are
-written with mode 0600. Existing files are kept while they are valid, so running the command
+OUTDIR. The server certificate names DNS localhost and IP 127.0.0.1, 127.0.0.2 and ::1, so a
+client that checks host names can reach the local mosquitto by any of them. Keys are EC P-256
+and are written with mode 0600. Existing files are kept while they are valid, so running the command
 again changes nothing. These files are for the demo and the tests only, never for a real
 gateway, and .gitignore keeps them out of the repository.
 """
@@ -36,7 +36,9 @@ RENEW_MARGIN = datetime.timedelta(days=30)
 BACKDATE = datetime.timedelta(hours=1)
 
 SERVER_DNS_NAMES = ("localhost",)
-SERVER_IP_ADDRESSES = ("127.0.0.1", "::1")
+# 127.0.0.2 lets a second emulated hub listen on the same port as the first, as a gateway
+# that DPS moves to another hub keeps its uplink.port.
+SERVER_IP_ADDRESSES = ("127.0.0.1", "127.0.0.2", "::1")
 
 
 @dataclass(frozen=True)

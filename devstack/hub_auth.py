@@ -117,7 +117,7 @@ def _check_sas(
             "expected epoch seconds"
         )
 
-    fields = _raw_fields(text)
+    fields = raw_token_fields(text)
     expected_scope = identity.resource_uri(hub_host)
     if token.resource.lower() != expected_scope.lower():
         raise Rejected(f"token scope sr={token.resource!r}; expected {expected_scope!r}")
@@ -127,7 +127,7 @@ def _check_sas(
             f"now={int(now_s)} ({_utc(now_s)}), skew={skew_s:g} s"
         )
 
-    signature = _decode_signature(fields["sig"])
+    signature = decode_signature(fields["sig"])
     message = f"{fields['sr']}\n{fields['se']}".encode()
     for name, key in identity.keys:
         expected = hmac.new(key, message, hashlib.sha256).digest()
@@ -136,13 +136,13 @@ def _check_sas(
     raise Rejected("signature matches neither the primary nor the secondary key")
 
 
-def _raw_fields(text: str) -> dict[str, str]:
+def raw_token_fields(text: str) -> dict[str, str]:
     """Split the token's fields without decoding them; parse_sas_token has checked them."""
     body = text.split(" ", 1)[1]
     return dict(part.partition("=")[::2] for part in body.split("&"))
 
 
-def _decode_signature(sig: str) -> bytes:
+def decode_signature(sig: str) -> bytes:
     try:
         return base64.b64decode(urllib.parse.unquote(sig), validate=True)
     except binascii.Error as exc:

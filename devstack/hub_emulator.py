@@ -571,14 +571,14 @@ def _address(address: tuple[str, int] | None) -> str:
     return f"{address[0]}:{address[1]}" if address else "unknown"
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """Reports a usage error in one line, so a test or the demo can show it whole."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}; see --help\n")
 
 
-def _endpoint(option: str, text: str, allow_zero: bool) -> tuple[str, int]:
+def parse_endpoint(option: str, text: str, allow_zero: bool) -> tuple[str, int]:
     host, separator, port_text = text.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     lowest = 0 if allow_zero else 1
@@ -593,8 +593,8 @@ def _endpoint(option: str, text: str, allow_zero: bool) -> tuple[str, int]:
 
 def build_options(args: argparse.Namespace) -> Options:
     """Check the parsed arguments; raise OptionsError naming the option and the value."""
-    listen_host, listen_port = _endpoint("--listen", args.listen, allow_zero=True)
-    upstream_host, upstream_port = _endpoint("--upstream", args.upstream, allow_zero=False)
+    listen_host, listen_port = parse_endpoint("--listen", args.listen, allow_zero=True)
+    upstream_host, upstream_port = parse_endpoint("--upstream", args.upstream, allow_zero=False)
     if not 0 <= args.https_port <= 65535:
         raise OptionsError(f"invalid --https-port {args.https_port}; expected 0 to 65535")
     if not args.skew_s >= 0:
@@ -620,7 +620,7 @@ def build_options(args: argparse.Namespace) -> Options:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog="python -m devstack.hub_emulator",
         description="Emulate Azure IoT Hub's MQTT credential checks in front of a broker.",
     )

@@ -197,3 +197,50 @@ def parse_subscribe(flags: int, body: bytes) -> list[str]:
 def connack(return_code: int) -> bytes:
     """Build a CONNACK with session present 0 and the given return code."""
     return bytes((CONNACK << 4, 2, 0, return_code))
+
+
+# Packet types that only the DPS emulator answers itself rather than forwards.
+SUBACK = 9
+UNSUBSCRIBE = 10
+UNSUBACK = 11
+PINGREQ = 12
+PINGRESP = 13
+SUBACK_FAILURE = 0x80
+
+
+def publish_payload(publish: Publish, body: bytes) -> bytes:
+    """Return the application message of a PUBLISH body that parse_publish decoded."""
+    header_bytes = 2 + len(publish.topic.encode("utf-8")) + (2 if publish.qos else 0)
+    return body[header_bytes:]
+
+
+def encode_packet(first_byte: int, body: bytes) -> bytes:
+    """Frame a body with its fixed header and remaining length (section 2.2.3)."""
+    length = bytearray()
+    remaining = len(body)
+    while True:
+        byte, remaining = remaining & 0x7F, remaining >> 7
+        length.append(byte | 0x80 if remaining else byte)
+        if not remaining:
+            return bytes([first_byte]) + bytes(length) + body
+
+
+def publish_qos0(topic: str, payload: bytes) -> bytes:
+    encoded = topic.encode("utf-8")
+    return encode_packet(PUBLISH << 4, len(encoded).to_bytes(2, "big") + encoded + payload)
+
+
+def puback(packet_id: int) -> bytes:
+    return encode_packet(PUBACK << 4, packet_id.to_bytes(2, "big"))
+
+
+def suback(packet_id: int, return_codes: list[int]) -> bytes:
+    return encode_packet(SUBACK << 4, packet_id.to_bytes(2, "big") + bytes(return_codes))
+
+
+def unsuback(packet_id: int) -> bytes:
+    return encode_packet(UNSUBACK << 4, packet_id.to_bytes(2, "big"))
+
+
+def pingresp() -> bytes:
+    return bytes((PINGRESP << 4, 0))

@@ -406,6 +406,8 @@ class CredentialWatcher:
         try:
             loaded = validate_credential_files(self.config.credentials)
         except CredentialFileError as exc:
+            if self._waiting_for_provisioning(exc):
+                return False
             self.tap.counters["invalid"] += 1
             self.tap.publish("credentials_invalid", file=str(exc.path), reason=exc.reason)
             self.logger.error(
@@ -423,6 +425,16 @@ class CredentialWatcher:
         self._log_loaded(loaded)
         self.sas_state = None
         self._recheck_sas_expiry()
+        return True
+
+    def _waiting_for_provisioning(self, exc: CredentialFileError) -> bool:
+        """Log a first boot's missing connection string at INFO, as the expected state."""
+        path = self.config.credentials.connection_string_file
+        if self.config.provisioning is None or exc.path != path or path.exists():
+            return False
+        self.tap.publish("waiting_for_provisioning", file=str(path))
+        self.logger.info("waiting_for_provisioning %s; the uplink is restarted when the "
+                         "provisioning program has written the file", fields(file=path))
         return True
 
     def _would_replace_valid_with_expired(self, loaded: CredentialSet) -> bool:

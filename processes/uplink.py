@@ -69,11 +69,14 @@ from common.logs import fields
 from common.payload import CONTENT_ENCODING, CONTENT_TYPE
 from common.socket_monitor import SocketMonitor
 from common.tap import Tap
+from common.token_client import TokenServerClient
 from processes.uplink_commands import CommandDispatcher, CommandResult, Handler, ResultOutbox
 from processes.uplink_fallback import Choice, CredentialSets
+from processes.uplink_first_boot import wait_for_provisioning
 from processes.uplink_health import HEALTH_PAGE_SEQ, HealthMonitor, LinkFigures
 from processes.uplink_metrics import MetricsServer
 from processes.uplink_tag_writes import TagWriter
+from processes.uplink_token import RemoteTokenSource, TokenUnavailableError
 
 PROCESS = "uplink"
 
@@ -109,14 +112,16 @@ class IssuedPassword:
     text: str | None = field(repr=False)
     expiry_s: int | None
     minted: bool
+    # Seconds of lifetime left by the monotonic clock, when the source knows them.
+    left_s: float | None = None
 
 
 @dataclass(frozen=True)
 class PasswordSource:
     """Produces the password of each connection: a fresh SAS token, a given one, or a file's.
 
-    Only one of key, token and static is set, or none for X.509 or a broker without
-    passwords.
+    Only one of key, token, static and remote is set, or none for X.509 or a broker without
+    passwords. remote fetches tokens from the on-site token server.
     """
 
     key: bytes | None = field(default=None, repr=False)
@@ -124,8 +129,15 @@ class PasswordSource:
     ttl_s: int = 0
     token: SasToken | None = None
     static: str | None = field(default=None, repr=False)
+    remote: RemoteTokenSource | None = None
 
     def issue(self, now_s: float) -> IssuedPassword:
+        """Return the next connection's password; raise TokenUnavailableError without one."""
+        if self.remote is not None:
+            # Renewable like a minted token, because the server issues a new one on request.
+            fetched, left_s = self.remote.issue()
+            return IssuedPassword(fetched.token.text, fetched.token.expiry_s, minted=True,
+                                  left_s=left_s)
         if self.key is not None:
             expiry_s = int(now_s) + self.ttl_s
             text = mint_sas_token(self.resource_uri, self.key, expiry_s)
@@ -133,6 +145,11 @@ class PasswordSource:
         if self.token is not None:
             return IssuedPassword(self.token.text, self.token.expiry_s, minted=False)
         return IssuedPassword(self.static, None, minted=False)
+
+    def prepare_renewal(self) -> float | None:
+        """Return None when the next token is ready, or the seconds to wait before asking
+        again, while the connection keeps its token."""
+        return self.remote.prepare_renewal() if self.remote is not None else None
 
 
 @dataclass(frozen=True)
@@ -214,6 +231,8 @@ def load_identity_with_snapshot(
 
 def _azure_identity(config: Config, logger: logging.Logger) -> Identity:
     credentials = config.credentials
+    if credentials.token_server is not None:
+        return _token_server_identity(config, logger)
     assert credentials.connection_string_file is not None  # the config loader enforces it
     connection = read_connection_string(credentials.connection_string_file)
 
@@ -245,6 +264,33 @@ def _azure_identity(config: Config, logger: logging.Logger) -> Identity:
         c2d_filter=_c2d_filter(connection),
         password=password,
         description=f"azure hub={connection.host_name} auth={connection.scheme.replace(' ', '_')}",
+    )
+
+
+def _token_server_identity(config: Config, logger: logging.Logger) -> Identity:
+    """Build the identity of a gateway whose SAS tokens come from the on-site token server."""
+    settings = config.credentials.token_server
+    assert settings is not None
+    connection = ConnectionString(host_name=settings.hub_host_name,
+                                  device_id=settings.device_id, module_id=None,
+                                  gateway_host_name=None)
+    source = RemoteTokenSource(
+        TokenServerClient(settings),
+        lambda: random.uniform(SAS_RENEW_FRACTION_MIN, SAS_RENEW_FRACTION_MAX),
+        Backoff(config.uplink.reconnect_min_s, config.uplink.reconnect_max_s), logger,
+    )
+    return Identity(
+        connect_host=connection.connect_host,
+        port=config.uplink.port,
+        client_id=connection.client_id,
+        username=(f"{connection.host_name}/{connection.client_id}/"
+                  f"?api-version={config.uplink.api_version}"),
+        tls_context=build_tls_context(config.credentials),
+        topic_format=_azure_topic_format(connection),
+        event_topic_format=_azure_event_topic_format(connection),
+        c2d_filter=_c2d_filter(connection),
+        password=PasswordSource(remote=source),
+        description=f"azure hub={connection.host_name} auth=token_server",
     )
 
 
@@ -603,6 +649,8 @@ class MqttLink(threading.Thread):
         self._sets = CredentialSets(config, logger, lambda other: load_identity(other, logger),
                                     identity, snapshot, self._report_tap)
         self._rejected_attempts = 0
+        if identity.password.remote is not None:
+            identity.password.remote.report = self._report_tap
         self._events = events
         self._events_wakeup = events_wakeup
         self._requests: queue.Queue[PublishRequest] = queue.Queue()
@@ -654,6 +702,8 @@ class MqttLink(threading.Thread):
             if outcome.rejected:
                 self._rejected_attempts += 1
                 self._guard.after_rejection()
+                if self._identity.password.remote is not None:
+                    self._identity.password.remote.discard()
             choice = None
             if outcome.rejected or outcome.tls_rejected:
                 choice = self._sets.after_failure(outcome.reason, self._clock.now())
@@ -714,6 +764,9 @@ class MqttLink(threading.Thread):
 
         if self._identity.password.key is not None:
             remedy = "a freshly minted SAS token is tried on each attempt"
+        elif self._identity.password.remote is not None:
+            remedy = ("a new SAS token is fetched from the token server for each attempt; "
+                      "check the device key that the server holds for this device")
         elif self._identity.password.token is not None:
             remedy = "only a new SAS token or device key in the connection string fixes this"
         else:
@@ -733,7 +786,11 @@ class MqttLink(threading.Thread):
     def _run_connection(self, number: int, retrying: bool) -> Outcome:
         """Connect, wait for CONNACK, serve the connection; return how it ended."""
         self._guard.before_connect(retrying)
-        issued = self._identity.password.issue(self._clock.now())
+        try:
+            issued = self._identity.password.issue(self._clock.now())
+        except TokenUnavailableError as exc:
+            self._post(LinkEvent("connect_failed", number, reason=str(exc)))
+            return Outcome(False, str(exc))
         token = None
         self.token_expiry_s = issued.expiry_s
         if issued.expiry_s is not None:
@@ -766,7 +823,9 @@ class MqttLink(threading.Thread):
         self._sets.on_accepted()
         # Serve the connection until it drops, a stop is requested or the token is due.
         if issued.minted and issued.expiry_s is not None:
-            remaining_s = max(0.0, issued.expiry_s - self._clock.now())
+            remaining_s = issued.left_s
+            if remaining_s is None:
+                remaining_s = max(0.0, issued.expiry_s - self._clock.now())
             fraction = random.uniform(SAS_RENEW_FRACTION_MIN, SAS_RENEW_FRACTION_MAX)
             connection.renew_at = time.monotonic() + remaining_s * fraction
         self._post(LinkEvent("connected", number, reason=f"{host}:{port}",
@@ -896,7 +955,8 @@ class MqttLink(threading.Thread):
             self._pump(connection, remaining_s)
 
     def _refusal_hint(self) -> str:
-        if self._identity.password.key is not None or self._identity.password.token is not None:
+        password = self._identity.password
+        if password.key is not None or password.token is not None or password.remote is not None:
             return "; check the device key or SAS token, its expiry and this gateway's clock"
         return ""
 
@@ -908,7 +968,12 @@ class MqttLink(threading.Thread):
                 return Outcome(True, "stop requested")
             now = time.monotonic()
             if connection.renew_at is not None and now >= connection.renew_at:
-                return Outcome(True, "the SAS token reached its renewal time", renew=True)
+                # A token from the token server may not be ready yet; the connection then
+                # keeps its current token and asks again later.
+                retry_s = self._identity.password.prepare_renewal()
+                if retry_s is None:
+                    return Outcome(True, "the SAS token reached its renewal time", renew=True)
+                connection.renew_at = now + retry_s
             self._guard.watchdog()
             wait_s = 1.0
             if connection.renew_at is not None:
@@ -1531,6 +1596,8 @@ class Uplink:
 
 def body(config: Config, logger: logging.Logger, stop: threading.Event) -> None:
     """Run the uplink until stop is set; raise CredentialError for unusable credentials."""
+    if not wait_for_provisioning(config, logger, stop):
+        return
     identity, snapshot = load_identity_with_snapshot(config, logger)
     logger.info(
         "identity %s",

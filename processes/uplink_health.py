@@ -267,7 +267,9 @@ class HealthMonitor:
         # A new pid, or a failure state entered, is one restart of the program.
         restarted = pid and record.pid and pid != record.pid
         failed = state in FAILING_STATES and record.state not in FAILING_STATES
-        if restarted or failed:
+        # The provisioning program exits 0 when its work is done, which is no failure.
+        finished = state == "EXITED" and info.get("exitstatus") == 0
+        if restarted or (failed and not finished):
             record.restart_ts_ms.append(int(time.time() * 1000))
         if pid:
             record.pid = pid

@@ -149,9 +149,9 @@ def test_fetch_hub_offset_other_ca_rejected(certs: Path, tmp_path: Path) -> None
 
 
 def test_fetch_hub_offset_wrong_host_name_rejected(certs: Path, context: ssl.SSLContext) -> None:
-    # The server certificate names localhost, 127.0.0.1 and ::1 only.
-    with DateServer(certs, 0.0, host="127.0.0.2") as server, pytest.raises(ClockError) as caught:
-        fetch_hub_offset("127.0.0.2", server.port, context, 5.0)
+    # The server certificate names localhost, 127.0.0.1, 127.0.0.2 and ::1 only.
+    with DateServer(certs, 0.0, host="127.0.0.3") as server, pytest.raises(ClockError) as caught:
+        fetch_hub_offset("127.0.0.3", server.port, context, 5.0)
 
     assert "certificate verify failed" in str(caught.value)
 

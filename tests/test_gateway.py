@@ -311,6 +311,8 @@ def test_tap_follows_running_gateway(stack: Stack) -> None:
 
 
 def test_gateway_sigterm_stops_everything(stack: Stack) -> None:
+    # A SIGTERM that arrives while a program still imports ends it without its log lines.
+    stack.gateway.wait_started()
     pids = [stack.gateway.pid(name) for name in PROGRAMS]
     assert stack.gateway.process is not None
     stack.gateway.process.send_signal(signal.SIGTERM)

@@ -126,6 +126,19 @@ class Gateway:
             step_s=0.1,
         )
 
+    def wait_started(self, timeout_s: float = 60.0) -> None:
+        """Wait until every program has logged its start, so its signal handlers are set.
+
+        supervisord calls a program RUNNING after startsecs, which a loaded machine can
+        reach while the program is still importing its libraries.
+        """
+        wait_until(
+            lambda: all(" start version=" in self.log(name) for name in PROGRAMS),
+            timeout_s,
+            "every program to log its start",
+            step_s=0.2,
+        )
+
     def log(self, program: str) -> str:
         path = self.log_dir / f"{program}.log"
         return path.read_text(errors="replace") if path.exists() else ""
