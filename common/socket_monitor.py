@@ -2,7 +2,7 @@
 
 ZeroMQ reconnects ipc:// sockets silently. The monitor makes a peer that goes away or comes
 back visible: for the uplink's DEALER, a buffer restart shows as disconnected, then
-connected.
+connected. The reader's ingest DEALER and the buffer's two ROUTERs are watched the same way.
 """
 
 from __future__ import annotations
@@ -17,8 +17,11 @@ from common.logs import fields
 
 # Events worth an operator's attention, by name. CONNECT_RETRIED is left out: ZeroMQ retries
 # every 100 ms by default (ZMQ_RECONNECT_IVL) while a peer is down, which would flood the log.
+# A bound socket reports a peer's connection as ACCEPTED rather than CONNECTED, and both are
+# named "connected", so an operator reads the same words on either side of a socket pair.
 EVENT_NAMES: dict[int, str] = {
     int(zmq.EVENT_CONNECTED): "connected",
+    int(zmq.EVENT_ACCEPTED): "connected",
     int(zmq.EVENT_DISCONNECTED): "disconnected",
     int(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL): "handshake_failed",
     int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL): "handshake_failed",
