@@ -205,6 +205,9 @@ class IdentitySettings:
     year_address: int | None
     month_address: int | None
     unit_address: int | None
+    # The id is read again at every reconnect and every recheck_interval_s; 0 turns the
+    # periodic read off and keeps the one at each reconnect.
+    recheck_interval_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -852,8 +855,13 @@ def _parse_identity(table: _Table, devices: tuple[PlcDevice, ...]) -> IdentitySe
         device=device.name,
         table=table.text("table", "input_register", ("holding_register", "input_register")),
         **shifted,
+        recheck_interval_s=table.number("recheck_interval_s", 60.0, 0.0, 86400.0),
     )
     table.reject_unknown()
+    # Below a second the reads would crowd the PLC's tag polls for no gain.
+    if 0 < identity.recheck_interval_s < 1:
+        raise table.error("recheck_interval_s", identity.recheck_interval_s,
+                          "0, or a number from 1 to 86400")
 
     parts = [identity.year_address, identity.month_address, identity.unit_address]
     if identity.serial_address is None and None in parts:
