@@ -789,7 +789,9 @@ class BufferProcess:
         if now >= self.next_status:
             self.next_status = now + STATUS_INTERVAL_S
             self._write_status(now, running=True)
-        self.tap.publish_counters_if_due()
+            # The counters follow each refresh. On a timer of their own they could go out
+            # just before a refresh and show figures a second old.
+            self.tap.publish_counters()
         return bool(received)
 
     def _batches_to_commit(self, received: list[Batch], now: float) -> list[Batch]:
