@@ -17,9 +17,9 @@ from common.tap import data_topic
 from tests.support.tap_listener import TapListener
 from tests.support.waiting import wait_until
 from tests.support.zmq_peers import ReaderPeer, UplinkPeer, make_samples
-from tests.test_buffer import BufferRun, context, make_buffer
+from tests.test_buffer import BufferRun, make_buffer
 
-__all__ = ["context", "make_buffer"]
+__all__ = ["make_buffer"]  # a fixture shared with the module it comes from
 
 SAMPLES_PER_BATCH = 50
 
