@@ -101,9 +101,11 @@ def test_buffer_tap_reports_peer_sockets(
 
     event = next(m for m in events.of_kind("socket_event") if m["socket"] == "ingest")
     assert event["endpoint"] == wire.endpoint(run.runtime_dir, wire.INGEST)
-    assert "INFO plcbridge.buffer socket_connected socket=delivery" in run.log()
-    assert "WARNING plcbridge.buffer socket_disconnected socket=ingest" in run.log()
-    assert "consequence=\"the reader keeps its batches" in run.log()
+    # The buffer publishes an event before it logs it.
+    for line in ("INFO plcbridge.buffer socket_connected socket=delivery",
+                 "WARNING plcbridge.buffer socket_disconnected socket=ingest",
+                 "consequence=\"the reader keeps its batches"):
+        wait_until(lambda line=line: line in run.log(), 5, f"{line!r} in the buffer's log")
 
 
 def test_buffer_tap_copies_pages_on_request(

@@ -45,9 +45,11 @@ def test_gateway_restarts_show_on_taps(
     assert "started" in result.stdout, result.stdout + result.stderr
     wait_until(lambda: reader.socket_events("ingest")[:2] == ["disconnected", "connected"],
                30, "ingest disconnected, then connected, on the reader's tap")
-    log = stack.gateway.log("plc_reader")
-    assert "WARNING plcbridge.plc_reader socket_disconnected socket=ingest" in log
-    assert "INFO plcbridge.plc_reader socket_connected socket=ingest" in log
+    # The reader publishes an event before it logs it.
+    for line in ("WARNING plcbridge.plc_reader socket_disconnected socket=ingest",
+                 "INFO plcbridge.plc_reader socket_connected socket=ingest"):
+        wait_until(lambda line=line: line in stack.gateway.log("plc_reader"), 10,
+                   f"{line!r} in the reader's log")
 
     # An uplink restart: the restarted buffer's delivery ROUTER sees the uplink go and come.
     buffer.close()
