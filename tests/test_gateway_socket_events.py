@@ -51,7 +51,7 @@ def test_gateway_restarts_show_on_taps(
         wait_until(lambda line=line: line in stack.gateway.log("plc_reader"), 10,
                    f"{line!r} in the reader's log")
 
-    # An uplink restart: the restarted buffer's delivery ROUTER sees the uplink go and come.
+    # An uplink restart: the restarted buffer's delivery ROUTER loses the uplink and finds it again.
     buffer.close()
     buffer = listen(context, stack, "buffer")
     result = stack.gateway.supervisorctl("restart", "plcbridge:uplink")
