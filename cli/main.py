@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     tap.add_argument("--json", action="store_true", help="print each message as raw JSON")
     tap.add_argument("--data", action="store_true",
                      help="also print a copy of the data passing through: the reader's "
-                          "samples and the uplink's pages")
+                          "samples, the pages the buffer hands out and the uplink's pages")
     tap.add_argument("--count", type=_positive_int, metavar="N",
                      help="exit after N messages; exit 1 if --timeout-s ends first")
     tap.add_argument("--timeout-s", type=_positive_float, metavar="S",
