@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import zmq
 
@@ -14,15 +12,6 @@ from tests.test_gateway import Stack, stack
 pytestmark = pytest.mark.integration
 
 __all__ = ["stack"]
-
-
-@pytest.fixture
-def context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    try:
-        yield ctx
-    finally:
-        ctx.destroy(linger=0)
 
 
 def listen(context: zmq.Context[zmq.Socket[bytes]], stack: Stack, process: str) -> TapListener:
