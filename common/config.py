@@ -328,6 +328,7 @@ class CredentialSettings:
     # Whether the uplink goes back to the last credential set that connected when the hub
     # rejects a new one; see common/last_good_credentials.py.
     fallback_to_last_good: bool = True
+    settle_s: float = 0.2
 
     def watched_files(self) -> tuple[Path, ...]:
         """List every credential file the uplink reads, in a fixed order."""
@@ -1181,7 +1182,7 @@ def _parse_credentials(table: _Table) -> CredentialSettings:
         client_cert_file=table.path("client_cert_file"),
         client_key_file=table.path("client_key_file"),
         password_file=table.path("password_file"),
-        check_interval_s=table.number("check_interval_s", 1.0, 0.05, 3600.0),
+        check_interval_s=table.number("check_interval_s", 0.1, 0.05, 3600.0),
         rehash_interval_s=table.number("rehash_interval_s", 60.0, 1.0, 86400.0),
         sas_warning_days=table.number("sas_warning_days", 7.0, 0.0, 3650.0),
         certificate_warning_days=table.number("certificate_warning_days", 30.0, 0.0, 3650.0),
@@ -1189,6 +1190,7 @@ def _parse_credentials(table: _Table) -> CredentialSettings:
         client_key_passphrase_file=table.path("client_key_passphrase_file"),
         token_server=_parse_token_server(table),
         fallback_to_last_good=table.flag("fallback_to_last_good", True),
+        settle_s=table.number("settle_s", 0.2, 0.0, 3600.0),
     )
     table.reject_unknown()
 

@@ -136,6 +136,11 @@ class SupervisorClient:
                 f"supervisord at {self.url}: {name} is {after['statename']} after the restart: "
                 f"{after.get('description', '')}"
             )
+        if action == "restart" and after["pid"] == before["pid"]:
+            raise RestartError(
+                f"supervisord at {self.url}: {name} still runs as pid {after['pid']} after the "
+                "restart, so it was not restarted"
+            )
         return RestartResult(action, before["statename"], before["pid"],
                              after["statename"], after["pid"])
 

@@ -61,7 +61,8 @@ def test_config_minimal_gets_defaults(tmp_path: Path) -> None:
     assert config.plc.tags[0].register_count == 2
     assert config.uplink.port == 8883
     assert config.uplink.broker is None
-    assert config.credentials.check_interval_s == 1.0
+    assert config.credentials.check_interval_s == 0.1
+    assert config.credentials.settle_s == 0.2
     assert config.credentials.rehash_interval_s == 60.0
     assert config.credentials.fallback_to_last_good is True
     assert config.supervisor.group == "plcbridge"
