@@ -725,6 +725,8 @@ class CredentialWatcher:
             )
             return True
 
+        if self.link is not None:
+            self.link.expect_new_uplink()
         self.tap.counters["restarts"] += 1
         self.tap.publish("uplink_restarted", program=self.program, pid_before=result.pid_before,
                          pid_after=result.pid_after, state_before=result.state_before)

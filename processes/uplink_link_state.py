@@ -5,15 +5,17 @@ The watcher subscribes to ipc://<runtime_dir>/tap-uplink.sock, the socket that
 
 | event | state |
 |---|---|
-| start, connecting | connecting: no CONNACK yet |
-| connected | connected |
+| start, connecting, stop | connecting: no CONNACK yet |
+| connected, or counters with connected=1 | connected |
 | connect_failed, disconnected | down: waiting to reconnect |
-| stop | stopped |
 
-The tap is a PUB socket, so a subscriber that joins late has missed the events before it
-joined. Until the first link event arrives the state is unknown, and the watcher then
-treats the uplink as not connecting. A restarted uplink binds the socket again, and the
-subscriber reconnects on its own within RECONNECT_IVL_MS.
+The tap is a PUB socket, so a subscriber misses what is published before it has joined.
+A restarted uplink binds a new socket, and the subscriber joins it again within
+RECONNECT_IVL_MS and a few milliseconds more, by which time the new uplink has often
+published its start and connecting events already. So after a stop event, and after the
+watcher's own restart, the uplink counts as connecting until an event or the counters,
+which the uplink publishes every second, say otherwise. Until the first event after the
+watcher's start the state is unknown, and the uplink counts as not connecting.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ STATE_AFTER_EVENT = {
     "connected": "connected",
     "connect_failed": "down",
     "disconnected": "down",
-    "stop": "stopped",
+    # supervisord starts a successor, whose first events may be lost (see above).
+    "stop": "connecting",
 }
 
 # ZeroMQ retries the ipc connect every 100 ms by default. A restarted uplink publishes its
@@ -73,14 +76,24 @@ class UplinkLinkState:
             if len(frames) != 2:
                 continue
             try:
-                kind = json.loads(frames[1]).get("kind")
+                message = json.loads(frames[1])
+                kind = message.get("kind")
+                connected = kind == "counters" and message.get("connected") == 1
             except (ValueError, AttributeError):
                 continue  # not a tap message of this gateway's version: ignore it
-            new_state = STATE_AFTER_EVENT.get(kind)
-            if new_state is not None and new_state != self.state:
-                self.state = new_state
-                self.since_s = time.monotonic()
-                self.logger.debug("uplink_link_state %s", fields(state=new_state, event=kind))
+            new_state = "connected" if connected else STATE_AFTER_EVENT.get(kind)
+            if new_state is not None:
+                self._enter(new_state, kind)
+
+    def expect_new_uplink(self) -> None:
+        """Count the uplink as connecting: the watcher has just started a new one."""
+        self._enter("connecting", "restart by the watcher")
+
+    def _enter(self, state: str, cause: str) -> None:
+        if state != self.state:
+            self.state = state
+            self.since_s = time.monotonic()
+            self.logger.debug("uplink_link_state %s", fields(state=state, cause=cause))
 
     def connecting_for_s(self) -> float | None:
         """Return how long the uplink has been connecting, or None when it is not."""
