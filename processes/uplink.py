@@ -663,6 +663,8 @@ class MqttLink(threading.Thread):
         self.reconnects = 0
         self.dropped = 0
         self.token_expiry_s: int | None = None
+        # What the thread did after a stop request, in order, for the shutdown's log line.
+        self.shutdown_steps: list[str] = []
 
     # -- called from the main thread ----------------------------------------------------
 
@@ -810,6 +812,9 @@ class MqttLink(threading.Thread):
             self._open(connection)
             self._await_connack(connection)
         except UplinkError as exc:
+            if self._stop_requested.is_set():
+                # Without a CONNACK there is no session to end with DISCONNECT.
+                self.shutdown_steps.extend(("network_loop_stopped", "disconnect_skipped"))
             self._close(connection)
             rejected = isinstance(exc, CredentialsRejectedError)
             if not self._stop_requested.is_set():
@@ -835,10 +840,18 @@ class MqttLink(threading.Thread):
         outcome = self._serve(connection)
         outcome = dataclasses.replace(outcome, connected_s=time.monotonic() - connected_at)
 
-        # Leave cleanly when the broker is still there.
-        if not connection.closed:
-            self._disconnect(connection)
+        # Leave cleanly when the broker is still there. On a stop the steps are recorded for
+        # the shutdown's log line: the loop has stopped, then DISCONNECT, then the release.
+        stopping = self._stop_requested.is_set()
+        steps = ["network_loop_stopped"]
+        if connection.closed:
+            steps.append("disconnect_skipped")
+        else:
+            steps.append("disconnect_sent" if self._disconnect(connection)
+                         else "disconnect_timed_out")
         self._close(connection)
+        if stopping:
+            self.shutdown_steps.extend(steps)
         self._post(LinkEvent("disconnected", number, reason=outcome.reason))
         return outcome
 
@@ -1069,19 +1082,27 @@ class MqttLink(threading.Thread):
                 fields(topic=topic_filter, error=mqtt.error_string(rc)),
             )
 
-    def _disconnect(self, connection: Connection) -> None:
-        """Send DISCONNECT and give paho a short, bounded time to write it."""
+    def _disconnect(self, connection: Connection) -> bool:
+        """Send DISCONNECT and give paho a short, bounded time to write it.
+
+        Return False when the socket still had bytes to write at the deadline, which happens
+        when the broker has stopped reading and the socket's send buffer is full.
+        """
         client = connection.client
+        # No page is published after the DISCONNECT; the buffer sends them to the next session.
+        connection.connected = False
         client.disconnect()
         deadline = time.monotonic() + min(1.0, self._settings.shutdown_timeout_s / 2)
         while client.socket() is not None and client.want_write():
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0:
-                return
+                return False
             self._pump(connection, remaining_s)
+        return True
 
     @staticmethod
     def _close(connection: Connection) -> None:
+        """Close the socket, which releases the paho client: nothing else refers to it."""
         sock = connection.client.socket()
         if sock is not None:
             sock.close()
@@ -1573,12 +1594,16 @@ class Uplink:
         # by connect_timeout_s. It is a daemon thread, so it then ends with the process.
         join_s = max(0.1, self._settings.shutdown_timeout_s - DEALER_LINGER_MS / 1000 - 0.3)
         self._link.join(join_s)
+        waited_s = f"{time.monotonic() - started_s:.2f}"
         if self._link.is_alive():
             self._logger.info(
                 "stop_without_network_thread %s",
-                fields(waited_s=f"{time.monotonic() - started_s:.2f}",
-                       reason="connect or TLS handshake still in progress"),
+                fields(waited_s=waited_s, reason="connect or TLS handshake still in progress"),
             )
+        else:
+            # Released: the thread has ended, and with it the last reference to the client.
+            steps = [*(self._link.shutdown_steps or ["network_loop_stopped"]), "client_released"]
+            self._logger.info("link_stopped %s", fields(steps=",".join(steps), waited_s=waited_s))
 
         self._link_up = False
         self._send_link()

@@ -472,6 +472,76 @@ def test_uplink_sigterm_during_handshake(base: Path, certs: Path, uplinks: Any) 
         silent.close()
 
 
+SHUTDOWN_STEPS_CONNECTED = "steps=network_loop_stopped,disconnect_sent,client_released"
+
+
+def test_uplink_shutdown_sends_disconnect_in_order(
+    base: Path, broker: Broker, buffer: StandInBuffer, uplinks: Any
+) -> None:
+    write_connection_string(base)
+    uplink = uplinks(base, azure_config(base, broker.port, broker.ca_file,
+                                        "shutdown_timeout_s = 2.0"))
+    buffer.wait_link("up", 15)
+
+    code, elapsed = uplink.terminate(10)
+
+    assert code == 0
+    # The bound plus the time Python takes to exit on a loaded machine.
+    assert elapsed < 2.0 + 2.0
+    lines = uplink.wait_log(r"link_stopped ", 1)
+    assert SHUTDOWN_STEPS_CONNECTED in lines[0]
+    # mosquitto logs "disconnected." for a DISCONNECT, and a socket error for a bare close.
+    wait_until(lambda: f"Client {DEVICE_ID} disconnected." in broker.log(), 5,
+               "mosquitto's line for the DISCONNECT")
+    assert f"Socket error on client {DEVICE_ID}" not in broker.log()
+
+
+def test_uplink_shutdown_bounded_when_broker_stalls(
+    base: Path, broker: Broker, buffer: StandInBuffer, uplinks: Any
+) -> None:
+    write_connection_string(base)
+    uplink = uplinks(base, azure_config(base, broker.port, broker.ca_file,
+                                        "shutdown_timeout_s = 1.0"))
+    buffer.wait_link("up", 15)
+    assert broker.process is not None
+
+    # A stopped broker keeps its sockets open and reads nothing, as a hung one does.
+    broker.process.send_signal(signal.SIGSTOP)
+    try:
+        code, elapsed = uplink.terminate(10)
+    finally:
+        broker.process.send_signal(signal.SIGCONT)
+
+    assert code == 0
+    assert elapsed < 1.0 + 2.0
+    lines = uplink.wait_log(r"link_stopped ", 1)
+    assert SHUTDOWN_STEPS_CONNECTED in lines[0]
+
+
+def test_uplink_shutdown_waiting_for_connack(
+    base: Path, certs: Path, uplinks: Any
+) -> None:
+    silent = SilentServer()
+    try:
+        config = uplink_config(
+            base, silent.port, certs / "ca.pem",
+            uplink='mode = "mqtt"\nconnect_timeout_s = 30.0\nshutdown_timeout_s = 1.0\n\n'
+                   '[uplink.broker]\nhost = "127.0.0.1"\nclient_id = "gw"\ntls = false',
+        )
+        uplink = uplinks(base, config)
+        uplink.wait_log(r"connecting ", 10)
+        wait_until(lambda: silent.accepted >= 1, 5, "the uplink's TCP connection")
+
+        code, elapsed = uplink.terminate(10)
+
+        assert code == 0
+        assert elapsed < 1.0 + 2.0
+        lines = uplink.wait_log(r"link_stopped ", 1)
+        assert "steps=network_loop_stopped,disconnect_skipped,client_released" in lines[0]
+    finally:
+        silent.close()
+
+
 def test_uplink_ca_mismatch_retries(
     base: Path, broker: Broker, buffer: StandInBuffer, uplinks: Any
 ) -> None:
