@@ -128,10 +128,10 @@ def check_readable(path: Path) -> None:
     """Raise CredentialFileError when the mode bits deny this process's user read access.
 
     The bits are checked as the kernel checks them for an ordinary user, also when this
-    process runs as root. Root can read any file, but a credential file that its own user
-    cannot read is a rotation caught half way, such as a file written before its chmod or
-    chown, and an uplink started under a non-root user would fail on it. A file that cannot
-    be stat'ed is left to the read, which reports the reason.
+    process runs as root. Root can read any file. But a credential file that its own user
+    cannot read is usually a rotation caught half way, such as a file written before its
+    chmod or chown, and an uplink started under a non-root user would fail on it. A file
+    that cannot be stat'ed is left to the read, which reports the reason.
     """
     try:
         status = os.stat(path)

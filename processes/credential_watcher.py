@@ -1,14 +1,18 @@
 """The credential watcher: restarts the uplink when its credential files change.
 
 Every credentials.check_interval_s the watcher stats each credential file and hashes the
-content of those whose mtime, size or inode changed. It also re-hashes every file at least
-every credentials.rehash_interval_s, which catches a rewrite that keeps all three. A new set
-of content must stay the same for one more check before the watcher acts, so a rotation
-written file by file is validated once, whole.
+content of those whose mtime, ctime, size or inode changed, or that changed within a second
+of their last hash. It also re-hashes every file at least every
+credentials.rehash_interval_s. A new set of content must stay the same for
+credentials.settle_s before the watcher acts, so a rotation written file by file is
+validated once, whole. A set that fails validation within INVALID_GRACE_S of its last
+change is validated again at the next check before it is reported.
 
 A valid new set restarts only the uplink program, through supervisord's XML-RPC socket. An
-invalid set is logged once and the running uplink is left alone. When supervisord cannot be
-reached, the restart is retried on every check until it succeeds.
+invalid set is logged once and the running uplink is left alone. A restart waits while
+supervisord starts or stops the uplink, or while the uplink's tap shows a connect without
+CONNACK (processes/uplink_link_state.py), for at most one connect attempt's time. When
+supervisord cannot be reached, the restart is retried on every check until it succeeds.
 
 After each restart the watcher stores the SHA-256 of every file in
 <state_dir>/credentials-applied.json, so that a restarted watcher can tell which set the
@@ -76,7 +80,7 @@ UNREACHABLE_LOG_INTERVAL_S = 60.0
 # The content state of one file: its SHA-256, or why it could not be read.
 Digests = tuple[str, ...]
 
-# What a stat of a file shows of a change: st_mtime_ns, st_ctime_ns, st_size and st_ino.
+# The stat fields that show a change: st_mtime_ns, st_ctime_ns, st_size and st_ino.
 # The ctime catches a file renamed into place with its old mtime, its old size and a
 # recycled inode number, because the kernel sets it at the rename and no tool can set it.
 Signature = tuple[int, int, int, int]
@@ -293,7 +297,7 @@ def _running_from_record(record: dict[str, str | None], paths: tuple[Path, ...],
 
 @dataclass(frozen=True)
 class _Rejection:
-    """Why a set of credential files may not replace the one the uplink runs with."""
+    """The reason a set of credential files may not replace the one the uplink runs with."""
 
     file: Path  # the file named on the tap
     reason: str  # the reason on the tap

@@ -1089,7 +1089,7 @@ class MqttLink(threading.Thread):
         when the broker has stopped reading and the socket's send buffer is full.
         """
         client = connection.client
-        # No page is published after the DISCONNECT; the buffer sends them to the next session.
+        # No page is published after the DISCONNECT. The buffer sends them to the next session.
         connection.connected = False
         client.disconnect()
         deadline = time.monotonic() + min(1.0, self._settings.shutdown_timeout_s / 2)
@@ -1102,7 +1102,8 @@ class MqttLink(threading.Thread):
 
     @staticmethod
     def _close(connection: Connection) -> None:
-        """Close the socket, which releases the paho client: nothing else refers to it."""
+        """Close the socket. The paho client is freed with the Connection, which only the
+        network thread refers to."""
         sock = connection.client.socket()
         if sock is not None:
             sock.close()

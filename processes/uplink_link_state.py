@@ -1,4 +1,4 @@
-"""The uplink's connection state as the credential watcher sees it, from the uplink's tap.
+"""The uplink's connection state, which the credential watcher follows on the uplink's tap.
 
 The watcher subscribes to ipc://<runtime_dir>/tap-uplink.sock, the socket that
 `plcbridge tap uplink` reads, and follows the uplink's link events:
@@ -52,7 +52,7 @@ RECEIVE_HWM = 1000
 
 
 class UplinkLinkState:
-    """Follows the uplink's link events on its tap; poll() reads what has arrived."""
+    """The uplink's link state, updated from its tap events at each poll()."""
 
     def __init__(self, context: zmq.Context[zmq.Socket[bytes]], runtime_dir: Path,
                  logger: logging.Logger) -> None:
@@ -80,7 +80,7 @@ class UplinkLinkState:
                 kind = message.get("kind")
                 connected = kind == "counters" and message.get("connected") == 1
             except (ValueError, AttributeError):
-                continue  # not a tap message of this gateway's version: ignore it
+                continue  # a message that is not from a tap of this version is ignored
             new_state = "connected" if connected else STATE_AFTER_EVENT.get(kind)
             if new_state is not None:
                 self._enter(new_state, kind)

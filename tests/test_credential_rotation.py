@@ -244,7 +244,7 @@ def test_rotation_same_size_rewrite_keeping_mtime(gateway: RotationGateway) -> N
     before = path.stat()
     pid = gateway.pid(UPLINK)
 
-    # In place, same size, and the old mtime put back: only the ctime tells the change.
+    # In place, same size, and the old mtime put back, so only the ctime shows the change.
     with path.open("r+b") as stream:
         stream.write(sas_string(SECONDARY))
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
