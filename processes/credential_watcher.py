@@ -177,13 +177,22 @@ def _stat_signature(path: Path) -> Signature | None:
 
 def _hash_file(path: Path) -> str:
     try:
-        return hashlib.sha256(read_regular_file(path)).hexdigest()
+        digest = hashlib.sha256(read_regular_file(path)).hexdigest()
     except OSError as exc:
         # Validation reports the full reason, so this state only has to differ from any digest.
         return f"{UNREADABLE}{exc.strerror}"
     except ValueError as exc:
         # A FIFO, a device or an oversized file: validation names it.
         return f"{UNREADABLE}{exc}"
+
+    # A root watcher reads a file whose mode denies its owner, and validation rejects it.
+    # The state records the denial, so that a chmod alone, which leaves the content as it
+    # was, is a change that the watcher validates again.
+    try:
+        check_readable(path)
+    except CredentialFileError:
+        return f"{UNREADABLE}no read permission by mode or owner, content {digest}"
+    return digest
 
 
 def _last_change_s(paths: tuple[Path, ...]) -> float | None:
