@@ -46,11 +46,12 @@ SECONDARY = new_device_key()
 PROGRAMS = """
 [group:plcbridge]
 programs=uplink,credential_watcher
-
-[program:uplink]
-command={python} -m processes.uplink --config {config}
+"""
+PROGRAM = """
+[program:{name}]
+command={python} -m processes.{name} --config {config}
 directory={repo}
-priority=30
+priority={priority}
 autorestart=true
 startsecs=1
 startretries=1000
@@ -59,21 +60,7 @@ stopwaitsecs=10
 stopasgroup=true
 killasgroup=true
 redirect_stderr=true
-stdout_logfile={log_dir}/uplink.log
-
-[program:credential_watcher]
-command={python} -m processes.credential_watcher --config {config}
-directory={repo}
-priority=40
-autorestart=true
-startsecs=1
-startretries=1000
-stopsignal=TERM
-stopwaitsecs=10
-stopasgroup=true
-killasgroup=true
-redirect_stderr=true
-stdout_logfile={log_dir}/credential_watcher.log
+stdout_logfile={log_dir}/{name}.log
 """
 
 # Checks the watcher makes after a restart before a test concludes that no second one
@@ -117,8 +104,11 @@ class RotationGateway:
         for folder in (self.run_dir, self.log_dir):
             folder.mkdir(parents=True, exist_ok=True)
         conf = self.base / "supervisord.conf"
-        conf.write_text(SUPERVISORD_HEAD.format(runtime=self.run_dir) + PROGRAMS.format(
-            python=sys.executable, config=self.config, repo=REPO, log_dir=self.log_dir))
+        text = SUPERVISORD_HEAD.format(runtime=self.run_dir) + PROGRAMS
+        for name, priority in (("uplink", 30), ("credential_watcher", 40)):
+            text += PROGRAM.format(name=name, priority=priority, python=sys.executable,
+                                   config=self.config, repo=REPO, log_dir=self.log_dir)
+        conf.write_text(text)
         self.tap = TapReader(self.context, self.run_dir, "credential_watcher")
         self.supervisord = subprocess.Popen([str(SUPERVISORD), "-n", "-c", str(conf)],
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
