@@ -441,9 +441,9 @@ class CredentialWatcher:
         digests = self.hasher.look()
         self.tap.counters["checks"] += 1
         now = time.monotonic()
-        if digests != self.previous:
-            self.changed_s = now
         changed_now = digests != self.previous
+        if changed_now:
+            self.changed_s = now
         self.previous = digests
         if self.link is not None:
             self.link.poll()
