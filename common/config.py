@@ -329,6 +329,10 @@ class CredentialSettings:
     # rejects a new one; see common/last_good_credentials.py.
     fallback_to_last_good: bool = True
     settle_s: float = 0.2
+    # Hosts that a rotated connection string may name; empty means the hosts of the
+    # connection string configured when the rotation is checked.
+    allowed_hosts: tuple[str, ...] = ()
+    accept_pushed_ca_bundle: bool = False
 
     def watched_files(self) -> tuple[Path, ...]:
         """List every credential file the uplink reads, in a fixed order."""
@@ -482,6 +486,15 @@ class _Table:
     def flag(self, key: str, default: bool) -> bool:
         value: bool = self.get(key, bool, default, "true or false")
         return value
+
+    def host_names(self, key: str) -> tuple[str, ...]:
+        """Read an optional array of host names, lowercased, as DNS compares them."""
+        expected = "an array of host names without spaces, such as [\"myhub.azure-devices.net\"]"
+        values = self.get(key, list, [], expected)
+        for value in values:
+            if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+                raise self.error(key, values, expected)
+        return tuple(value.lower() for value in values)
 
     def path(self, key: str, default: Any = None) -> Path | None:
         value = self.text(key, default)
@@ -1191,6 +1204,8 @@ def _parse_credentials(table: _Table) -> CredentialSettings:
         token_server=_parse_token_server(table),
         fallback_to_last_good=table.flag("fallback_to_last_good", True),
         settle_s=table.number("settle_s", 0.2, 0.0, 3600.0),
+        allowed_hosts=table.host_names("allowed_hosts"),
+        accept_pushed_ca_bundle=table.flag("accept_pushed_ca_bundle", False),
     )
     table.reject_unknown()
 

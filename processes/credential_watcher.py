@@ -52,6 +52,7 @@ from common.credential_files import (
 from common.credentials import EXPIRED, NOT_YET_VALID, read_regular_file
 from common.lifecycle import gateway_version, run_process
 from common.logs import fields
+from common.rotation_outcomes import take_outcomes
 from common.supervisor_rpc import RestartError, SupervisorClient, SupervisorUnavailableError
 from common.tap import Tap
 from processes.uplink_link_state import UplinkLinkState
@@ -438,6 +439,7 @@ class CredentialWatcher:
 
     def check(self) -> None:
         """Look at the files once and act on a new set of content once it has settled."""
+        self._publish_rotations()
         digests = self.hasher.look()
         self.tap.counters["checks"] += 1
         now = time.monotonic()
@@ -474,6 +476,16 @@ class CredentialWatcher:
                 return
             self.accepted = digests
         self._apply(digests)
+
+    def _publish_rotations(self) -> None:
+        """Publish the outcomes that `plcbridge rotate` and the uplink's rotate_credentials
+        command left in the state folder, so they appear on this tap next to the restart."""
+        for outcome in take_outcomes(self.config.gateway.state_dir):
+            self.tap.publish("rotation", **outcome)
+            self.logger.info("rotation %s", fields(
+                source=outcome.get("source"), status=outcome.get("status"),
+                files=",".join(map(str, outcome.get("files") or ())),
+                reason=outcome.get("reason") or None))
 
     def _apply(self, digests: Digests) -> None:
         """Restart the uplink with a validated set and record the set once it is applied."""

@@ -52,9 +52,13 @@ def write_ca(path: Path, common_name: str = "plcbridge test CA") -> None:
     path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
 
 
-def write_client_pair(cert_path: Path, key_path: Path, common_name: str = DEVICE) -> None:
+def write_client_pair(cert_path: Path, key_path: Path, common_name: str = DEVICE,
+                      expired: bool = False) -> None:
+    """Write a self-signed EC certificate and its key, valid for 30 days, or one that
+    expired on 2021-06-30 12:00 UTC."""
     key = ec.generate_private_key(ec.SECP256R1())
-    cert_path.write_bytes(_self_signed(key, common_name).public_bytes(serialization.Encoding.PEM))
+    certificate = _self_signed(key, common_name, expired)
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -63,10 +67,12 @@ def write_client_pair(cert_path: Path, key_path: Path, common_name: str = DEVICE
 
 
 def _self_signed(key: ec.EllipticCurvePrivateKey, common_name: str,
-                 ca: bool = False) -> x509.Certificate:
+                 ca: bool = False, expired: bool = False) -> x509.Certificate:
     """Build a self-signed certificate; ca marks it as a root CA, as OpenSSL expects one."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
+    if expired:
+        now = datetime.datetime(2021, 5, 31, 12, 0, tzinfo=datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import os
@@ -17,10 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from common.supervisor_rpc import SupervisorClient, SupervisorUnavailableError
 from tests.gateway_files import (
@@ -358,29 +353,9 @@ def test_watcher_unknown_program_logged(gateway: Gateway) -> None:
     assert gateway.uplink_pid() == pid
 
 
-def write_expired_pair(cert_path: Path, key_path: Path) -> None:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, DEVICE)])
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC))
-        .not_valid_after(datetime.datetime(2021, 6, 30, 12, 0, tzinfo=datetime.UTC))
-        .sign(key, hashes.SHA256())
-    )
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ))
-
-
 def test_watcher_expired_client_certificate_warned(paired: Gateway) -> None:
-    write_expired_pair(paired.files.root / "client.pem", paired.files.root / "client.key")
+    write_client_pair(paired.files.root / "client.pem", paired.files.root / "client.key",
+                      expired=True)
 
     paired.start_watcher(ready_line="client_certificate_expired")
 
@@ -595,7 +570,7 @@ def test_watcher_expired_pair_keeps_uplink(paired: Gateway) -> None:
     cert_path = paired.files.root / "client.pem"
     key_path = paired.files.root / "client.key"
 
-    write_expired_pair(cert_path, key_path)
+    write_client_pair(cert_path, key_path, expired=True)
 
     # The watcher may first see the new certificate with the old key, a mismatch, so wait
     # for the line about the complete pair.
