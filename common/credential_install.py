@@ -95,6 +95,21 @@ class RotationRejectedError(CredentialError):
         self.reason = reason
 
 
+class InstallFailedError(CredentialError):
+    """A valid set that could not be installed: a file could not be written or renamed.
+
+    replaced lists the targets already renamed into place before the failure, usually none.
+    """
+
+    def __init__(self, source: str, reason: str, replaced: tuple[Path, ...] = ()) -> None:
+        done = (f"; already replaced: {', '.join(map(str, replaced))}" if replaced
+                else "; the installed credential files are unchanged")
+        super().__init__(f"{source}: {reason}{done}")
+        self.source = source
+        self.reason = reason
+        self.replaced = replaced
+
+
 def install_credentials(
     settings: CredentialSettings, candidates: list[Candidate], origin: str,
     now_s: float | None = None,
@@ -102,7 +117,8 @@ def install_credentials(
     """Validate the candidates with the files in place, then install them atomically.
 
     Raises RotationRejectedError, with every file left as it was, when a candidate is
-    refused or the resulting set would be invalid.
+    refused or the resulting set would be invalid, and InstallFailedError when a file
+    cannot be written or renamed.
     """
     targets = _targets(settings, candidates, origin)
     temporaries: dict[str, Path] = {}
@@ -174,7 +190,7 @@ def _write_candidate(candidate: Candidate, target: Path) -> Path:
     except FileNotFoundError:
         mode, owner = KINDS[candidate.kind].new_file_mode, None
     except OSError as exc:
-        raise RotationRejectedError(
+        raise InstallFailedError(
             candidate.source, f"cannot read the mode and owner of {target}: {exc.strerror}"
         ) from exc
     else:
@@ -186,13 +202,13 @@ def _write_candidate(candidate: Candidate, target: Path) -> Path:
         return write_temporary(target, candidate.data, mode, owner)
     except PermissionError as exc:
         ids = "" if owner is None else f" (owner uid {owner[0]}, gid {owner[1]})"
-        raise RotationRejectedError(
+        raise InstallFailedError(
             candidate.source,
             f"cannot write a file in {target.parent} with the mode and owner of {target}{ids}: "
             f"{exc.strerror}; run the command as the owner of the file or as root",
         ) from exc
     except OSError as exc:
-        raise RotationRejectedError(
+        raise InstallFailedError(
             candidate.source, f"cannot write a file in {target.parent}: {exc.strerror}"
         ) from exc
 
@@ -294,14 +310,20 @@ def _rename_all(candidates: list[Candidate], temporaries: dict[str, Path],
         try:
             os.replace(temporaries[kind], target)
         except OSError as exc:
-            done = f" ({', '.join(map(str, changed))} already replaced)" if changed else ""
-            raise CredentialError(
-                f"{candidate.source}: cannot replace {target}: {exc.strerror}{done}"
+            raise InstallFailedError(
+                candidate.source, f"cannot replace {target}: {exc.strerror}", tuple(changed)
             ) from exc
         changed.append(target)
 
     for folder in {target.parent for target in changed}:
-        sync_folder(folder)
+        try:
+            sync_folder(folder)
+        except OSError as exc:
+            raise InstallFailedError(
+                ", ".join(c.source for c in candidates),
+                f"cannot fsync {folder}: {exc.strerror}; a power cut may undo the rename",
+                tuple(changed),
+            ) from exc
     return tuple(changed), tuple(unchanged)
 
 

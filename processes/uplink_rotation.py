@@ -32,11 +32,11 @@ from common.config import Config
 from common.credential_install import (
     FROM_CLOUD,
     Candidate,
+    InstallFailedError,
     RotationRejectedError,
     install_credentials,
 )
 from common.credentials import MAX_CREDENTIAL_FILE_BYTES, read_regular_file
-from common.errors import CredentialError
 from common.logs import fields
 from common.rotation_outcomes import record_outcome
 
@@ -110,13 +110,19 @@ def rotate_credentials(config: Config, request_id: str, arguments: Mapping[str, 
         pending.remove(stored)
         return _finish(config, request_id, logger, RotationResult(
             STATUS_REJECTED, REASON_CREDENTIALS_REJECTED, str(exc)))
-    except CredentialError as exc:
-        # Some files may be replaced already, so the stored result stays, marked failed, for
-        # the uplink that the watcher restarts.
-        body.update(status=STATUS_FAILED, reason=REASON_INSTALL_FAILED, message=str(exc))
+    except InstallFailedError as exc:
+        if not exc.replaced:
+            pending.remove(stored)
+            return _finish(config, request_id, logger, RotationResult(
+                STATUS_FAILED, REASON_INSTALL_FAILED, str(exc)))
+        # Some files were replaced, so the watcher restarts this uplink: the stored result
+        # stays, marked failed, for the next one.
+        body.update(status=STATUS_FAILED, reason=REASON_INSTALL_FAILED, message=str(exc),
+                    files=[str(path) for path in exc.replaced])
         pending.rewrite(stored, body, logger)
         return _finish(config, request_id, logger, RotationResult(
-            STATUS_FAILED, REASON_INSTALL_FAILED, str(exc), deferred=True))
+            STATUS_FAILED, REASON_INSTALL_FAILED, str(exc),
+            {"files": [str(path) for path in exc.replaced]}, deferred=True))
 
     details = {"files": [str(path) for path in installed.changed],
                "credentials": installed.details}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -100,4 +101,20 @@ def test_push_same_content_answers_at_once(files: GatewayFiles) -> None:
 
     assert (result.status, result.deferred) == ("ok", False)
     assert "already installed" in result.message
+    assert PendingResults(files.root / "state").ready(started_s=time.time() + 1) == []
+
+
+def test_push_write_failure_answers_failed(files: GatewayFiles) -> None:
+    old = files.connection_string.read_bytes()
+    # A folder where the temporary file goes makes its open fail, even for root.
+    (files.root / f".{files.connection_string.name}.{os.getpid()}.tmp").mkdir()
+
+    result = rotate_credentials(config_of(files), "r-6",
+                                {"connection_string": f"{IDENTITY};SharedAccessKey={NEW_KEY}"},
+                                LOGGER)
+
+    assert (result.status, result.reason, result.deferred) == ("failed", "install failed", False)
+    assert f"cannot write a file in {files.root}: Is a directory" in result.message
+    assert "the installed credential files are unchanged" in result.message
+    assert files.connection_string.read_bytes() == old
     assert PendingResults(files.root / "state").ready(started_s=time.time() + 1) == []
