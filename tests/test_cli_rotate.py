@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,21 +26,10 @@ from tests.gateway_files import (
     sas_token_string,
     write_ca,
     write_client_pair,
-    write_gateway,
 )
+from tests.test_cli_credentials import PAIR, gateway, plcbridge
 
-PLCBRIDGE = Path(sys.executable).parent / "plcbridge"
-PAIR = 'client_cert_file = "client.pem"\nclient_key_file = "client.key"\n'
 NEW_KEY = "bmV3LWRldmljZS1rZXktZm9yLXRoZS1yb3RhdGlvbg=="
-
-
-def plcbridge(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(PLCBRIDGE), *args], capture_output=True, text=True,
-                          timeout=30, check=False)
-
-
-def gateway(tmp_path: Path, credentials_extra: str = "") -> GatewayFiles:
-    return write_gateway(tmp_path, tmp_path / "run", credentials_extra=credentials_extra)
 
 
 def rotate(files: GatewayFiles, *args: str) -> subprocess.CompletedProcess[str]:

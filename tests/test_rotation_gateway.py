@@ -13,19 +13,16 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from common.payload import parse_page
 from tests.gateway_files import stop_process
 from tests.support.broker import Subscriber
-from tests.support.delivery import analyse
 from tests.support.gateway import DEVICE_KEY, ROOT, Gateway, gateway_config
 from tests.support.hub import HubStack, new_device_key
 from tests.support.plc import PlcSimulator
 from tests.support.waiting import wait_until
-from tests.test_gateway import assert_complete, reader_totals
+from tests.test_gateway import Stack, assert_complete
 
 pytestmark = pytest.mark.integration
 
@@ -34,31 +31,17 @@ SECONDARY_KEY = new_device_key()
 
 
 @dataclass
-class HubGateway:
-    base: Path
+class HubStackGateway:
     hub: HubStack
-    subscriber: Subscriber
-    gateway: Gateway
-
-    def pages(self) -> list[tuple[int, list[dict[str, Any]]]]:
-        return [parse_page(payload) for topic, payload in self.subscriber.messages
-                if "plcbridge-kind=" not in topic]
-
-    def sample_count(self) -> int:
-        return sum(len(samples) for _seq, samples in self.pages())
-
-    def wait_for_samples(self, count: int, timeout_s: float = 30.0) -> None:
-        start = self.sample_count()
-        wait_until(lambda: self.sample_count() >= start + count, timeout_s,
-                   f"{count} more samples at the subscriber", step_s=0.2)
+    stack: Stack
 
     def all_logs(self) -> str:
         programs = ("buffer", "plc_reader", "uplink", "credential_watcher")
-        return "".join(self.gateway.log(program) for program in programs) + self.hub.log()
+        return "".join(self.stack.gateway.log(name) for name in programs) + self.hub.log()
 
 
 @pytest.fixture
-def stack(base: Path, certs: Path) -> Iterator[HubGateway]:
+def running(base: Path, certs: Path) -> Iterator[HubStackGateway]:
     plc = PlcSimulator(base)
     plc.start()
     devices = {DEVICE: {"primary_key": DEVICE_KEY, "secondary_key": SECONDARY_KEY}}
@@ -72,7 +55,7 @@ def stack(base: Path, certs: Path) -> Iterator[HubGateway]:
                                                    certs / "ca.pem"), DEVICE)
             try:
                 gateway.start()
-                yield HubGateway(base, hub, subscriber, gateway)
+                yield HubStackGateway(hub, Stack(base, plc, hub.broker, subscriber, gateway))
             finally:
                 gateway.stop()
                 subscriber.stop()
@@ -80,13 +63,14 @@ def stack(base: Path, certs: Path) -> Iterator[HubGateway]:
         plc.stop()
 
 
-def test_rotate_cli_to_secondary_key_loses_nothing(stack: HubGateway) -> None:
-    stack.hub.wait_for_log('auth="sas primary"', timeout_s=30)
+def test_rotate_cli_to_secondary_key_loses_nothing(running: HubStackGateway) -> None:
+    hub, stack = running.hub, running.stack
+    hub.wait_for_log('auth="sas primary"', timeout_s=30)
     stack.wait_for_samples(200)
     reader_pid = stack.gateway.pid("plc_reader")
     uplink_pid = stack.gateway.pid("uplink")
     new = stack.base / "new-connection-string.txt"
-    new.write_text(stack.hub.connection_string(DEVICE, SECONDARY_KEY) + "\n")
+    new.write_text(hub.connection_string(DEVICE, SECONDARY_KEY) + "\n")
 
     tap_output = stack.base / "tap.jsonl"
     with tap_output.open("wb") as output:
@@ -107,7 +91,7 @@ def test_rotate_cli_to_secondary_key_loses_nothing(stack: HubGateway) -> None:
     finally:
         stop_process(tap)
 
-    line = stack.hub.wait_for_log('auth="sas secondary"', timeout_s=30)
+    line = hub.wait_for_log('auth="sas secondary"', timeout_s=30)
     assert f"client_id={DEVICE}" in line
     stack.wait_for_samples(200)
 
@@ -119,12 +103,7 @@ def test_rotate_cli_to_secondary_key_loses_nothing(stack: HubGateway) -> None:
     assert stack.gateway.pid("plc_reader") == reader_pid
     assert stack.gateway.connection_string.read_bytes() == new.read_bytes()
 
-    result_stop = stack.gateway.supervisorctl("stop", "plcbridge:plc_reader")
-    assert "stopped" in result_stop.stdout, result_stop.stdout + result_stop.stderr
-    totals = reader_totals(stack.gateway.log("plc_reader"))
-    wait_until(lambda: all(analyse(stack.pages()).max_seq(epoch) + 1 >= total
-                           for epoch, total in totals.items()),
-               30, f"every sample of epochs {totals} at the subscriber", step_s=0.2)
+    totals = stack.drain_reader()
     assert len(totals) == 1
-    assert_complete(analyse(stack.pages()), totals)
-    assert SECONDARY_KEY not in stack.all_logs() + result.stdout + tap_output.read_text()
+    assert_complete(stack.report(), totals)
+    assert SECONDARY_KEY not in running.all_logs() + result.stdout + tap_output.read_text()
