@@ -75,6 +75,7 @@ from processes.uplink_fallback import Choice, CredentialSets
 from processes.uplink_first_boot import wait_for_provisioning
 from processes.uplink_health import HEALTH_PAGE_SEQ, HealthMonitor, LinkFigures
 from processes.uplink_metrics import MetricsServer
+from processes.uplink_rotation import RotationCommand
 from processes.uplink_tag_writes import TagWriter
 from processes.uplink_token import RemoteTokenSource, TokenUnavailableError
 
@@ -1256,8 +1257,10 @@ class Uplink:
         self._results = ResultOutbox(logger)
         self._tag_writer = TagWriter(config, self._context, self._report_result, logger)
         # The table of cloud-to-device commands: a name and the function that handles it.
+        self._rotation = RotationCommand(config, logger)
         handlers: dict[str, Handler] = {
             "write_tag": self._tag_writer.handle,
+            "rotate_credentials": self._rotation.handle,
         }
         self._commands = CommandDispatcher(handlers, self._publish_result, logger)
         book = AlertBook(PROCESS, runtime_dir, logger, self._tap.publish)
@@ -1401,6 +1404,9 @@ class Uplink:
         self._health.on_connected(last_good=bool(event.values.get("last_good")))
         self._send_link()
         self._send_alerts()
+        # A rotation's result waits on disk for the uplink that connects with the new files.
+        for result in self._rotation.stored_results():
+            self._commands.report(result)
         self._send_results()
 
     def _on_connect_failed(self, event: LinkEvent) -> None:
@@ -1432,7 +1438,9 @@ class Uplink:
 
     def _on_puback(self, event: LinkEvent) -> None:
         if self._results.owns(event.page_seq):
-            self._results.acknowledged(event.page_seq)
+            payload = self._results.acknowledged(event.page_seq)
+            if payload is not None:
+                self._rotation.acknowledged(payload)
             return
         if event.page_seq < 0:
             self._health.on_cloud_ack(event.page_seq)

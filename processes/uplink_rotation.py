@@ -8,8 +8,8 @@ allowed hosts, and a CA bundle needs credentials.accept_pushed_ca_bundle.
 Installing changed files makes the credential watcher restart this uplink, so the result
 cannot simply be published afterwards. It is stored first in <state_dir>/command-results/,
 and the uplink that starts after the install publishes it once it has connected. A result
-that reaches the cloud therefore also shows that the new set connects. A rejected push, or
-one that changes no file, is answered at once by the running uplink.
+that reaches the cloud therefore also shows that the new set connects. The running uplink
+publishes the result at once for a rejected push and for one that changes no file.
 
 The pushed values are secrets: nothing here logs, stores or returns them. Results and
 outcome records carry the files, the source and the reason only.
@@ -39,6 +39,7 @@ from common.credential_install import (
 from common.credentials import MAX_CREDENTIAL_FILE_BYTES, read_regular_file
 from common.logs import fields
 from common.rotation_outcomes import record_outcome
+from processes.uplink_commands import Command, CommandResult
 
 COMMAND = "rotate_credentials"
 
@@ -136,6 +137,59 @@ def rotate_credentials(config: Config, request_id: str, arguments: Mapping[str, 
     return _finish(config, request_id, logger, RotationResult(
         STATUS_OK, None, "installed; the credential watcher restarts the uplink with them",
         details, deferred=True))
+
+
+class RotationCommand:
+    """The dispatcher's handler of rotate_credentials, and the results stored for this uplink.
+
+    A stored result stays on disk until the broker has acknowledged it, so an uplink that
+    stops before the PUBACK leaves it for the next one, and it may arrive twice.
+    """
+
+    def __init__(self, config: Config, logger: logging.Logger,
+                 started_s: float = PROCESS_START_S) -> None:
+        self._config = config
+        self._logger = logger
+        self._started_s = started_s
+        self._pending = PendingResults(config.gateway.state_dir)
+        self._handed: dict[str, Path] = {}  # request_id: stored file, until its PUBACK
+
+    def handle(self, command: Command) -> CommandResult | None:
+        """Run the command; return its result, or None when the next uplink sends it."""
+        result = rotate_credentials(self._config, command.request_id, command.arguments,
+                                    self._logger)
+        if result.deferred:
+            return None
+        return CommandResult(command.request_id, command.name, result.status, result.reason,
+                             result.message, result.details)
+
+    def stored_results(self) -> list[CommandResult]:
+        """Return the results stored before this uplink started that it has not returned yet,
+        for the dispatcher to report."""
+        results = []
+        handed = set(self._handed.values())
+        for path, body in self._pending.ready(self._started_s):
+            if path in handed:
+                continue
+            document = json.loads(body)
+            request_id = str(document.get("request_id"))
+            self._handed[request_id] = path
+            details = {key: value for key, value in document.items()
+                       if key not in ("request_id", "command", "status", "reason", "message")}
+            results.append(CommandResult(
+                request_id, COMMAND, str(document.get("status")), document.get("reason"),
+                str(document.get("message", "")), details))
+        return results
+
+    def acknowledged(self, payload: bytes) -> None:
+        """Delete the stored copy of a result once the broker has acknowledged it."""
+        try:
+            request_id = json.loads(payload).get("request_id")
+        except (ValueError, AttributeError):
+            return
+        path = self._handed.pop(str(request_id), None)
+        if path is not None:
+            self._pending.remove(path)
 
 
 def _candidates(arguments: Mapping[str, Any]) -> list[Candidate]:

@@ -1,8 +1,8 @@
 """A running gateway under supervisord rotates its credentials through the hub emulator.
 
-`plcbridge rotate` installs a connection string with the device's secondary key, the
-credential watcher restarts the uplink alone, the emulator admits the secondary key, and
-every sample the reader read still arrives.
+`plcbridge rotate`, or a rotate_credentials command from the cloud, installs a connection
+string with the device's secondary key. The credential watcher restarts the uplink alone,
+the emulator admits the secondary key, and every sample the reader read still arrives.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +28,7 @@ from tests.test_gateway import Stack, assert_complete
 pytestmark = pytest.mark.integration
 
 DEVICE = "e2e-device"
+C2D_TOPIC = f"devices/{DEVICE}/messages/devicebound/%24.to=%2Fdevices%2F{DEVICE}"
 SECONDARY_KEY = new_device_key()
 
 
@@ -38,6 +40,39 @@ class HubStackGateway:
     def all_logs(self) -> str:
         programs = ("buffer", "plc_reader", "uplink", "credential_watcher")
         return "".join(self.stack.gateway.log(name) for name in programs) + self.hub.log()
+
+    def send(self, body: dict[str, Any]) -> None:
+        """Publish a command to the device's cloud-to-device topic, as IoT Hub delivers it."""
+        self.stack.subscriber.client.publish(C2D_TOPIC, json.dumps(body).encode(), qos=1)
+
+    def results(self) -> list[dict[str, Any]]:
+        return [json.loads(payload) for topic, payload in self.stack.subscriber.messages
+                if "plcbridge-kind=command-result" in topic]
+
+    def wait_result(self, request_id: str, timeout_s: float = 30.0) -> dict[str, Any]:
+        def found() -> dict[str, Any] | None:
+            return next((r for r in self.results() if r["request_id"] == request_id), None)
+
+        result: dict[str, Any] = wait_until(found, timeout_s, f"the result of {request_id}")
+        return result
+
+    def wait_subscribed(self) -> None:
+        """Send probes until one gets a result: the uplink's subscription is then in place."""
+        attempt = 0
+
+        def answered() -> bool:
+            nonlocal attempt
+            attempt += 1
+            self.send({"command": "probe", "request_id": f"probe-{attempt}"})
+            return any(result["command"] == "probe" for result in self.results())
+
+        wait_until(answered, 30, "a result for a probe command", step_s=0.5)
+
+    def finish_complete(self) -> None:
+        """Stop the reader and check that every sample it read arrived, in one epoch."""
+        totals = self.stack.drain_reader()
+        assert len(totals) == 1
+        assert_complete(self.stack.report(), totals)
 
 
 @pytest.fixture
@@ -103,7 +138,37 @@ def test_rotate_cli_to_secondary_key_loses_nothing(running: HubStackGateway) -> 
     assert stack.gateway.pid("plc_reader") == reader_pid
     assert stack.gateway.connection_string.read_bytes() == new.read_bytes()
 
-    totals = stack.drain_reader()
-    assert len(totals) == 1
-    assert_complete(stack.report(), totals)
+    running.finish_complete()
     assert SECONDARY_KEY not in running.all_logs() + result.stdout + tap_output.read_text()
+
+
+def test_rotate_c2d_to_secondary_key_loses_nothing(running: HubStackGateway) -> None:
+    hub, stack = running.hub, running.stack
+    hub.wait_for_log('auth="sas primary"', timeout_s=30)
+    running.wait_subscribed()
+    stack.wait_for_samples(200)
+    reader_pid = stack.gateway.pid("plc_reader")
+    uplink_pid = stack.gateway.pid("uplink")
+    pushed = hub.connection_string(DEVICE, SECONDARY_KEY)
+
+    running.send({"command": "rotate_credentials", "request_id": "rot-1",
+                  "connection_string": pushed})
+
+    result = running.wait_result("rot-1")
+    assert result["status"] == "ok"
+    assert result["files"] == [str(stack.gateway.connection_string)]
+    assert result["credentials"]["device"] == DEVICE
+    # The result comes from the uplink that connected with the secondary key.
+    line = hub.wait_for_log('auth="sas secondary"', timeout_s=1)
+    assert f"client_id={DEVICE}" in line
+    assert stack.gateway.pid("uplink") != uplink_pid
+    assert stack.gateway.connection_string.read_text() == pushed + "\n"
+    results_folder = stack.base / "state" / "command-results"
+    wait_until(lambda: not any(results_folder.iterdir()), 15,
+               "the stored result deleted after its PUBACK")
+    stack.wait_for_samples(200)
+    assert stack.gateway.pid("plc_reader") == reader_pid
+
+    running.finish_complete()
+    assert SECONDARY_KEY not in running.all_logs()
+    assert [r["request_id"] for r in running.results()].count("rot-1") == 1

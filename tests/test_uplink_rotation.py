@@ -12,7 +12,7 @@ import pytest
 
 from common.config import Config, load_config
 from common.rotation_outcomes import take_outcomes
-from processes.uplink_rotation import PendingResults, rotate_credentials
+from processes.uplink_rotation import PendingResults, RotationCommand, rotate_credentials
 from tests.gateway_files import IDENTITY, GatewayFiles, write_ca, write_gateway
 
 NEW_KEY = "cHVzaGVkLWRldmljZS1rZXktZm9yLXRoZS1yb3RhdGlvbg=="
@@ -118,3 +118,23 @@ def test_push_write_failure_answers_failed(files: GatewayFiles) -> None:
     assert "the installed credential files are unchanged" in result.message
     assert files.connection_string.read_bytes() == old
     assert PendingResults(files.root / "state").ready(started_s=time.time() + 1) == []
+
+
+def test_stored_result_kept_until_acknowledged(files: GatewayFiles) -> None:
+    config = config_of(files)
+    pushed = {"connection_string": f"{IDENTITY};SharedAccessKey={NEW_KEY}"}
+    rotate_credentials(config, "r-7", pushed, LOGGER)
+    # An uplink started later, as the one that the watcher restarts.
+    command = RotationCommand(config, LOGGER, started_s=time.time() + 1)
+    [stored] = PendingResults(files.root / "state").ready(started_s=time.time() + 1)
+
+    [result] = command.stored_results()
+    assert (result.request_id, result.command, result.status) == ("r-7", "rotate_credentials",
+                                                                  "ok")
+    assert result.details["files"] == [str(files.connection_string)]
+    assert command.stored_results() == []
+    assert stored[0].exists()
+
+    command.acknowledged(json.dumps(result.body()).encode())
+
+    assert not stored[0].exists()
