@@ -7,6 +7,7 @@ the emulator admits the secondary key, and every sample the reader read still ar
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -57,16 +58,14 @@ class HubStackGateway:
         return result
 
     def wait_subscribed(self) -> None:
-        """Send probes until one gets a result: the uplink's subscription is then in place."""
-        attempt = 0
+        """Send unknown commands until one is rejected: the uplink's subscription is then up."""
+        probes = itertools.count(1)
+        wait_until(lambda: self.probe(next(probes)), 30, "a result for a probe command",
+                   step_s=0.5)
 
-        def answered() -> bool:
-            nonlocal attempt
-            attempt += 1
-            self.send({"command": "probe", "request_id": f"probe-{attempt}"})
-            return any(result["command"] == "probe" for result in self.results())
-
-        wait_until(answered, 30, "a result for a probe command", step_s=0.5)
+    def probe(self, number: int) -> bool:
+        self.send({"command": "probe", "request_id": f"probe-{number}"})
+        return "probe" in {result["command"] for result in self.results()}
 
     def finish_complete(self) -> None:
         """Stop the reader and check that every sample it read arrived, in one epoch."""
