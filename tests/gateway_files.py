@@ -57,7 +57,7 @@ def write_client_pair(cert_path: Path, key_path: Path, common_name: str = DEVICE
     """Write a self-signed EC certificate and its key, valid for 30 days, or one that
     expired on 2021-06-30 12:00 UTC."""
     key = ec.generate_private_key(ec.SECP256R1())
-    certificate = _self_signed(key, common_name, expired)
+    certificate = _self_signed(key, common_name, expired=expired)
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(key.private_bytes(
         serialization.Encoding.PEM,
