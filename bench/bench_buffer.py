@@ -13,6 +13,11 @@ this script play the other processes:
   pages of credit, the uplink's default, and acknowledges every page as soon as it arrives.
   The clock runs from the link message to the last page. The rate is samples per second.
 
+With `--tap stalled`, a tap subscriber that subscribes to every event and to the buffer's
+data copies, and never reads, connects before the ingest. The buffer then copies every
+page it hands out to its tap, so the drain shows the cost of the copies and whether a
+subscriber that reads nothing holds the buffer back.
+
 Runs are repeated and the medians printed. The script and the buffer share the machine's
 cores, so the figures include the cost of the test-side peers.
 """
@@ -36,6 +41,7 @@ from pathlib import Path
 import zmq
 
 from common import payload, wire
+from common.tap import data_topic
 from devstack.gateway_toml import gateway_dirs, gateway_toml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -184,10 +190,29 @@ def measure_drain(context: zmq.Context[zmq.Socket[bytes]], runtime_dir: Path,
     return total_samples / elapsed
 
 
-def run_once(batches: list[tuple[int, bytes]], total_samples: int, sync: bool) -> RunResult:
+def connect_stalled_subscriber(context: zmq.Context[zmq.Socket[bytes]],
+                               runtime_dir: Path) -> zmq.Socket[bytes]:
+    """Subscribe to the buffer's events and data copies with the smallest queues, and never
+    read."""
+    subscriber = context.socket(zmq.SUB)
+    subscriber.setsockopt(zmq.LINGER, 0)
+    subscriber.setsockopt(zmq.RCVHWM, 1)
+    subscriber.setsockopt(zmq.RCVBUF, 4096)
+    subscriber.setsockopt(zmq.SUBSCRIBE, b"")
+    subscriber.setsockopt(zmq.SUBSCRIBE, data_topic("buffer"))
+    subscriber.connect(wire.tap_endpoint(runtime_dir, "buffer"))
+    return subscriber
+
+
+def run_once(batches: list[tuple[int, bytes]], total_samples: int, sync: bool,
+             tap: str) -> RunResult:
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     buffer = BufferUnderTest(sync)
     try:
+        # The buffer reads subscriptions once a second, and the ingest and the sealing take
+        # longer, so it copies every page of the drain.
+        if tap == "stalled":
+            connect_stalled_subscriber(context, buffer.runtime_dir)
         ingest = measure_ingest(context, buffer.runtime_dir, batches)
         wait_until_sealed(context, buffer.runtime_dir, math.ceil(total_samples / PAGE_SAMPLES))
         drain = measure_drain(context, buffer.runtime_dir, total_samples)
@@ -204,16 +229,18 @@ def main() -> int:
                         help="samples per batch; above 1000 the buffer splits batches")
     parser.add_argument("--runs", type=int, default=3, help="runs to take the median of")
     parser.add_argument("--no-sync", action="store_true", help="set buffer.sync = false")
+    parser.add_argument("--tap", choices=("none", "stalled"), default="none",
+                        help="stalled: a tap subscriber to the data copies that never reads")
     args = parser.parse_args()
 
     batches = make_batches(args.samples, args.batch_samples)
     backlog_mb = sum(len(array) for _count, array in batches) / 1e6
     print(f"backlog: {args.samples} samples, {len(batches)} batches, {backlog_mb:.1f} MB; "
-          f"pages of {PAGE_SAMPLES} samples; sync={not args.no_sync}")
+          f"pages of {PAGE_SAMPLES} samples; sync={not args.no_sync}; tap={args.tap}")
 
     results = []
     for run in range(1, args.runs + 1):
-        result = run_once(batches, args.samples, sync=not args.no_sync)
+        result = run_once(batches, args.samples, sync=not args.no_sync, tap=args.tap)
         results.append(result)
         print(f"run {run}: ingest {result.ingest_samples_per_s:,.0f} samples/s, "
               f"drain {result.drain_samples_per_s:,.0f} samples/s")

@@ -12,6 +12,7 @@ from cli import derive_key as derive_key_command
 from cli import identity as identity_command
 from cli import provision as provision_command
 from cli import read as read_command
+from cli import rotate as rotate_command
 from cli import sas as sas_command
 from cli import status as status_command
 from cli import tap as tap_command
@@ -29,7 +30,8 @@ exit codes:
   1  failure: a tool or folder is missing, supervisord is already running (run),
      provision: DPS did not assign the gateway, or it is provisioned and --force is missing,
      or `tap --count N` got fewer than N messages, or buffer: the buffer is not running
-  2  invalid configuration or credential file, or invalid command-line arguments
+  2  invalid configuration or credential file, or invalid command-line arguments;
+     rotate: the new file was refused and nothing was installed
   3  check-credentials: a SAS token or certificate has expired or is not valid
      yet, or the clock is behind the gateway's lower bound on the real time
   4  ctl: supervisord is not running; status: the gateway is not running
@@ -62,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     tap.add_argument("--json", action="store_true", help="print each message as raw JSON")
     tap.add_argument("--data", action="store_true",
                      help="also print a copy of the data passing through: the reader's "
-                          "samples and the uplink's pages")
+                          "samples, the pages the buffer hands out and the uplink's pages")
     tap.add_argument("--count", type=_positive_int, metavar="N",
                      help="exit after N messages; exit 1 if --timeout-s ends first")
     tap.add_argument("--timeout-s", type=_positive_float, metavar="S",
@@ -83,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_command(commands, "check-credentials", checks.check_credentials,
                  "validate every credential file and print the device, host, scheme and "
                  "expiry, with secrets redacted")
+
+    rotate = _add_command(commands, "rotate", rotate_command.rotate,
+                          "check a new connection string, client certificate and key, or CA "
+                          "bundle with the files in place and install it; the credential "
+                          "watcher then restarts the uplink")
+    rotate_command.add_arguments(rotate)
 
     summary = "print a SAS token minted from a device connection string"
     sas = commands.add_parser("sas", help=summary, description=summary, epilog=EXIT_CODES,

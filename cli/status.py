@@ -211,8 +211,14 @@ def _credentials_line(credentials: dict[str, Any] | None) -> str:
     expiry_text = "no expiry" if expiry is None else (
         f"expires {_time(expiry * 1000)}, {credentials.get('time_left_s')} s left")
     clock = credentials.get("clock") or {}
-    return _line("credentials", f"{credentials.get('scheme')}, {expiry_text}; clock "
-                                f"{clock.get('state')}, offset {clock.get('offset_s')} s")
+    text = (f"{credentials.get('scheme')}, {expiry_text}; clock {clock.get('state')}, "
+            f"offset {clock.get('offset_s')} s")
+    credential_set = credentials.get("set") or {}
+    if credential_set.get("active") == "last_good":
+        rejected = ", ".join(credential_set.get("rejected_files") or []) or "the new files"
+        text += (f"; ON THE LAST GOOD SET saved {_time(credential_set.get('last_good_saved_ms'))}"
+                 f", the hub rejected {rejected}")
+    return _line("credentials", text)
 
 
 def _alert_lines(alerts: list[dict[str, Any]]) -> list[str]:

@@ -33,9 +33,11 @@ SAMPLES_DROPPED = "samples_dropped"
 PLC_UNREACHABLE = "plc_unreachable"
 RESTART_LOOP = "restart_loop"
 PROVISIONING = "provisioning"
+# The hub rejected credential files that differ from the last set that connected.
+ROTATION_REJECTED = "rotation_rejected"
 
 ALERT_NAMES = (NO_PUBLISH, CREDENTIALS, CLOCK, BUFFER_FULL, SAMPLES_DROPPED, PLC_UNREACHABLE,
-               RESTART_LOOP, PROVISIONING)
+               RESTART_LOOP, PROVISIONING, ROTATION_REJECTED)
 
 # The cloud queue keeps at most this many raises and clears. A link that is down for days
 # with a flapping condition would otherwise grow the file without bound; the oldest go.

@@ -205,6 +205,9 @@ class IdentitySettings:
     year_address: int | None
     month_address: int | None
     unit_address: int | None
+    # The id is read again at every reconnect and every recheck_interval_s; 0 turns the
+    # periodic read off and keeps the one at each reconnect.
+    recheck_interval_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -322,6 +325,14 @@ class CredentialSettings:
     expiry_error_margin_s: float = 300.0
     client_key_passphrase_file: Path | None = None
     token_server: TokenServerSettings | None = None
+    # Whether the uplink goes back to the last credential set that connected when the hub
+    # rejects a new one; see common/last_good_credentials.py.
+    fallback_to_last_good: bool = True
+    settle_s: float = 0.2
+    # Hosts that a rotated connection string may name; empty means the hosts of the
+    # connection string configured when the rotation is checked.
+    allowed_hosts: tuple[str, ...] = ()
+    accept_pushed_ca_bundle: bool = False
 
     def watched_files(self) -> tuple[Path, ...]:
         """List every credential file the uplink reads, in a fixed order."""
@@ -475,6 +486,15 @@ class _Table:
     def flag(self, key: str, default: bool) -> bool:
         value: bool = self.get(key, bool, default, "true or false")
         return value
+
+    def host_names(self, key: str) -> tuple[str, ...]:
+        """Read an optional array of host names, lowercased, as DNS compares them."""
+        expected = "an array of host names without spaces, such as [\"myhub.azure-devices.net\"]"
+        values = self.get(key, list, [], expected)
+        for value in values:
+            if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+                raise self.error(key, values, expected)
+        return tuple(value.lower() for value in values)
 
     def path(self, key: str, default: Any = None) -> Path | None:
         value = self.text(key, default)
@@ -849,8 +869,13 @@ def _parse_identity(table: _Table, devices: tuple[PlcDevice, ...]) -> IdentitySe
         device=device.name,
         table=table.text("table", "input_register", ("holding_register", "input_register")),
         **shifted,
+        recheck_interval_s=table.number("recheck_interval_s", 60.0, 0.0, 86400.0),
     )
     table.reject_unknown()
+    # Below a second the reads would crowd the PLC's tag polls for no gain.
+    if 0 < identity.recheck_interval_s < 1:
+        raise table.error("recheck_interval_s", identity.recheck_interval_s,
+                          "0, or a number from 1 to 86400")
 
     parts = [identity.year_address, identity.month_address, identity.unit_address]
     if identity.serial_address is None and None in parts:
@@ -1170,13 +1195,17 @@ def _parse_credentials(table: _Table) -> CredentialSettings:
         client_cert_file=table.path("client_cert_file"),
         client_key_file=table.path("client_key_file"),
         password_file=table.path("password_file"),
-        check_interval_s=table.number("check_interval_s", 1.0, 0.05, 3600.0),
+        check_interval_s=table.number("check_interval_s", 0.1, 0.05, 3600.0),
         rehash_interval_s=table.number("rehash_interval_s", 60.0, 1.0, 86400.0),
         sas_warning_days=table.number("sas_warning_days", 7.0, 0.0, 3650.0),
         certificate_warning_days=table.number("certificate_warning_days", 30.0, 0.0, 3650.0),
         expiry_error_margin_s=table.number("expiry_error_margin_s", 300.0, 0.0, 31_536_000.0),
         client_key_passphrase_file=table.path("client_key_passphrase_file"),
         token_server=_parse_token_server(table),
+        fallback_to_last_good=table.flag("fallback_to_last_good", True),
+        settle_s=table.number("settle_s", 0.2, 0.0, 3600.0),
+        allowed_hosts=table.host_names("allowed_hosts"),
+        accept_pushed_ca_bundle=table.flag("accept_pushed_ca_bundle", False),
     )
     table.reject_unknown()
 

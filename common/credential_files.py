@@ -15,8 +15,10 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import os
 import re
 import ssl
+import stat
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -63,6 +65,10 @@ class CredentialSet:
     connection: ConnectionString | None
     ca_certificate_count: int  # distinct certificates, as OpenSSL's store counts them
     client_certificate: ClientCertificate | None
+    # Self-signed certificates in the CA file that OpenSSL takes as CAs (basicConstraints
+    # CA:TRUE, or a version 1 certificate). OpenSSL ends a chain only at one of these, unless
+    # the partial-chain flag is set, which the uplink does not set.
+    ca_root_count: int
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,7 @@ def validate_credential_files(settings: CredentialSettings) -> CredentialSet:
         connection = read_connection_string(settings.connection_string_file)
 
     ca_count, _ca_pem = _load_certificates(settings.ca_file, "CA file")
+    ca_root_count = count_root_certificates(settings.ca_file)
 
     client = None
     if settings.client_cert_file is not None and settings.client_key_file is not None:
@@ -102,7 +109,56 @@ def validate_credential_files(settings: CredentialSettings) -> CredentialSet:
         # Loads the server's CA, the client certificate pair or the challenge secret, with
         # the same errors as the uplink gets at start.
         TokenServerClient(settings.token_server)
-    return CredentialSet(connection, ca_count, client)
+    return CredentialSet(connection, ca_count, client, ca_root_count)
+
+
+def count_root_certificates(path: Path) -> int:
+    """Return how many certificates of a PEM file OpenSSL takes as self-signed root CAs."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=str(path))
+    except (ssl.SSLError, OSError):
+        return 0
+    # get_ca_certs() lists only the certificates that pass OpenSSL's X509_check_ca().
+    return sum(1 for certificate in context.get_ca_certs()
+               if certificate.get("subject") == certificate.get("issuer"))
+
+
+def check_readable(path: Path) -> None:
+    """Raise CredentialFileError when the mode bits deny this process's user read access.
+
+    The bits are checked as the kernel checks them for an ordinary user, also when this
+    process runs as root. Root can read any file. But a credential file that its own user
+    cannot read is usually a rotation caught half way, such as a file written before its
+    chmod or chown, and an uplink started under a non-root user would fail on it. A file
+    that cannot be stat'ed is left to the read, which reports the reason.
+    """
+    try:
+        status = os.stat(path)
+    except OSError:
+        return
+    mode = stat.S_IMODE(status.st_mode)
+    uid = os.geteuid()
+    if status.st_uid == uid:
+        if not mode & stat.S_IRUSR:
+            raise CredentialFileError(
+                path, f"mode {mode:04o} gives its owner, uid {uid} (the gateway's user), no "
+                "read permission; make it readable by its owner, for example mode 0600",
+            )
+        return
+    if status.st_gid == os.getegid() or status.st_gid in os.getgroups():
+        if not mode & stat.S_IRGRP:
+            raise CredentialFileError(
+                path, f"owned by uid {status.st_uid} and group {status.st_gid} with mode "
+                f"{mode:04o}, which gives the group of uid {uid} (the gateway's user) no read "
+                f"permission; chown it to uid {uid}, or make it readable by the group",
+            )
+        return
+    if not mode & stat.S_IROTH:
+        raise CredentialFileError(
+            path, f"owned by uid {status.st_uid} with mode {mode:04o}, so uid {uid} (the "
+            f"gateway's user) has no read permission; chown it to uid {uid}",
+        )
 
 
 def check_sas_expiry(

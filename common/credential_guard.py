@@ -93,6 +93,13 @@ class CredentialGuard:
         self._token: TokenState | None = None
         self._next_watchdog_s = time.monotonic() + WATCHDOG_INTERVAL_S
 
+    def use_credentials(self, certificate: ClientCertificate | None,
+                        date_source: DateSource | None) -> None:
+        """Check another credential set from now on, as the uplink's fallback does."""
+        self._certificate = certificate
+        self._date_source = date_source
+        self._states.pop("client_certificate", None)
+
     # -- at each connect attempt -----------------------------------------------------------
 
     def before_connect(self, retrying: bool) -> None:

@@ -112,6 +112,11 @@ class SupervisorClient:
         infos: list[dict[str, Any]] = self._call("getAllProcessInfo")
         return infos
 
+    def read_main_log_tail(self, length_bytes: int) -> str:
+        """Return the last length_bytes of supervisord's main log, its logfile."""
+        text: str = self._call("readLog", -length_bytes, 0)
+        return text
+
     def restart(self, name: str) -> RestartResult:
         """Stop and start group:program name as its state calls for, and check it runs after."""
         before = self.process_info(name)
@@ -130,6 +135,11 @@ class SupervisorClient:
             raise RestartError(
                 f"supervisord at {self.url}: {name} is {after['statename']} after the restart: "
                 f"{after.get('description', '')}"
+            )
+        if action == "restart" and after["pid"] == before["pid"]:
+            raise RestartError(
+                f"supervisord at {self.url}: {name} still runs as pid {after['pid']} after the "
+                "restart, so it was not restarted"
             )
         return RestartResult(action, before["statename"], before["pid"],
                              after["statename"], after["pid"])

@@ -90,11 +90,15 @@ class Tap:
         """Publish the counters when a second has passed since the last time."""
         # A caller on its own 1 s timer can come a little early; without the tolerance its
         # every other tick would be skipped.
-        now = time.monotonic()
-        if now >= self._next_counters - 0.05:
-            self._next_counters = now + 1.0
-            self._read_subscriptions()
-            self.publish("counters", **self.counters)
+        if time.monotonic() >= self._next_counters - 0.05:
+            self.publish_counters()
+
+    def publish_counters(self) -> None:
+        """Publish the counters now, for a caller that has just refreshed them, and start
+        the next second from now."""
+        self._next_counters = time.monotonic() + 1.0
+        self._read_subscriptions()
+        self.publish("counters", **self.counters)
 
     def close(self) -> None:
         # A short linger lets the last event, usually "stop", reach a connected subscriber.

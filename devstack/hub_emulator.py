@@ -41,6 +41,7 @@ from devstack.hub_faults import FaultsFile
 from devstack.hub_registry import Identity, Registry, RegistryError, load_registry
 from devstack.hub_topics import publish_allowed, subscribe_allowed
 from devstack.mqtt_frames import (
+    CONNACK,
     CONNACK_NOT_AUTHORIZED,
     CONNACK_SERVER_UNAVAILABLE,
     CONNECT,
@@ -467,7 +468,8 @@ class Session:
             self.close(f"client stream failed: {exc!r}")
 
     async def _pump_from_broker(self) -> None:
-        """Forward the broker's packets to the client, delaying PUBACKs by puback_delay_s."""
+        """Forward the broker's packets to the client, delaying the CONNACK by connack_delay_s
+        and PUBACKs by puback_delay_s."""
         reader, _ = self.upstream
         _, client_writer = self.client
         try:
@@ -476,6 +478,8 @@ class Session:
                 if packet is None:
                     self.close("broker closed the connection")
                     return
+                if packet.packet_type == CONNACK and not self._connack_sent.is_set():
+                    await self._delay_connack()
                 delay_s = self.hub.faults.current().puback_delay_s
                 if packet.packet_type == PUBACK and (delay_s > 0 or self._delayed):
                     self._hold_puback(delay_s, packet.raw)
@@ -487,6 +491,16 @@ class Session:
                 self._connack_sent.set()
         except (FrameError, OSError, asyncio.IncompleteReadError) as exc:
             self.close(f"broker stream failed: {exc!r}")
+
+    async def _delay_connack(self) -> None:
+        """Hold the CONNACK for connack_delay_s. Later packets from the broker wait behind it,
+        as they would behind a slow hub."""
+        delay_s = self.hub.faults.current().connack_delay_s
+        if delay_s <= 0:
+            return
+        self.hub.logger.info("connack_delayed %s", fields(
+            client_id=self.client_id, delay_s=f"{delay_s:g}"))
+        await asyncio.sleep(delay_s)
 
     def _hold_puback(self, delay_s: float, data: bytes) -> None:
         task = asyncio.create_task(self._send_later(delay_s, data, self._last_delayed))

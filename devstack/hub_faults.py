@@ -1,7 +1,7 @@
 """Fault modes of the hub emulator, read from a JSON file that tests rewrite at runtime.
 
     {"refuse": false, "blackhole": false, "close_after_s": null,
-     "puback_delay_s": 0, "clock_offset_s": 0}
+     "puback_delay_s": 0, "connack_delay_s": 0, "clock_offset_s": 0}
 
 Every key is optional. The file is checked at every decision (a stat call) and read again
 when its modification time, size or inode changes, so the connection after a test has
@@ -34,6 +34,8 @@ class Faults:
     close_after_s: float | None = None
     # Hold each PUBACK on its way to the client for this long.
     puback_delay_s: float = 0.0
+    # Hold the broker's CONNACK on its way to the client for this long.
+    connack_delay_s: float = 0.0
     # Added to the system clock for `se` checks, certificate validity and the Date header.
     clock_offset_s: float = 0.0
 
@@ -44,11 +46,12 @@ class FaultsError(ValueError):
 
 # Allowed range of each number in seconds. The bounds keep dates, sleeps and the expiry
 # arithmetic within what datetime and asyncio handle: ten years of clock offset either way,
-# a day of close_after_s and an hour of PUBACK delay.
+# a day of close_after_s and an hour of PUBACK or CONNACK delay.
 _TEN_YEARS_S = 10 * 366 * 86400
 _NUMBERS = {
     "close_after_s": (0.0, 86400.0),
     "puback_delay_s": (0.0, 3600.0),
+    "connack_delay_s": (0.0, 3600.0),
     "clock_offset_s": (-_TEN_YEARS_S, _TEN_YEARS_S),
 }
 _FLAGS = {"refuse", "blackhole"}
@@ -144,6 +147,7 @@ class FaultsFile:
                 "faults_loaded %s",
                 fields(file=self._path, refuse=faults.refuse, blackhole=faults.blackhole,
                        close_after_s=faults.close_after_s, puback_delay_s=faults.puback_delay_s,
+                       connack_delay_s=faults.connack_delay_s,
                        clock_offset_s=faults.clock_offset_s),
             )
 

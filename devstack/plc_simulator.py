@@ -22,7 +22,9 @@ Register map, with zero-based protocol addresses:
                               scratch area for write tests that the tick never overwrites
     input register 0          round(200 + 50 * sin(tick / 1000)), int16 in tenths of a degree
     input registers 1-9       always 0
-    input registers 10-11     serial number 22091017, uint32, high word first
+    input registers 10-11     serial number 22091017, uint32, high word first; with
+                              --serial-file, the number in that file, read again
+                              whenever the file changes, so a test can swap the PLC
     coil 0                    running flag: (tick // 100) % 2 == 0
     coils 1-15                false at start, never overwritten: scratch for write tests
     discrete input 0          stopped flag: the inverse of coil 0
@@ -41,6 +43,7 @@ import signal
 import struct
 import sys
 import time
+from pathlib import Path
 
 from pymodbus.framer import FramerType
 from pymodbus.server import ModbusTcpServer
@@ -88,13 +91,44 @@ def holding_registers(tick: int, bench_registers: int) -> list[int]:
     return values
 
 
-def input_registers(tick: int) -> list[int]:
+def input_registers(tick: int, serial_number: int = SERIAL_NUMBER) -> list[int]:
     """Return input registers 0 to 11 for one tick."""
     temperature_tenths = round(200 + 50 * math.sin(tick / 1000))
     values = [temperature_tenths & 0xFFFF]
     values += [0] * (10 - len(values))
-    values += split_uint32(SERIAL_NUMBER)
+    values += split_uint32(serial_number)
     return values
+
+
+class SerialNumber:
+    """The serial number in input registers 10-11: fixed, or taken from a file."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._path = path
+        self._mtime_ns: int | None = None
+        self.value = SERIAL_NUMBER
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the file again when its modification time changed; keep the last number
+        when the file is missing or does not contain a uint32."""
+        if self._path is None:
+            return
+        try:
+            mtime_ns = self._path.stat().st_mtime_ns
+            if mtime_ns == self._mtime_ns:
+                return
+            self._mtime_ns = mtime_ns
+            number = int(self._path.read_text().strip())
+        except (OSError, ValueError) as exc:
+            logger.warning("serial_file_unreadable path=%s error=%s", self._path, exc)
+            return
+        if not 0 <= number <= 0xFFFFFFFF:
+            logger.warning("serial_file_out_of_range path=%s value=%d", self._path, number)
+            return
+        if number != self.value:
+            logger.info("serial_number_changed old=%d new=%d", self.value, number)
+        self.value = number
 
 
 def running(tick: int) -> bool:
@@ -120,7 +154,9 @@ def build_device(bench_registers: int) -> SimDevice:
     )
 
 
-async def write_tick(server: ModbusTcpServer, tick: int, bench_registers: int) -> None:
+async def write_tick(
+    server: ModbusTcpServer, tick: int, bench_registers: int, serial_number: int
+) -> None:
     """Write every table for one tick, with one setValues call per table.
 
     With no action callback configured, pymodbus 3.16's setValues does not yield to the event
@@ -130,12 +166,15 @@ async def write_tick(server: ModbusTcpServer, tick: int, bench_registers: int) -
     await server.async_setValues(
         ANY_UNIT, HOLDING_REGISTERS, 0, holding_registers(tick, bench_registers)
     )
-    await server.async_setValues(ANY_UNIT, INPUT_REGISTERS, 0, input_registers(tick))
+    await server.async_setValues(ANY_UNIT, INPUT_REGISTERS, 0,
+                                 input_registers(tick, serial_number))
     await server.async_setValues(ANY_UNIT, COILS, 0, [flag])
     await server.async_setValues(ANY_UNIT, DISCRETE_INPUTS, 0, [not flag])
 
 
-async def run_ticks(server: ModbusTcpServer, bench_registers: int) -> None:
+async def run_ticks(
+    server: ModbusTcpServer, bench_registers: int, serial: SerialNumber
+) -> None:
     """Write new values whenever the tick changes, until cancelled."""
     start = time.monotonic()
     last_tick = -1
@@ -143,12 +182,16 @@ async def run_ticks(server: ModbusTcpServer, bench_registers: int) -> None:
         elapsed = time.monotonic() - start
         tick = int(elapsed / TICK_S)
         if tick != last_tick:
-            await write_tick(server, tick, bench_registers)
+            # A stat every 10th tick, 100 ms, is quick enough for a test that swaps the PLC.
+            if tick % 10 == 0:
+                serial.refresh()
+            await write_tick(server, tick, bench_registers, serial.value)
             last_tick = tick
         await asyncio.sleep(TICK_S - (elapsed % TICK_S))
 
 
-async def serve(host: str, port: int, bench_registers: int, framer: str = "socket") -> int:
+async def serve(host: str, port: int, bench_registers: int, framer: str = "socket",
+                serial_file: Path | None = None) -> int:
     """Serve until SIGTERM or SIGINT, and return the exit code."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -168,7 +211,8 @@ async def serve(host: str, port: int, bench_registers: int, framer: str = "socke
         host, port, framer, bench_registers,
     )
 
-    ticker = asyncio.create_task(run_ticks(server, bench_registers), name="ticks")
+    serial = SerialNumber(serial_file)
+    ticker = asyncio.create_task(run_ticks(server, bench_registers, serial), name="ticks")
     await stop.wait()
 
     ticker.cancel()
@@ -195,6 +239,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="socket",
         help="socket: Modbus TCP; rtu: Modbus RTU frames over TCP",
     )
+    parser.add_argument(
+        "--serial-file",
+        type=Path,
+        help="file with the serial number for input registers 10-11, as decimal text; "
+        "read again whenever it changes (default: a fixed 22091017)",
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.bench_registers <= 65536 - BENCH_START - SCRATCH_REGISTERS:
         parser.error(f"--bench-registers {args.bench_registers} is not between 0 and 65420")
@@ -212,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     # pymodbus 3.16 logs its listen and every client connection at INFO.
     logging.getLogger("pymodbus").setLevel(logging.WARNING)
-    return asyncio.run(serve(args.host, args.port, args.bench_registers, args.framer))
+    return asyncio.run(serve(args.host, args.port, args.bench_registers, args.framer,
+                             args.serial_file))
 
 
 if __name__ == "__main__":

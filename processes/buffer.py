@@ -38,6 +38,7 @@ from common.errors import PlcBridgeError, StoreError
 from common.lifecycle import run_process
 from common.logs import fields
 from common.ratelimit import RateLimit
+from common.socket_monitor import SocketMonitor
 from common.tap import Tap
 from processes.buffer_files import DATA_FILE, move_aside
 
@@ -684,13 +685,19 @@ class BufferProcess:
                 "check gateway.runtime_dir"
             ) from exc
         self.sockets: list[zmq.Socket[bytes]] = []
-        self.ingest = self._bind(context, wire.endpoint(runtime_dir, wire.INGEST))
-        self.delivery = self._bind(context, wire.endpoint(runtime_dir, wire.DELIVERY))
+        self.monitors: list[SocketMonitor] = []
         self.tap = Tap(context, runtime_dir, "buffer")
+        self.ingest = self._bind(context, wire.endpoint(runtime_dir, wire.INGEST), "ingest",
+                                 "the reader keeps its batches until it connects again")
+        self.delivery = self._bind(context, wire.endpoint(runtime_dir, wire.DELIVERY),
+                                   "delivery", "pages wait in the buffer until the uplink "
+                                   "connects again")
         self.core = BufferCore(store, logger, self.tap)
         self.poller = zmq.Poller()
         self.poller.register(self.ingest, zmq.POLLIN)
         self.poller.register(self.delivery, zmq.POLLIN)
+        for monitor in self.monitors:
+            self.poller.register(monitor.socket, zmq.POLLIN)
         self.send_blocked = False
 
         # Batches held for buffer.commit_max_delay_ms, so that more can join their commit.
@@ -702,9 +709,13 @@ class BufferProcess:
         self.next_status = 0.0
         self.status_failed = RateLimit(WARNING_INTERVAL_S)
 
-    def _bind(self, context: zmq.Context[zmq.Socket[bytes]], address: str) -> zmq.Socket[bytes]:
+    def _bind(self, context: zmq.Context[zmq.Socket[bytes]], address: str, name: str,
+              consequence: str) -> zmq.Socket[bytes]:
         sock = wire.make_socket(context, zmq.ROUTER, wire.DATA_HWM, SOCKET_LINGER_MS)
         self.sockets.append(sock)
+        # The monitor goes on before the bind, so it reports the first peer too.
+        self.monitors.append(SocketMonitor(sock, name, self.logger, self.tap.publish,
+                                           consequence))
 
         # Without ROUTER_MANDATORY a page sent to a vanished uplink disappears silently;
         # with it the send fails with EHOSTUNREACH and the page stays eligible.
@@ -756,6 +767,9 @@ class BufferProcess:
     def _run_pass(self) -> bool:
         """Serve the sockets once and return whether any batch arrived."""
         ready = dict(self.poller.poll(self._poll_timeout_ms()))
+        for monitor in self.monitors:
+            if monitor.socket in ready:
+                monitor.drain()
 
         received = self._receive_batches() if self.ingest in ready else []
         now = time.monotonic()
@@ -775,7 +789,9 @@ class BufferProcess:
         if now >= self.next_status:
             self.next_status = now + STATUS_INTERVAL_S
             self._write_status(now, running=True)
-        self.tap.publish_counters_if_due()
+            # The counters follow each refresh. On a timer of their own they could go out
+            # just before a refresh and show figures a second old.
+            self.tap.publish_counters()
         return bool(received)
 
     def _batches_to_commit(self, received: list[Batch], now: float) -> list[Batch]:
@@ -949,9 +965,14 @@ class BufferProcess:
             return False
         delivery.on_sent(page_seq, gap)
         self.core.counters["gaps_sent" if gap else "pages_sent"] += 1
+        if self.tap.data_wanted:
+            self.tap.publish_data(page_seq=page_seq, count=count, gap=gap, bytes=len(page),
+                                  page=bytes(page).decode("utf-8", errors="replace"))
         return True
 
     def close(self) -> None:
+        for monitor in self.monitors:
+            monitor.close()
         self.tap.close()
         for sock in self.sockets:
             sock.close()

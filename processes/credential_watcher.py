@@ -1,14 +1,18 @@
 """The credential watcher: restarts the uplink when its credential files change.
 
 Every credentials.check_interval_s the watcher stats each credential file and hashes the
-content of those whose mtime, size or inode changed. It also re-hashes every file at least
-every credentials.rehash_interval_s, which catches a rewrite that keeps all three. A new set
-of content must stay the same for one more check before the watcher acts, so a rotation
-written file by file is validated once, whole.
+content of those whose mtime, ctime, size or inode changed, or that changed within a second
+of their last hash. It also re-hashes every file at least every
+credentials.rehash_interval_s. A new set of content must stay the same for
+credentials.settle_s before the watcher acts, so a rotation written file by file is
+validated once, whole. A set that fails validation within INVALID_GRACE_S of its last
+change is validated again at the next check before it is reported.
 
 A valid new set restarts only the uplink program, through supervisord's XML-RPC socket. An
-invalid set is logged once and the running uplink is left alone. When supervisord cannot be
-reached, the restart is retried on every check until it succeeds.
+invalid set is logged once and the running uplink is left alone. A restart waits while
+supervisord starts or stops the uplink, or while the uplink's tap shows a connect without
+CONNACK (processes/uplink_link_state.py), for at most one connect attempt's time. When
+supervisord cannot be reached, the restart is retried on every check until it succeeds.
 
 After each restart the watcher stores the SHA-256 of every file in
 <state_dir>/credentials-applied.json, so that a restarted watcher can tell which set the
@@ -41,25 +45,54 @@ from common.credential_files import (
     CredentialSet,
     SasExpiry,
     check_certificate_validity,
+    check_readable,
     check_sas_expiry,
     validate_credential_files,
 )
-from common.credentials import EXPIRED, read_regular_file
+from common.credentials import EXPIRED, NOT_YET_VALID, read_regular_file
 from common.lifecycle import gateway_version, run_process
 from common.logs import fields
+from common.rotation_outcomes import take_outcomes
 from common.supervisor_rpc import RestartError, SupervisorClient, SupervisorUnavailableError
 from common.tap import Tap
+from processes.uplink_link_state import UplinkLinkState
 
 PROCESS = "credential_watcher"
 
 # The loop wakes at least this often, so the once-a-second tap counters stay on time.
 TICK_S = 0.25
 
+# A set that fails validation this soon after its last change may be a file written in
+# several steps and caught between two of them. It is validated again at each check and
+# reported only once it has stayed the same this long.
+INVALID_GRACE_S = 2.0
+
+# supervisord states in which a start or stop of the uplink is under way. A restart waits
+# for them to end, so that two restarts never overlap.
+BUSY_STATES = ("STARTING", "STOPPING")
+
+# A connecting uplink gives up after connect_timeout_s for TCP and TLS, and as long again
+# for the CONNACK. A restart waits that long, plus this margin, before it goes ahead.
+DEFER_MARGIN_S = 2.0
+
 # While supervisord stays unreachable, repeat the ERROR at most this often.
 UNREACHABLE_LOG_INTERVAL_S = 60.0
 
 # The content state of one file: its SHA-256, or why it could not be read.
 Digests = tuple[str, ...]
+
+# The stat fields that show a change: st_mtime_ns, st_ctime_ns, st_size and st_ino.
+# The ctime catches a file renamed into place with its old mtime, its old size and a
+# recycled inode number, because the kernel sets it at the rename and no tool can set it.
+Signature = tuple[int, int, int, int]
+
+# A file whose ctime is at most this long before its last hash, or later, is hashed again
+# at every check. The kernel stamps ctime and mtime from a clock tick that can lag
+# time.time() by some milliseconds, so a same-size rewrite in the tick of the hash may
+# leave every stat field as it was. A wall clock set back by N seconds keeps the files
+# written in those N seconds in this state until the clock has caught up, which costs a
+# hash of each at every check meanwhile.
+RACY_WINDOW_NS = 1_000_000_000
 
 # The state of a file that could not be read starts with this, so it differs from any digest.
 UNREADABLE = "unreadable: "
@@ -81,9 +114,16 @@ START_MARGIN_S = 1.0
 
 @dataclass
 class _FileState:
-    signature: tuple[int, int, int] | None  # st_mtime_ns, st_size, st_ino, or None: no stat
+    signature: Signature | None  # None: the file could not be stat'ed
     digest: str
     hashed_at_s: float  # time.monotonic() of the last hash
+    hashed_at_ns: int  # time.time_ns() just before the last hash
+
+    def changed_near_hash(self) -> bool:
+        """Return True when the file changed so close to its last hash that a write in the
+        same clock tick could have kept every stat field."""
+        return (self.signature is not None
+                and self.signature[1] >= self.hashed_at_ns - RACY_WINDOW_NS)
 
 
 class FileHasher:
@@ -95,46 +135,65 @@ class FileHasher:
         self.rehash_interval_s = rehash_interval_s
         self.logger = logger
         now = time.monotonic()
-        self._states = [_FileState(_stat_signature(path), _hash_file(path), now) for path in paths]
+        self._states = []
+        for path in paths:
+            signature, hashed_at_ns = _stat_signature(path), time.time_ns()
+            self._states.append(_FileState(signature, _hash_file(path), now, hashed_at_ns))
 
     def digests(self) -> Digests:
         return tuple(state.digest for state in self._states)
 
     def look(self) -> Digests:
-        """Stat every file, re-hash where needed, and return the content state of each."""
+        """Stat every file, re-hash where needed, and return the content state of each.
+
+        A file is hashed again when a stat field changed, when it changed within
+        RACY_WINDOW_NS of its last hash, or every rehash_interval_s.
+        """
         now = time.monotonic()
         for path, state in zip(self.paths, self._states, strict=True):
             signature = _stat_signature(path)
             stat_changed = signature != state.signature
-            if not stat_changed and now - state.hashed_at_s < self.rehash_interval_s:
+            due = now - state.hashed_at_s >= self.rehash_interval_s
+            if not (stat_changed or due or state.changed_near_hash()):
                 continue
 
+            hashed_at_ns = time.time_ns()
             digest = _hash_file(path)
             if stat_changed and digest == state.digest:
                 self.logger.debug("file_touched content unchanged %s", fields(file=path))
             state.signature = signature
             state.digest = digest
             state.hashed_at_s = now
+            state.hashed_at_ns = hashed_at_ns
         return self.digests()
 
 
-def _stat_signature(path: Path) -> tuple[int, int, int] | None:
+def _stat_signature(path: Path) -> Signature | None:
     try:
         result = os.stat(path)
     except OSError:
         return None
-    return result.st_mtime_ns, result.st_size, result.st_ino
+    return result.st_mtime_ns, result.st_ctime_ns, result.st_size, result.st_ino
 
 
 def _hash_file(path: Path) -> str:
     try:
-        return hashlib.sha256(read_regular_file(path)).hexdigest()
+        digest = hashlib.sha256(read_regular_file(path)).hexdigest()
     except OSError as exc:
         # Validation reports the full reason, so this state only has to differ from any digest.
         return f"{UNREADABLE}{exc.strerror}"
     except ValueError as exc:
         # A FIFO, a device or an oversized file: validation names it.
         return f"{UNREADABLE}{exc}"
+
+    # A root watcher reads a file whose mode denies its owner, and validation rejects it.
+    # The state records the denial, so that a chmod alone, which leaves the content as it
+    # was, is a change that the watcher validates again.
+    try:
+        check_readable(path)
+    except CredentialFileError:
+        return f"{UNREADABLE}no read permission by mode or owner, content {digest}"
+    return digest
 
 
 def _last_change_s(paths: tuple[Path, ...]) -> float | None:
@@ -246,26 +305,41 @@ def _running_from_record(record: dict[str, str | None], paths: tuple[Path, ...],
     return tuple(running)
 
 
+@dataclass(frozen=True)
+class _Rejection:
+    """The reason a set of credential files may not replace the one the uplink runs with."""
+
+    file: Path  # the file named on the tap
+    reason: str  # the reason on the tap
+    details: str  # the key=value fields of the log line, naming the file or files
+    consequence: str  # what the watcher does about it, for the log line
+
+
 class CredentialWatcher:
     """Compares the credential files with the set the uplink runs with, and restarts it."""
 
     def __init__(self, config: Config, logger: logging.Logger, tap: Tap,
-                 supervisor: SupervisorClient) -> None:
+                 supervisor: SupervisorClient, link: UplinkLinkState | None = None) -> None:
         self.config = config
         self.logger = logger
         self.tap = tap
         self.supervisor = supervisor
+        self.link = link
         self.program = f"{config.supervisor.group}:{config.supervisor.uplink_program}"
         self.paths = config.credentials.watched_files()
         self.hasher = FileHasher(self.paths, config.credentials.rehash_interval_s, logger)
         self.record = AppliedRecord(config.gateway.state_dir, logger)
 
         # running: the content the uplink was last started with; load_baseline sets it.
-        # previous: the content at the last check, so a new set acts only once it is stable.
+        # previous: the content at the last check, and changed_s when it first looked so.
+        #   A new set acts only once it has stayed the same for credentials.settle_s.
         # rejected: the last invalid set, reported once and not again.
         # accepted: the last valid set, kept while its restart waits for supervisord.
+        # deferred_s: when the pending restart was first deferred, or None.
         self.running = self.hasher.digests()
         self.previous = self.running
+        self.changed_s = time.monotonic()
+        self.deferred_s: float | None = None
         self.rejected: Digests | None = None
         self.accepted: Digests | None = None
         self.loaded: CredentialSet | None = None
@@ -273,7 +347,7 @@ class CredentialWatcher:
         self.unreachable_attempts = 0
         self.next_unreachable_log_s = 0.0
 
-        tap.counters.update(checks=0, changes=0, restarts=0, invalid=0)
+        tap.counters.update(checks=0, changes=0, restarts=0, invalid=0, deferred=0)
 
     def load_baseline(self) -> None:
         """Find the set the uplink runs with, validate the files, and act on a missed change."""
@@ -284,22 +358,25 @@ class CredentialWatcher:
         current = self.hasher.digests()
         self.running = self._find_running_set(current)
         if current == self.running:
-            if not self._validate():
+            if not self._validate(for_restart=False):
                 self.rejected = current
             return
 
-        # The files changed while no watcher ran. A set whose last change is a check interval
-        # old is as stable as one seen twice, so it is acted on now. A newer one waits for the
-        # first check, which finds it stable or reports the next change.
+        # The files changed while no watcher ran. A set whose last change is settle_s old is
+        # as stable as one that checks saw unchanged that long, so it is acted on now. A
+        # newer one waits for the checks, which find it settled or report the next change.
         self._report_change(current)
-        if not self._validate():
+        changed_s = _last_change_s(self.paths)
+        settled = (changed_s is not None
+                   and time.time() - changed_s >= self.config.credentials.settle_s)
+        if not settled:
+            return
+        self.changed_s -= INVALID_GRACE_S  # as old as a set of unknown age can be
+        if not self._validate(for_restart=True):
             self.rejected = current
             return
         self.accepted = current
-        changed_s = _last_change_s(self.paths)
-        interval_s = self.config.credentials.check_interval_s
-        if changed_s is not None and time.time() - changed_s >= interval_s:
-            self._apply(current)
+        self._apply(current)
 
     def _find_running_set(self, current: Digests) -> Digests:
         """Return the content state of the set the uplink runs with, from the applied record.
@@ -361,38 +438,115 @@ class CredentialWatcher:
         return read_them
 
     def check(self) -> None:
-        """Look at the files once and act on a new, stable set of content."""
+        """Look at the files once and act on a new set of content once it has settled."""
+        self._publish_rotations()
         digests = self.hasher.look()
         self.tap.counters["checks"] += 1
-        stable = digests == self.previous
+        now = time.monotonic()
+        changed_now = digests != self.previous
+        if changed_now:
+            self.changed_s = now
         self.previous = digests
+        if self.link is not None:
+            self.link.poll()
         self._recheck_sas_expiry()
 
         if digests == self.running:
+            self.deferred_s = None
             if self.accepted is not None:
                 # The files went back to what the uplink runs with before its restart.
                 self.accepted = None
-                self._validate()
+                self._validate(for_restart=False)
             return
-        if not stable:
+        if changed_now:
             self._report_change(digests)
+        if now - self.changed_s < self.config.credentials.settle_s:
             return
         if digests == self.rejected:
             return
 
         if digests != self.accepted:
-            if not self._validate():
-                self.rejected = digests
+            # A file written in several steps can fail to parse between them. Such a set is
+            # validated again at each check, and reported only once it has stayed the same
+            # for INVALID_GRACE_S.
+            quiet = now - self.changed_s < INVALID_GRACE_S
+            if not self._validate(for_restart=True, quiet=quiet):
+                if not quiet:
+                    self.rejected = digests
                 return
             self.accepted = digests
         self._apply(digests)
 
+    def _publish_rotations(self) -> None:
+        """Publish the outcomes that `plcbridge rotate` and the uplink's rotate_credentials
+        command left in the state folder, so they appear on this tap next to the restart."""
+        for outcome in take_outcomes(self.config.gateway.state_dir):
+            self.tap.publish("rotation", **outcome)
+            self.logger.info("rotation %s", fields(
+                source=outcome.get("source"), status=outcome.get("status"),
+                files=",".join(map(str, outcome.get("files") or ())),
+                reason=outcome.get("reason") or None))
+
     def _apply(self, digests: Digests) -> None:
         """Restart the uplink with a validated set and record the set once it is applied."""
+        if self._restart_deferred():
+            return
         if self._restart_uplink():
             self.running = digests
             self.accepted = None
             self.record.write(self.paths, digests)
+
+    def _restart_deferred(self) -> bool:
+        """Return True while the uplink is connecting or another restart of it is under way.
+
+        A restart then would kill a connect before its CONNACK, or race supervisord's own
+        stop or start. The wait is bounded: after max_defer_s the restart goes ahead, because
+        the new credentials may be what the stuck connect needs.
+        """
+        reason = self._busy_reason()
+        now = time.monotonic()
+        if reason is None:
+            if self.deferred_s is not None:
+                self.logger.info("uplink_restart_resumed %s", fields(
+                    program=self.program, waited_s=f"{now - self.deferred_s:.2f}"))
+            self.deferred_s = None
+            return False
+
+        max_defer_s = 2 * self.config.uplink.connect_timeout_s + DEFER_MARGIN_S
+        if self.deferred_s is None:
+            self.deferred_s = now
+            self.tap.counters["deferred"] += 1
+            self.tap.publish("uplink_restart_deferred", program=self.program, reason=reason)
+            self.logger.info("uplink_restart_deferred %s; the restart waits, at most %g s",
+                             fields(program=self.program, reason=reason), max_defer_s)
+            return True
+        if now - self.deferred_s < max_defer_s:
+            return True
+
+        self.logger.warning(
+            "uplink_restart_forced %s; the uplink is restarted anyway, because the new "
+            "credentials may be what it needs to connect",
+            fields(program=self.program, reason=reason, waited_s=f"{now - self.deferred_s:.2f}"),
+        )
+        self.deferred_s = None
+        return False
+
+    def _busy_reason(self) -> str | None:
+        """Return why the uplink should not be restarted now, or None when it may be."""
+        try:
+            info = self.supervisor.process_info(self.program)
+        except (SupervisorUnavailableError, RestartError):
+            return None  # the restart itself reports it and retries
+        state = info["statename"]
+        if state in BUSY_STATES:
+            return f"supervisord reports it {state}, so a start or stop is under way"
+
+        # A connecting state left by an uplink that died without its stop event is stale,
+        # and supervisord then reports the program as anything but RUNNING.
+        connecting_s = self.link.connecting_for_s() if self.link is not None else None
+        if connecting_s is not None and state == "RUNNING":
+            return f"it is connecting and has had no CONNACK for {connecting_s:.2f} s"
+        return None
 
     def _report_change(self, digests: Digests) -> None:
         changed = [str(path) for path, old, new in zip(self.paths, self.running, digests,
@@ -401,25 +555,19 @@ class CredentialWatcher:
         self.tap.publish("credentials_changed", files=changed)
         self.logger.info("credentials_changed %s", fields(files=",".join(changed)))
 
-    def _validate(self) -> bool:
-        """Load the whole set. Log it and its SAS expiry when valid, or the bad file when not."""
-        try:
-            loaded = validate_credential_files(self.config.credentials)
-        except CredentialFileError as exc:
-            if self._waiting_for_provisioning(exc):
-                return False
-            self.tap.counters["invalid"] += 1
-            self.tap.publish("credentials_invalid", file=str(exc.path), reason=exc.reason)
-            self.logger.error(
-                "credentials_invalid %s; the uplink is not restarted until the file is fixed",
-                fields(file=exc.path, reason=exc.reason),
-            )
-            return False
+    def _validate(self, for_restart: bool, quiet: bool = False) -> bool:
+        """Load and check the whole set. Log it when valid, or its first problem when not.
 
-        if self._would_replace_valid_with_expired(loaded):
+        for_restart adds the checks that compare the set with the running one, which matter
+        only when the set would replace it. quiet logs a problem at DEBUG only, for a set
+        that may still be half written.
+        """
+        loaded, rejection = self._check_set(for_restart)
+        if rejection is not None:
+            if not self._waiting_for_provisioning(rejection.file):
+                self._report_rejection(rejection, quiet)
             return False
-        if self._would_replace_valid_with_expired_certificate(loaded):
-            return False
+        assert loaded is not None
 
         self.loaded = loaded
         self._log_loaded(loaded)
@@ -427,17 +575,53 @@ class CredentialWatcher:
         self._recheck_sas_expiry()
         return True
 
-    def _waiting_for_provisioning(self, exc: CredentialFileError) -> bool:
+    def _waiting_for_provisioning(self, file: Path) -> bool:
         """Log a first boot's missing connection string at INFO, as the expected state."""
         path = self.config.credentials.connection_string_file
-        if self.config.provisioning is None or exc.path != path or path.exists():
+        if self.config.provisioning is None or file != path or path.exists():
             return False
         self.tap.publish("waiting_for_provisioning", file=str(path))
         self.logger.info("waiting_for_provisioning %s; the uplink is restarted when the "
                          "provisioning program has written the file", fields(file=path))
         return True
 
-    def _would_replace_valid_with_expired(self, loaded: CredentialSet) -> bool:
+    def _check_set(self, for_restart: bool) -> tuple[CredentialSet | None, _Rejection | None]:
+        """Return the loaded set, or the first reason why it may not replace the running one."""
+        try:
+            for path in self.paths:
+                check_readable(path)
+            loaded = validate_credential_files(self.config.credentials)
+        except CredentialFileError as exc:
+            return None, _Rejection(
+                exc.path, exc.reason, fields(file=exc.path, reason=exc.reason),
+                "the uplink is not restarted until the file is fixed",
+            )
+
+        if loaded.ca_root_count == 0:
+            path = self.config.credentials.ca_file
+            reason = (f"CA file contains {loaded.ca_certificate_count} certificate(s) but no "
+                      "root CA, a self-signed certificate with basicConstraints CA:TRUE, so "
+                      "TLS verification has no chain end; add the root CA of the broker's chain")
+            return None, _Rejection(path, reason, fields(file=path, reason=reason),
+                                    "the uplink is not restarted until the file is fixed")
+
+        if for_restart:
+            rejection = (self._expired_token_rejection(loaded)
+                         or self._certificate_period_rejection(loaded))
+            if rejection is not None:
+                return None, rejection
+        return loaded, None
+
+    def _report_rejection(self, rejection: _Rejection, quiet: bool) -> None:
+        if quiet:
+            self.logger.debug("credentials_incomplete %s; checked again at the next check",
+                              rejection.details)
+            return
+        self.tap.counters["invalid"] += 1
+        self.tap.publish("credentials_invalid", file=str(rejection.file), reason=rejection.reason)
+        self.logger.error("credentials_invalid %s; %s", rejection.details, rejection.consequence)
+
+    def _expired_token_rejection(self, loaded: CredentialSet) -> _Rejection | None:
         """Reject a new SAS token that has already expired while the running one has not.
 
         Restarting onto it would take a working uplink down. A wrong clock cannot be distinguished
@@ -445,47 +629,51 @@ class CredentialWatcher:
         set is accepted as before.
         """
         if self.loaded is None:
-            return False
+            return None
         settings = (self.config.credentials, self.config.uplink)
         new = check_sas_expiry(loaded.connection, *settings)
         running = check_sas_expiry(self.loaded.connection, *settings)
         if new.state != "expired" or running.state == "expired":
-            return False
+            return None
 
         path = self.config.credentials.connection_string_file
-        self.tap.counters["invalid"] += 1
-        self.tap.publish("credentials_invalid", file=str(path), reason="SAS token expired")
-        self.logger.error(
-            "credentials_invalid %s; the new SAS token has expired while the running one is "
-            "valid, so the uplink keeps the running credentials until a valid token is written",
-            fields(file=path, reason=new.message),
+        assert path is not None  # a SAS token comes from the connection string
+        return _Rejection(
+            path, "SAS token expired", fields(file=path, reason=new.message),
+            "the new SAS token has expired while the running one is valid, so the uplink "
+            "keeps the running credentials until a valid token is written",
         )
-        return True
 
-    def _would_replace_valid_with_expired_certificate(self, loaded: CredentialSet) -> bool:
-        """Reject a new client certificate that has expired while the running one has not,
-        by the same rule as for SAS tokens."""
+    def _certificate_period_rejection(self, loaded: CredentialSet) -> _Rejection | None:
+        """Reject a new client certificate whose validity period does not contain now.
+
+        When the running certificate is outside its period too, the clock is the likelier
+        fault, and the new set is accepted, by the same rule as for SAS tokens.
+        """
         new_certificate = loaded.client_certificate
-        running_certificate = self.loaded.client_certificate if self.loaded else None
-        if new_certificate is None or running_certificate is None:
-            return False
+        if new_certificate is None:
+            return None
         settings = self.config.credentials
         new = check_certificate_validity(new_certificate, settings)
-        running = check_certificate_validity(running_certificate, settings)
-        if new.state != EXPIRED or running.state == EXPIRED:
-            return False
+        if new.state not in (EXPIRED, NOT_YET_VALID):
+            return None
 
+        running_certificate = self.loaded.client_certificate if self.loaded else None
+        running = ""
+        if running_certificate is not None:
+            running_state = check_certificate_validity(running_certificate, settings).state
+            if running_state in (EXPIRED, NOT_YET_VALID):
+                return None
+            running = " while the running one is valid"
+        problem = "has expired" if new.state == EXPIRED else "is not valid yet"
         files = f"{settings.client_cert_file},{settings.client_key_file}"
-        self.tap.counters["invalid"] += 1
-        self.tap.publish("credentials_invalid", file=str(settings.client_cert_file),
-                         reason="client certificate expired")
-        self.logger.error(
-            "credentials_invalid %s; the new client certificate has expired while the running "
-            "one is valid, so the uplink keeps the running credentials until a valid "
-            "certificate and key are written",
+        assert settings.client_cert_file is not None
+        return _Rejection(
+            settings.client_cert_file, f"client certificate {new.state.replace('_', ' ')}",
             fields(files=files, reason=new.message),
+            f"the new client certificate {problem}{running}, so the uplink keeps the "
+            "running credentials until a valid certificate and key are written",
         )
-        return True
 
     def _log_loaded(self, loaded: CredentialSet) -> None:
         details: dict[str, object] = {"ca_certificates": loaded.ca_certificate_count}
@@ -562,6 +750,8 @@ class CredentialWatcher:
             )
             return True
 
+        if self.link is not None:
+            self.link.expect_new_uplink()
         self.tap.counters["restarts"] += 1
         self.tap.publish("uplink_restarted", program=self.program, pid_before=result.pid_before,
                          pid_after=result.pid_after, state_before=result.state_before)
@@ -590,16 +780,20 @@ def watch(config: Config, logger: logging.Logger, stop: threading.Event) -> None
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         tap = Tap(context, config.gateway.runtime_dir, PROCESS)
+        link = UplinkLinkState(context, config.gateway.runtime_dir, logger)
         try:
-            _run_loop(config, logger, stop, tap)
+            _run_loop(config, logger, stop, tap, link)
         finally:
+            link.close()
             tap.close()
     finally:
         context.term()
 
 
-def _run_loop(config: Config, logger: logging.Logger, stop: threading.Event, tap: Tap) -> None:
-    watcher = CredentialWatcher(config, logger, tap, SupervisorClient(config.supervisor_socket))
+def _run_loop(config: Config, logger: logging.Logger, stop: threading.Event, tap: Tap,
+              link: UplinkLinkState) -> None:
+    supervisor = SupervisorClient(config.supervisor_socket)
+    watcher = CredentialWatcher(config, logger, tap, supervisor, link)
     tap.publish("start", version=gateway_version(), files=[str(p) for p in watcher.paths])
     watcher.load_baseline()
 

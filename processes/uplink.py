@@ -48,7 +48,7 @@ from common import wire
 from common.alerts import AlertBook
 from common.backoff import Backoff
 from common.clock import HubClock, TimeFloor
-from common.config import Config, CredentialSettings, UplinkSettings
+from common.config import Config, CredentialSettings
 from common.credential_files import (
     ClientCertificate,
     read_passphrase,
@@ -63,6 +63,7 @@ from common.credentials import (
     read_password_file,
 )
 from common.errors import CredentialError, PlcBridgeError, UplinkError
+from common.last_good_credentials import CredentialSnapshot, read_snapshot
 from common.lifecycle import gateway_version, run_process
 from common.logs import fields
 from common.payload import CONTENT_ENCODING, CONTENT_TYPE
@@ -70,9 +71,11 @@ from common.socket_monitor import SocketMonitor
 from common.tap import Tap
 from common.token_client import TokenServerClient
 from processes.uplink_commands import CommandDispatcher, CommandResult, Handler, ResultOutbox
+from processes.uplink_fallback import Choice, CredentialSets
 from processes.uplink_first_boot import wait_for_provisioning
 from processes.uplink_health import HEALTH_PAGE_SEQ, HealthMonitor, LinkFigures
 from processes.uplink_metrics import MetricsServer
+from processes.uplink_rotation import RotationCommand
 from processes.uplink_tag_writes import TagWriter
 from processes.uplink_token import RemoteTokenSource, TokenUnavailableError
 
@@ -166,6 +169,8 @@ class Identity:
     client_certificate: ClientCertificate | None = None
     # Topic of the gateway's own messages, with {kind} to fill in; None sends none.
     event_topic_format: str | None = None
+    # The CA bundle that tls_context trusts, for the error of a failed verification.
+    ca_file: Path | None = None
 
     def topic(self, page_seq: int) -> str:
         return self.topic_format.format(page_seq=page_seq)
@@ -186,7 +191,43 @@ def load_identity(config: Config, logger: logging.Logger) -> Identity:
         identity = _azure_identity(config, logger)
     else:
         identity = _mqtt_identity(config, logger)
-    return dataclasses.replace(identity, client_certificate=loaded.client_certificate)
+    return dataclasses.replace(identity, client_certificate=loaded.client_certificate,
+                               ca_file=config.credentials.ca_file)
+
+
+# A rotation written while the files are read is read again, at most this many times.
+SNAPSHOT_ATTEMPTS = 3
+
+
+def load_identity_with_snapshot(
+    config: Config, logger: logging.Logger
+) -> tuple[Identity, CredentialSnapshot | None]:
+    """Load the identity and the bytes of the files it was built from.
+
+    The files are read before and after the identity is built. The bytes are returned only
+    when both reads agree, because only then are they the set that will connect and that
+    the uplink may save as the last good set.
+    """
+    identity = None
+    for _attempt in range(SNAPSHOT_ATTEMPTS):
+        try:
+            before = read_snapshot(config.credentials)
+        except (OSError, ValueError):
+            before = None
+        identity = load_identity(config, logger)
+        try:
+            after = read_snapshot(config.credentials)
+        except (OSError, ValueError):
+            after = None
+        if before is not None and before == after:
+            return identity, before
+    # The files keep changing, so the credential watcher restarts the uplink soon anyway.
+    logger.warning("credential_snapshot_unstable %s",
+                   fields(attempts=SNAPSHOT_ATTEMPTS,
+                          consequence="this run does not save its credentials as the last "
+                          "good set and cannot fall back to it"))
+    assert identity is not None
+    return identity, None
 
 
 def _azure_identity(config: Config, logger: logging.Logger) -> Identity:
@@ -481,10 +522,10 @@ class Wakeup:
 class LinkEvent:
     """Something that happened on the network thread, for the main thread to act on.
 
-    kind is one of connecting, connected, connect_failed, disconnected, puback, c2d, tap
-    and fatal. connection numbers the connection attempt it belongs to. A tap event has its
-    tap kind in reason and its values in values. A c2d event has the message's body in
-    payload.
+    kind is one of connecting, connected, connect_failed, disconnected, puback, c2d, tap,
+    credential_set and fatal. connection numbers the connection attempt it belongs to. A tap
+    event has its tap kind in reason and its values in values. A c2d event has the
+    message's body in payload.
     """
 
     kind: str
@@ -518,6 +559,8 @@ class Connection:
     refused: str | None = None
     refused_code: int | None = None
     close_reason: str = ""
+    # paho's last error message before CONNACK, such as a TLS alert read after the handshake.
+    connect_error: str = ""
     renew_at: float | None = None
     mid_to_page: dict[int, int] = field(default_factory=dict)
 
@@ -531,6 +574,8 @@ class Outcome:
     renew: bool = False
     connected_s: float = 0.0
     rejected: bool = False
+    tls_rejected: bool = False
+    closed_before_connack: bool = False
 
 
 # A connection that stayed up this long was accepted and worked, so the next reconnect
@@ -561,33 +606,49 @@ class CredentialsRejectedError(UplinkError):
     """A CONNACK that rejects the credentials: bad user name or password, or not authorized."""
 
 
+class ClosedBeforeConnackError(UplinkError):
+    """The broker closed the connection after the TLS handshake and before CONNACK."""
+
+
+class TlsRejectedError(UplinkError):
+    """A TLS handshake that failed over a certificate: the CA bundle does not trust the
+    server's, or the server rejected the client's."""
+
+
+# Fragments of OpenSSL 3 reasons of a handshake that the server ended over the client's
+# certificate, such as SSLV3_ALERT_BAD_CERTIFICATE, TLSV1_ALERT_UNKNOWN_CA and
+# TLSV13_ALERT_CERTIFICATE_REQUIRED.
+CLIENT_CERTIFICATE_ALERTS = ("CERTIFICATE", "UNKNOWN_CA")
+
+
+def _names_certificate_alert(reason: str) -> bool:
+    upper = reason.upper()
+    return any(fragment in upper for fragment in CLIENT_CERTIFICATE_ALERTS)
+
+
 class MqttLink(threading.Thread):
     """Runs paho for one connection after another until stop() is called."""
 
     def __init__(
         self,
         identity: Identity,
-        settings: UplinkSettings,
-        credentials: CredentialSettings,
+        snapshot: CredentialSnapshot | None,
+        config: Config,
         logger: logging.Logger,
         events: queue.Queue[LinkEvent],
         events_wakeup: Wakeup,
-        state_dir: Path,
     ) -> None:
         super().__init__(name="mqtt-network", daemon=True)
         self._identity = identity
-        self._settings = settings
-        self._ca_file = credentials.ca_file
+        self._settings = config.uplink
         self._logger = logger
         self._clock = HubClock()
-        date_source = None
-        if identity.tls_context is not None:
-            date_source = DateSource(identity.connect_host, settings.date_port,
-                                     identity.tls_context)
         self._guard = CredentialGuard(
-            credentials, TimeFloor(state_dir, logger), self._clock, date_source,
-            identity.client_certificate, logger, self._report_tap,
+            config.credentials, TimeFloor(config.gateway.state_dir, logger), self._clock,
+            self._date_source(identity), identity.client_certificate, logger, self._report_tap,
         )
+        self._sets = CredentialSets(config, logger, lambda other: load_identity(other, logger),
+                                    identity, snapshot, self._report_tap)
         self._rejected_attempts = 0
         if identity.password.remote is not None:
             identity.password.remote.report = self._report_tap
@@ -603,6 +664,8 @@ class MqttLink(threading.Thread):
         self.reconnects = 0
         self.dropped = 0
         self.token_expiry_s: int | None = None
+        # What the thread did after a stop request, in order, for the shutdown's log line.
+        self.shutdown_steps: list[str] = []
 
     # -- called from the main thread ----------------------------------------------------
 
@@ -644,6 +707,15 @@ class MqttLink(threading.Thread):
                 self._guard.after_rejection()
                 if self._identity.password.remote is not None:
                     self._identity.password.remote.discard()
+            choice = None
+            if outcome.rejected or outcome.tls_rejected:
+                choice = self._sets.after_failure(outcome.reason, self._clock.now())
+            elif outcome.closed_before_connack:
+                choice = self._sets.after_early_close(outcome.reason, self._clock.now())
+            if choice is not None:
+                self._use(choice)
+                if choice.at_once:
+                    continue
 
             if held_long_enough(outcome.connected_s, self._settings.reconnect_max_s):
                 backoff.reset()
@@ -667,6 +739,22 @@ class MqttLink(threading.Thread):
                 ),
             )
             self._stop_requested.wait(delay_s)
+
+    def _date_source(self, identity: Identity) -> DateSource | None:
+        if identity.tls_context is None:
+            return None
+        return DateSource(identity.connect_host, self._settings.date_port, identity.tls_context)
+
+    def _use(self, choice: Choice) -> None:
+        """Connect with another credential set from the next attempt on."""
+        self._identity = choice.identity
+        self._guard.use_credentials(choice.identity.client_certificate,
+                                    self._date_source(choice.identity))
+        self._logger.info("credential_set %s",
+                          fields(set="last_good" if choice.last_good else "current",
+                                 identity=choice.identity.description))
+        self._post(LinkEvent("credential_set", 0, values={"identity": choice.identity,
+                                                          "last_good": choice.last_good}))
 
     def _report_rejection(self, reason: str, delay_s: float) -> None:
         """Raise one alert for a run of rejected connects, then log each retry at INFO."""
@@ -725,14 +813,20 @@ class MqttLink(threading.Thread):
             self._open(connection)
             self._await_connack(connection)
         except UplinkError as exc:
+            if self._stop_requested.is_set():
+                # Without a CONNACK there is no session to end with DISCONNECT.
+                self.shutdown_steps.extend(("network_loop_stopped", "disconnect_skipped"))
             self._close(connection)
             rejected = isinstance(exc, CredentialsRejectedError)
             if not self._stop_requested.is_set():
                 self._post(LinkEvent("connect_failed", number, reason=str(exc),
                                      values={"rejected": rejected}))
-            return Outcome(False, str(exc), rejected=rejected)
+            return Outcome(False, str(exc), rejected=rejected,
+                           tls_rejected=isinstance(exc, TlsRejectedError),
+                           closed_before_connack=isinstance(exc, ClosedBeforeConnackError))
 
         self._note_accepted()
+        self._sets.on_accepted()
         # Serve the connection until it drops, a stop is requested or the token is due.
         if issued.minted and issued.expiry_s is not None:
             remaining_s = issued.left_s
@@ -740,16 +834,25 @@ class MqttLink(threading.Thread):
                 remaining_s = max(0.0, issued.expiry_s - self._clock.now())
             fraction = random.uniform(SAS_RENEW_FRACTION_MIN, SAS_RENEW_FRACTION_MAX)
             connection.renew_at = time.monotonic() + remaining_s * fraction
-        self._post(LinkEvent("connected", number, reason=f"{host}:{port}"))
+        self._post(LinkEvent("connected", number, reason=f"{host}:{port}",
+                             values={"last_good": self._sets.on_last_good}))
         self._subscribe_c2d(connection)
         connected_at = time.monotonic()
         outcome = self._serve(connection)
         outcome = dataclasses.replace(outcome, connected_s=time.monotonic() - connected_at)
 
-        # Leave cleanly when the broker is still there.
-        if not connection.closed:
-            self._disconnect(connection)
+        # Leave cleanly when the broker is still there. On a stop the steps are recorded for
+        # the shutdown's log line: the loop has stopped, then DISCONNECT, then the release.
+        stopping = self._stop_requested.is_set()
+        steps = ["network_loop_stopped"]
+        if connection.closed:
+            steps.append("disconnect_skipped")
+        else:
+            steps.append("disconnect_sent" if self._disconnect(connection)
+                         else "disconnect_timed_out")
         self._close(connection)
+        if stopping:
+            self.shutdown_steps.extend(steps)
         self._post(LinkEvent("disconnected", number, reason=outcome.reason))
         return outcome
 
@@ -774,6 +877,12 @@ class MqttLink(threading.Thread):
         if self._identity.tls_context is not None:
             client.tls_set_context(self._identity.tls_context)
 
+        # Under TLS 1.3 a server that rejects the client certificate sends its alert after
+        # the handshake, and paho 2.2 reports that read error only through its log. The
+        # callback is removed at CONNACK, because paho formats every message it passes.
+        # NOTE: the hub emulator closes without an alert, so the tests cover only the
+        # count of closes in processes/uplink_fallback.py, not this path.
+        client.on_log = self._on_log_before_connack
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -802,14 +911,16 @@ class MqttLink(threading.Thread):
                 f"within {timeout_s:g} s"
             ) from exc
         except ssl.SSLCertVerificationError as exc:
-            raise UplinkError(
+            raise TlsRejectedError(
                 f"TLS handshake with {where} failed: certificate verify failed: "
                 f"{exc.verify_message}; check that "
-                f"{self._ca_file} contains the broker's root CA and that the broker's "
-                f"certificate names {host}"
+                f"{self._identity.ca_file} contains the broker's root CA and that the "
+                f"broker's certificate names {host}"
             ) from exc
         except ssl.SSLError as exc:
-            raise UplinkError(f"TLS handshake with {where} failed: {exc.reason or exc}") from exc
+            reason = str(exc.reason or exc)
+            error = TlsRejectedError if _names_certificate_alert(reason) else UplinkError
+            raise error(f"TLS handshake with {where} failed: {reason}") from exc
         except ConnectionRefusedError as exc:
             raise UplinkError(
                 f"connection to {where} refused; check that the broker runs and that "
@@ -841,7 +952,11 @@ class MqttLink(threading.Thread):
                     f"{self._refusal_hint()}"
                 )
             if connection.closed:
-                raise UplinkError(
+                if _names_certificate_alert(connection.connect_error):
+                    raise TlsRejectedError(
+                        f"TLS connection to {where} failed before CONNACK: the server "
+                        f"rejected the client certificate: {connection.connect_error}")
+                raise ClosedBeforeConnackError(
                     f"connection to {where} closed before CONNACK: {connection.close_reason}"
                 )
             if self._stop_requested.is_set():
@@ -968,19 +1083,28 @@ class MqttLink(threading.Thread):
                 fields(topic=topic_filter, error=mqtt.error_string(rc)),
             )
 
-    def _disconnect(self, connection: Connection) -> None:
-        """Send DISCONNECT and give paho a short, bounded time to write it."""
+    def _disconnect(self, connection: Connection) -> bool:
+        """Send DISCONNECT and give paho a short, bounded time to write it.
+
+        Return False when the socket still had bytes to write at the deadline, which happens
+        when the broker has stopped reading and the socket's send buffer is full.
+        """
         client = connection.client
+        # No page is published after the DISCONNECT. The buffer sends them to the next session.
+        connection.connected = False
         client.disconnect()
         deadline = time.monotonic() + min(1.0, self._settings.shutdown_timeout_s / 2)
         while client.socket() is not None and client.want_write():
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0:
-                return
+                return False
             self._pump(connection, remaining_s)
+        return True
 
     @staticmethod
     def _close(connection: Connection) -> None:
+        """Close the socket. The paho client is freed with the Connection, which only the
+        network thread refers to."""
         sock = connection.client.socket()
         if sock is not None:
             sock.close()
@@ -1000,10 +1124,18 @@ class MqttLink(threading.Thread):
     # Reason codes are paho ReasonCode objects. Only str() and is_failure are used on
     # them: int() on one inside a callback has crashed paho's network thread in the field.
 
+    @staticmethod
+    def _on_log_before_connack(
+        _client: mqtt.Client, connection: Connection, level: int, message: str
+    ) -> None:
+        if level == mqtt.MQTT_LOG_ERR:
+            connection.connect_error = message
+
     def _on_connect(
-        self, _client: mqtt.Client, connection: Connection, _flags: Any, reason_code: Any,
+        self, client: mqtt.Client, connection: Connection, _flags: Any, reason_code: Any,
         _properties: Any,
     ) -> None:
+        client.on_log = None
         if reason_code.is_failure:
             # .value is a plain attribute; int(reason_code) is what crashed paho's thread.
             connection.refused = str(reason_code)
@@ -1066,7 +1198,8 @@ class Uplink:
     """The main thread's side: talks to the buffer and the tap, drives the network thread."""
 
     def __init__(
-        self, config: Config, logger: logging.Logger, stop: threading.Event, identity: Identity
+        self, config: Config, logger: logging.Logger, stop: threading.Event, identity: Identity,
+        snapshot: CredentialSnapshot | None = None,
     ) -> None:
         self._config = config
         self._settings = config.uplink
@@ -1084,12 +1217,11 @@ class Uplink:
             "puback": self._on_puback,
             "c2d": self._on_c2d,
             "tap": self._on_tap,
+            "credential_set": self._on_credential_set,
             "fatal": self._on_fatal,
         }
-        self._link = MqttLink(
-            identity, config.uplink, config.credentials, logger, self._events,
-            self._events_wakeup, config.gateway.state_dir,
-        )
+        self._link = MqttLink(identity, snapshot, config, logger, self._events,
+                              self._events_wakeup)
 
         # Link state as the buffer should see it.
         self._session = new_session_id()
@@ -1125,8 +1257,10 @@ class Uplink:
         self._results = ResultOutbox(logger)
         self._tag_writer = TagWriter(config, self._context, self._report_result, logger)
         # The table of cloud-to-device commands: a name and the function that handles it.
+        self._rotation = RotationCommand(config, logger)
         handlers: dict[str, Handler] = {
             "write_tag": self._tag_writer.handle,
+            "rotate_credentials": self._rotation.handle,
         }
         self._commands = CommandDispatcher(handlers, self._publish_result, logger)
         book = AlertBook(PROCESS, runtime_dir, logger, self._tap.publish)
@@ -1267,9 +1401,12 @@ class Uplink:
                    session=self._session),
         )
         self._tap.publish("connected", endpoint=event.reason, session=self._session)
-        self._health.on_connected()
+        self._health.on_connected(last_good=bool(event.values.get("last_good")))
         self._send_link()
         self._send_alerts()
+        # A rotation's result waits on disk for the uplink that connects with the new files.
+        for result in self._rotation.stored_results():
+            self._commands.report(result)
         self._send_results()
 
     def _on_connect_failed(self, event: LinkEvent) -> None:
@@ -1282,6 +1419,14 @@ class Uplink:
         self._tap.publish(event.reason, **event.values)
         self._health.on_tap_event(event.reason, event.values)
 
+    def _on_credential_set(self, event: LinkEvent) -> None:
+        """Follow the network thread to another credential set, for the topics it names."""
+        self._identity = event.values["identity"]
+        last_good = bool(event.values["last_good"])
+        self._tap.publish("credential_set", set="last_good" if last_good else "current",
+                          identity=self._identity.description)
+        self._health.on_credential_set(last_good)
+
     def _on_disconnected(self, event: LinkEvent) -> None:
         if event.connection != self._connection:
             return
@@ -1293,7 +1438,9 @@ class Uplink:
 
     def _on_puback(self, event: LinkEvent) -> None:
         if self._results.owns(event.page_seq):
-            self._results.acknowledged(event.page_seq)
+            payload = self._results.acknowledged(event.page_seq)
+            if payload is not None:
+                self._rotation.acknowledged(payload)
             return
         if event.page_seq < 0:
             self._health.on_cloud_ack(event.page_seq)
@@ -1456,12 +1603,16 @@ class Uplink:
         # by connect_timeout_s. It is a daemon thread, so it then ends with the process.
         join_s = max(0.1, self._settings.shutdown_timeout_s - DEALER_LINGER_MS / 1000 - 0.3)
         self._link.join(join_s)
+        waited_s = f"{time.monotonic() - started_s:.2f}"
         if self._link.is_alive():
             self._logger.info(
                 "stop_without_network_thread %s",
-                fields(waited_s=f"{time.monotonic() - started_s:.2f}",
-                       reason="connect or TLS handshake still in progress"),
+                fields(waited_s=waited_s, reason="connect or TLS handshake still in progress"),
             )
+        else:
+            # Released: the thread has ended, and with it the last reference to the client.
+            steps = [*(self._link.shutdown_steps or ["network_loop_stopped"]), "client_released"]
+            self._logger.info("link_stopped %s", fields(steps=",".join(steps), waited_s=waited_s))
 
         self._link_up = False
         self._send_link()
@@ -1481,7 +1632,7 @@ def body(config: Config, logger: logging.Logger, stop: threading.Event) -> None:
     """Run the uplink until stop is set; raise CredentialError for unusable credentials."""
     if not wait_for_provisioning(config, logger, stop):
         return
-    identity = load_identity(config, logger)
+    identity, snapshot = load_identity_with_snapshot(config, logger)
     logger.info(
         "identity %s",
         fields(
@@ -1493,7 +1644,7 @@ def body(config: Config, logger: logging.Logger, stop: threading.Event) -> None:
             ca_file=config.credentials.ca_file,
         ),
     )
-    Uplink(config, logger, stop, identity).run()
+    Uplink(config, logger, stop, identity, snapshot).run()
 
 
 def main() -> int:

@@ -262,6 +262,7 @@ class ResultOutbox:
                 messages.append((page_seq, payload))
         return messages
 
-    def acknowledged(self, page_seq: int) -> None:
-        self._unacked.pop(page_seq, None)
+    def acknowledged(self, page_seq: int) -> bytes | None:
+        """Forget an acknowledged result and return its payload, or None if unknown."""
         self._sent_on.pop(page_seq, None)
+        return self._unacked.pop(page_seq, None)

@@ -5,7 +5,8 @@ uplink's main thread, the monitor:
 
 - reads the reader's counters from the reader's tap, through a SUB socket;
 - reads the buffer's figures from <runtime_dir>/buffer-status.json;
-- reads every program's state and pid from supervisord, every SUPERVISOR_POLL_S;
+- reads every program's state and pid from supervisord, and counts its restarts from the
+  spawns in supervisord's main log, every SUPERVISOR_POLL_S;
 - takes the link figures and the credential and clock events from the uplink itself;
 - raises and clears the alerts of common/alerts.py against the [alerts] thresholds;
 - writes everything to <runtime_dir>/health-status.json for `plcbridge status`.
@@ -30,7 +31,8 @@ from common import alerts, wire
 from common.alerts import AlertBook
 from common.config import Config
 from common.logs import fields
-from common.supervisor_rpc import SupervisorClient, SupervisorUnavailableError
+from common.supervisor_rpc import RestartError, SupervisorClient, SupervisorUnavailableError
+from processes.uplink_restarts import LOG_TAIL_BYTES, restart_times_ms
 
 HEALTH_FILE = "health-status.json"
 BUFFER_STATUS_FILE = "buffer-status.json"  # the name that processes/buffer.py writes
@@ -94,6 +96,7 @@ class HealthMonitor:
 
         self._supervisor = SupervisorClient(config.supervisor_socket, SUPERVISOR_TIMEOUT_S)
         self._supervisor_reachable = False
+        self._spawns_readable = True
         self._next_supervisor_poll = 0.0
         self._programs: dict[str, ProgramRecord] = self._load_programs()
 
@@ -101,6 +104,9 @@ class HealthMonitor:
         # "unknown" until the credential guard reports or a connect succeeds, so that a
         # restarted uplink neither clears nor raises the clock alert before the clock is judged.
         self._clock: dict[str, Any] = {"state": "unknown", "offset_s": 0.0}
+        # Which credential set the uplink connects with, and what the hub rejected.
+        self._credential_set: dict[str, Any] = {"active": "current", "rejected_files": [],
+                                                "last_good_saved_ms": None}
         self._last_puback_ms: int | None = None
         self._last_puback_at: float | None = None
         self._waiting_since: float | None = None
@@ -125,11 +131,25 @@ class HealthMonitor:
             self._clock["state"] = "ok"
         elif kind == "clock_offset":
             self._clock["offset_s"] = values.get("offset_s", 0.0)
+        elif kind == "rotation_rejected":
+            self._credential_set["rejected_files"] = list(values.get("files", []))
+            self._credential_set["last_good_saved_ms"] = values.get("saved_ms")
+            self.book.raise_alert(alerts.ROTATION_REJECTED, str(values.get("detail")))
 
-    def on_connected(self) -> None:
-        """Judge the clock right after a successful connect, unless the guard judged it wrong."""
+    def on_connected(self, last_good: bool = False) -> None:
+        """Judge the clock right after a successful connect, unless the guard judged it wrong.
+
+        A connect with the current credential files ends a rejected rotation.
+        """
         if self._clock["state"] == "unknown":
             self._clock["state"] = "ok"
+        if not last_good:
+            self._credential_set.update(active="current", rejected_files=[],
+                                        last_good_saved_ms=None)
+            self.book.clear(alerts.ROTATION_REJECTED)
+
+    def on_credential_set(self, last_good: bool) -> None:
+        self._credential_set["active"] = "last_good" if last_good else "current"
 
     def on_puback(self) -> None:
         self._last_puback_ms = int(time.time() * 1000)
@@ -239,21 +259,48 @@ class HealthMonitor:
             self._supervisor_reachable = False
             return
         self._supervisor_reachable = True
-        for info in infos:
-            if info.get("group") == self._config.supervisor.group:
-                self._note_program(str(info.get("name")), info)
+        group = {str(info.get("name")): info for info in infos
+                 if info.get("group") == self._config.supervisor.group}
+        restarts = self._read_restarts(set(group))
+        for name, info in group.items():
+            self._note_program(name, info, None if restarts is None else restarts[name])
 
-    def _note_program(self, name: str, info: dict[str, Any]) -> None:
+    def _read_restarts(self, programs: set[str]) -> dict[str, list[int]] | None:
+        """Return each program's restart times from supervisord's main log, or None when
+        the log cannot be read."""
+        try:
+            log_tail = self._supervisor.read_main_log_tail(LOG_TAIL_BYTES)
+        except (SupervisorUnavailableError, RestartError) as exc:
+            # The client reports every fault of supervisord, such as a missing logfile, as
+            # RestartError.
+            if self._spawns_readable:
+                self._logger.warning(
+                    "supervisord_log_unreadable %s",
+                    fields(error=exc, consequence="restarts are counted from changes of pid "
+                           "and can be undercounted when a program restarts quickly"))
+            self._spawns_readable = False
+            return None
+        if not self._spawns_readable:
+            self._logger.info("supervisord_log_readable")
+        self._spawns_readable = True
+        return restart_times_ms(log_tail, programs)
+
+    def _note_program(self, name: str, info: dict[str, Any],
+                      restarts: list[int] | None) -> None:
         record = self._programs.setdefault(name, ProgramRecord())
         pid = int(info.get("pid") or 0)
         state = str(info.get("statename"))
-        # A new pid, or a failure state entered, is one restart of the program.
-        restarted = pid and record.pid and pid != record.pid
-        failed = state in FAILING_STATES and record.state not in FAILING_STATES
-        # The provisioning program exits 0 when its work is done, which is no failure.
-        finished = state == "EXITED" and info.get("exitstatus") == 0
-        if restarted or (failed and not finished):
-            record.restart_ts_ms.append(int(time.time() * 1000))
+        if restarts is not None:
+            record.restart_ts_ms = restarts
+        else:
+            # Without the log, a new pid, or a failure state entered, is one restart. Two
+            # restarts between two polls show as one.
+            restarted = pid and record.pid and pid != record.pid
+            failed = state in FAILING_STATES and record.state not in FAILING_STATES
+            # The provisioning program exits 0 when its work is done, which is no failure.
+            finished = state == "EXITED" and info.get("exitstatus") == 0
+            if restarted or (failed and not finished):
+                record.restart_ts_ms.append(int(time.time() * 1000))
         if pid:
             record.pid = pid
         record.state = state
@@ -384,6 +431,7 @@ class HealthMonitor:
                 "time_left_s": None if expiry_s is None else int(expiry_s - now_s),
                 "checks": self._credential_states,
                 "clock": dict(self._clock),
+                "set": dict(self._credential_set),
             },
             "plc": self._plc_snapshot(),
             "buffer": alerts.buffer_summary(buffer),

@@ -48,12 +48,17 @@ def make_runtime_dir() -> Path:
 
 def write_ca(path: Path, common_name: str = "plcbridge test CA") -> None:
     key = ec.generate_private_key(ec.SECP256R1())
-    path.write_bytes(_self_signed(key, common_name).public_bytes(serialization.Encoding.PEM))
+    certificate = _self_signed(key, common_name, ca=True)
+    path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
 
 
-def write_client_pair(cert_path: Path, key_path: Path, common_name: str = DEVICE) -> None:
+def write_client_pair(cert_path: Path, key_path: Path, common_name: str = DEVICE,
+                      expired: bool = False) -> None:
+    """Write a self-signed EC certificate and its key, valid for 30 days, or one that
+    expired on 2021-06-30 12:00 UTC."""
     key = ec.generate_private_key(ec.SECP256R1())
-    cert_path.write_bytes(_self_signed(key, common_name).public_bytes(serialization.Encoding.PEM))
+    certificate = _self_signed(key, common_name, expired=expired)
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -61,10 +66,14 @@ def write_client_pair(cert_path: Path, key_path: Path, common_name: str = DEVICE
     ))
 
 
-def _self_signed(key: ec.EllipticCurvePrivateKey, common_name: str) -> x509.Certificate:
+def _self_signed(key: ec.EllipticCurvePrivateKey, common_name: str,
+                 ca: bool = False, expired: bool = False) -> x509.Certificate:
+    """Build a self-signed certificate; ca marks it as a root CA, as OpenSSL expects one."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
-    return (
+    if expired:
+        now = datetime.datetime(2021, 5, 31, 12, 0, tzinfo=datetime.UTC)
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -72,8 +81,11 @@ def _self_signed(key: ec.EllipticCurvePrivateKey, common_name: str) -> x509.Cert
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=30))
-        .sign(key, hashes.SHA256())
     )
+    if ca:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None),
+                                        critical=True)
+    return builder.sign(key, hashes.SHA256())
 
 
 def device_key_string(secrets: list[str]) -> str:

@@ -27,45 +27,28 @@ import zmq
 
 from common import payload, wire
 from common.config import BufferSettings
+from devstack.gateway_toml import gateway_dirs, gateway_toml
 from processes.buffer import PUBACK_COMMIT_DELAY_S, Batch, BufferCore, PageStore
+from tests.support.waiting import wait_until
 from tests.support.zmq_peers import ReaderPeer, UplinkPeer, make_samples
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 10.0
 
-CONFIG_TEMPLATE = """
-[gateway]
-state_dir = "{root}/state"
-runtime_dir = "{root}/run"
-log_dir = "{root}/log"
-log_level = "INFO"
+# The buffer ignores the tags, but a configuration needs one.
+SPEED_TAG = {"name": "line1.speed", "group": "fast", "table": "holding_register", "address": 0}
 
-[plc]
-host = "127.0.0.1"
 
-[[plc.tag_groups]]
-name = "fast"
-poll_interval_ms = 100
-
-[[plc.tags]]
-name = "line1.speed"
-group = "fast"
-table = "holding_register"
-address = 0
-
-[buffer]
-{buffer}
-
-[uplink]
-mode = "mqtt"
-
-[uplink.broker]
-host = "127.0.0.1"
-client_id = "buffer-test"
-
-[credentials]
-ca_file = "{root}/ca.pem"
-"""
+def buffer_config(root: Path, buffer_keys: dict[str, Any]) -> str:
+    """Return a configuration with the folders below root and these [buffer] keys."""
+    return gateway_toml(
+        gateway={**gateway_dirs(root), "log_level": "INFO"},
+        tags=[SPEED_TAG],
+        buffer=buffer_keys,
+        uplink={"mode": "mqtt"},
+        broker={"host": "127.0.0.1", "client_id": "buffer-test"},
+        credentials={"ca_file": f"{root}/ca.pem"},
+    )
 
 
 # -- the buffer process and its store ----------------------------------------------------
@@ -155,14 +138,6 @@ def read_store(store_dir: Path) -> StoreView:
     return StoreView(pages, open_arrays, meta)
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.01)
-
-
 @pytest.fixture
 def make_buffer() -> Iterator[Callable[..., BufferRun]]:
     """Return a factory of buffers with the given [buffer] keys; stop them all afterwards."""
@@ -170,9 +145,8 @@ def make_buffer() -> Iterator[Callable[..., BufferRun]]:
 
     def factory(**buffer_keys: Any) -> BufferRun:
         root = Path(tempfile.mkdtemp(prefix="pb-", dir="/tmp"))
-        keys = "\n".join(f"{key} = {json.dumps(value)}" for key, value in buffer_keys.items())
         config_path = root / "gateway.toml"
-        config_path.write_text(CONFIG_TEMPLATE.format(root=root, buffer=keys))
+        config_path.write_text(buffer_config(root, buffer_keys))
         run = BufferRun(root, config_path)
         runs.append(run)
         return run
@@ -185,15 +159,6 @@ def make_buffer() -> Iterator[Callable[..., BufferRun]]:
                 run.process.kill()
                 run.process.wait(timeout=5)
             shutil.rmtree(run.root, ignore_errors=True)
-
-
-@pytest.fixture
-def context() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    try:
-        yield ctx
-    finally:
-        ctx.destroy(linger=0)
 
 
 # -- helpers that drive the peers --------------------------------------------------------
@@ -714,7 +679,9 @@ def test_buffer_malformed_messages_ignored(make_buffer, context) -> None:
 
 
 def test_buffer_tap_publishes_counters(make_buffer, context) -> None:
-    run = make_buffer()
+    # The page stays open for the whole test: with the default age of 1 s it could be sealed
+    # before the first counters after the commit, which come within a second too.
+    run = make_buffer(page_max_age_ms=60_000)
     run.start()
     subscriber = wire.make_socket(context, zmq.SUB, wire.TAP_HWM, linger_ms=0)
     subscriber.setsockopt(zmq.SUBSCRIBE, b"buffer")

@@ -5,8 +5,8 @@ malformed messages.
 Real buffer processes on real LMDB files, driven over ZeroMQ as in tests/test_buffer.py.
 """
 
-# The make_buffer and context fixtures come from tests.test_buffer, and ruff takes the test
-# arguments that receive them for redefinitions.
+# The make_buffer fixture comes from tests.test_buffer, and ruff takes the test arguments
+# that receive it for redefinitions.
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ from common.config import load_config
 from common.tap import Tap
 from processes.plc_reader.sender import IngestSender
 from tests.support.zmq_peers import ReaderPeer, UplinkPeer, make_samples
-from tests.test_buffer import (  # noqa: F401 - make_buffer and context are fixtures
+from tests.test_buffer import (  # noqa: F401 - make_buffer is a fixture
     BufferRun,
-    context,
     make_buffer,
     read_store,
 )

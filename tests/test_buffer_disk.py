@@ -4,8 +4,8 @@ store whose map was grown before a restart.
 Real buffer processes on a real tmpfs that the test mounts, and real LMDB files.
 """
 
-# The make_buffer and context fixtures come from tests.test_buffer, and ruff takes the test
-# arguments that receive them for redefinitions.
+# The make_buffer fixture comes from tests.test_buffer, and ruff takes the test arguments
+# that receive it for redefinitions.
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -22,14 +22,13 @@ import pytest
 
 from processes.buffer import BufferCore, PageStore
 from tests.support.tmpfs import mounted_tmpfs
+from tests.support.waiting import wait_until
 from tests.support.zmq_peers import ReaderPeer, make_samples
-from tests.test_buffer import (  # noqa: F401 - make_buffer and context are fixtures
+from tests.test_buffer import (  # noqa: F401 - make_buffer is a fixture
     REPO,
     BufferRun,
-    context,
     make_buffer,
     read_store,
-    wait_until,
 )
 from tests.test_buffer_overflow import PLCBRIDGE, batch_of, settings, store_bytes_match
 

@@ -5,8 +5,8 @@ Real buffer processes on real LMDB files, the real reader sender, and for the ga
 real uplink process publishing to a real mosquitto.
 """
 
-# The make_buffer and context fixtures come from tests.test_buffer, and ruff takes the test
-# arguments that receive them for redefinitions.
+# The make_buffer fixture comes from tests.test_buffer, and ruff takes the test arguments
+# that receive it for redefinitions.
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from common import payload, wire
 from common.config import BufferSettings, load_config
 from common.errors import ConfigError
 from common.tap import Tap
+from devstack.gateway_toml import gateway_dirs, gateway_toml
 from processes.buffer import (
     STATUS_FILE,
     Batch,
@@ -43,15 +44,15 @@ from processes.plc_reader.reader import PlcReader
 from processes.plc_reader.sender import IngestSender
 from tests.support.broker import Broker, Subscriber
 from tests.support.tmpfs import mounted_tmpfs
+from tests.support.waiting import wait_until
 from tests.support.zmq_peers import ReaderPeer, UplinkPeer, make_samples
-from tests.test_buffer import (  # noqa: F401 - make_buffer and context are fixtures
+from tests.test_buffer import (  # noqa: F401 - make_buffer is a fixture
+    SPEED_TAG,
     BufferRun,
     Received,
-    context,
     drain_pages,
     make_buffer,
     read_store,
-    wait_until,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -600,7 +601,7 @@ def test_buffer_cli_shows_status(make_buffer, context) -> None:
         status = json.loads(plcbridge_buffer(run, "--json").stdout)
         return status if status["samples_committed"] == 30_000 else None
 
-    status = wait_until_value(status_settled, 5.0, "the status after the last commit")
+    status = wait_until(status_settled, 5.0, "the status after the last commit", step_s=0.05)
     assert status["running"] is True
     assert status["pages"] > 0
     assert status["bytes"] <= 1 << 20
@@ -653,17 +654,19 @@ def test_buffer_tap_counters_show_drops(make_buffer, context) -> None:
         assert key in counters
 
 
-def wait_until_value(probe: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(0.05)
-
-
 # -- the gap record at a real broker ---------------------------------------------------------
+
+
+def gap_test_config(base: Path, port: int, ca_file: Path) -> str:
+    """Return the configuration of a buffer and an uplink in mqtt mode, with a 1 MiB bound."""
+    return gateway_toml(
+        gateway=gateway_dirs(base),
+        tags=[SPEED_TAG],
+        buffer={"max_bytes": 1048576, "page_max_samples": 1000, "page_max_age_ms": 60000},
+        uplink={"mode": "mqtt", "port": port, "reconnect_min_s": 0.1},
+        broker={"host": "localhost", "client_id": "gap-test"},
+        credentials={"ca_file": str(ca_file)},
+    )
 
 
 def test_buffer_gap_record_first_at_broker(base: Path, certs: Path, context) -> None:
@@ -674,8 +677,7 @@ def test_buffer_gap_record_first_at_broker(base: Path, certs: Path, context) -> 
     try:
         subscriber.start()
         config = base / "gateway.toml"
-        config.write_text(GATEWAY_TEMPLATE.format(base=base, port=broker.port,
-                                                  ca=broker.ca_file))
+        config.write_text(gap_test_config(base, broker.port, broker.ca_file))
         (base / "log").mkdir()
 
         def start(module: str) -> None:
@@ -714,41 +716,3 @@ def test_buffer_gap_record_first_at_broker(base: Path, certs: Path, context) -> 
                 process.wait(timeout=5)
         subscriber.stop()
         broker.stop()
-
-
-GATEWAY_TEMPLATE = """
-[gateway]
-state_dir = "{base}/state"
-runtime_dir = "{base}/run"
-log_dir = "{base}/log"
-
-[plc]
-host = "127.0.0.1"
-
-[[plc.tag_groups]]
-name = "fast"
-poll_interval_ms = 100
-
-[[plc.tags]]
-name = "line1.speed"
-group = "fast"
-table = "holding_register"
-address = 0
-
-[buffer]
-max_bytes = 1048576
-page_max_samples = 1000
-page_max_age_ms = 60000
-
-[uplink]
-mode = "mqtt"
-port = {port}
-reconnect_min_s = 0.1
-
-[uplink.broker]
-host = "localhost"
-client_id = "gap-test"
-
-[credentials]
-ca_file = "{ca}"
-"""

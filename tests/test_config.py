@@ -61,8 +61,10 @@ def test_config_minimal_gets_defaults(tmp_path: Path) -> None:
     assert config.plc.tags[0].register_count == 2
     assert config.uplink.port == 8883
     assert config.uplink.broker is None
-    assert config.credentials.check_interval_s == 1.0
+    assert config.credentials.check_interval_s == 0.1
+    assert config.credentials.settle_s == 0.2
     assert config.credentials.rehash_interval_s == 60.0
+    assert config.credentials.fallback_to_last_good is True
     assert config.supervisor.group == "plcbridge"
     assert config.supervisor.uplink_program == "uplink"
     assert config.gateway.log_level == "INFO"
@@ -130,6 +132,12 @@ def test_config_unknown_key_named(tmp_path: Path, text: str, expected: str) -> N
     assert "docs/configuration.md" in message
 
 
+def test_config_fallback_switch_off(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL + "fallback_to_last_good = false\n"))
+
+    assert config.credentials.fallback_to_last_good is False
+
+
 @pytest.mark.parametrize(
     ("addition", "expected"),
     [
@@ -138,6 +146,8 @@ def test_config_unknown_key_named(tmp_path: Path, text: str, expected: str) -> N
         ("sas_warning_days = [1]", "credentials.sas_warning_days: [1]; expected a number"),
         ("password_file = 5", "credentials.password_file: 5; expected a non-empty string"),
         ("password_file = ''", "credentials.password_file: ''; expected a non-empty string"),
+        ("fallback_to_last_good = 'no'",
+         "credentials.fallback_to_last_good: 'no'; expected true or false"),
     ],
 )
 def test_config_wrong_type_named(tmp_path: Path, addition: str, expected: str) -> None:

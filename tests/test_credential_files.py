@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from common.config import load_config
 from common.credential_files import (
     CredentialFileError,
+    check_readable,
     check_sas_expiry,
+    count_root_certificates,
     validate_credential_files,
 )
 from tests.gateway_files import (
@@ -256,3 +259,57 @@ def test_credential_files_other_ca_accepted(tmp_path: Path) -> None:
     loaded = validate_credential_files(load_config(files.config).credentials)
 
     assert loaded.ca_certificate_count == 1
+
+
+def test_credential_files_roots_counted(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle.pem"
+    write_ca(tmp_path / "root.pem")
+    write_client_pair(tmp_path / "leaf.pem", tmp_path / "leaf.key")
+    bundle.write_text((tmp_path / "root.pem").read_text() + (tmp_path / "leaf.pem").read_text())
+
+    assert count_root_certificates(bundle) == 1
+    # A self-signed certificate without basicConstraints CA:TRUE is no CA for OpenSSL.
+    assert count_root_certificates(tmp_path / "leaf.pem") == 0
+
+
+def test_credential_files_root_count_in_set(tmp_path: Path) -> None:
+    files = gateway(tmp_path)
+
+    loaded = validate_credential_files(load_config(files.config).credentials)
+
+    assert loaded.ca_root_count == 1
+
+
+def test_credential_files_mode_0000_unreadable(tmp_path: Path) -> None:
+    path = tmp_path / "connection-string.txt"
+    path.write_text("x\n")
+    path.chmod(0o000)
+
+    with pytest.raises(CredentialFileError) as caught:
+        check_readable(path)
+
+    assert caught.value.path == path
+    assert "mode 0000" in caught.value.reason
+    assert f"uid {os.geteuid()}" in caught.value.reason
+
+
+def test_credential_files_mode_0600_readable(tmp_path: Path) -> None:
+    path = tmp_path / "connection-string.txt"
+    path.write_text("x\n")
+    path.chmod(0o600)
+
+    check_readable(path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
+def test_credential_files_other_owner_unreadable(tmp_path: Path) -> None:
+    path = tmp_path / "connection-string.txt"
+    path.write_text("x\n")
+    path.chmod(0o600)
+    os.chown(path, 65534, 65534)
+
+    with pytest.raises(CredentialFileError) as caught:
+        check_readable(path)
+
+    assert "owned by uid 65534" in caught.value.reason
+    assert "mode 0600" in caught.value.reason

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import os
@@ -10,16 +9,13 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from common.supervisor_rpc import SupervisorClient, SupervisorUnavailableError
 from tests.gateway_files import (
@@ -44,6 +40,10 @@ WATCHER = "plcbridge:credential_watcher"
 SUPERVISORD = Path(sys.executable).parent / "supervisord"
 
 # The stand-in uplink prints its pid and sleeps; a restart gives it a new pid.
+STAND_IN_UPLINK = """/bin/sh -c 'echo "pid $$"; exec sleep 3600'"""
+# A stand-in that ignores SIGTERM, so that supervisord reports it STOPPING until it sends
+# SIGKILL after stopwaitsecs. An ignored signal stays ignored across exec.
+STUBBORN_UPLINK = """/bin/sh -c 'trap "" TERM; echo "pid $$"; exec sleep 3600'"""
 SUPERVISORD_CONF = SUPERVISORD_HEAD + """
 
 [supervisorctl]
@@ -53,7 +53,7 @@ serverurl=unix://{runtime}/supervisord.sock
 programs={programs}
 
 [program:uplink]
-command=/bin/sh -c 'echo "pid $$"; exec sleep 3600'
+command={uplink_command}
 startsecs=0
 autorestart=true
 stopsignal=TERM
@@ -110,12 +110,13 @@ class Gateway:
         files: dict[str, str | None] = json.loads(self.record.read_text())["files"]
         return files
 
-    def start_supervisord(self, with_watcher: bool = False) -> None:
+    def start_supervisord(self, with_watcher: bool = False,
+                          uplink_command: str = STAND_IN_UPLINK) -> None:
         """Start supervisord with the stand-in uplink and, if asked, the real watcher."""
         conf = self.files.root / "supervisord.conf"
         text = SUPERVISORD_CONF.format(runtime=self.files.runtime_dir,
                                        programs="uplink,credential_watcher" if with_watcher
-                                       else "uplink")
+                                       else "uplink", uplink_command=uplink_command)
         if with_watcher:
             text += WATCHER_PROGRAM.format(python=sys.executable, config=self.files.config,
                                            repo=REPO, log=self.log)
@@ -352,29 +353,9 @@ def test_watcher_unknown_program_logged(gateway: Gateway) -> None:
     assert gateway.uplink_pid() == pid
 
 
-def write_expired_pair(cert_path: Path, key_path: Path) -> None:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, DEVICE)])
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC))
-        .not_valid_after(datetime.datetime(2021, 6, 30, 12, 0, tzinfo=datetime.UTC))
-        .sign(key, hashes.SHA256())
-    )
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ))
-
-
 def test_watcher_expired_client_certificate_warned(paired: Gateway) -> None:
-    write_expired_pair(paired.files.root / "client.pem", paired.files.root / "client.key")
+    write_client_pair(paired.files.root / "client.pem", paired.files.root / "client.key",
+                      expired=True)
 
     paired.start_watcher(ready_line="client_certificate_expired")
 
@@ -589,7 +570,7 @@ def test_watcher_expired_pair_keeps_uplink(paired: Gateway) -> None:
     cert_path = paired.files.root / "client.pem"
     key_path = paired.files.root / "client.key"
 
-    write_expired_pair(cert_path, key_path)
+    write_client_pair(cert_path, key_path, expired=True)
 
     # The watcher may first see the new certificate with the old key, a mismatch, so wait
     # for the line about the complete pair.
@@ -600,3 +581,33 @@ def test_watcher_expired_pair_keeps_uplink(paired: Gateway) -> None:
     assert f"files={cert_path},{key_path}" in errors[0]
     assert paired.uplink_pid() == pid
     assert "uplink_restarted" not in paired.output()
+
+
+def test_watcher_defers_restart_while_uplink_stops(gateway: Gateway) -> None:
+    gateway.start_supervisord(uplink_command=STUBBORN_UPLINK)
+    gateway.start_watcher()
+    first_pid = gateway.uplink_pid()
+
+    # An operator's restart, which supervisord runs for stopwaitsecs (5 s) in STOPPING.
+    operator = threading.Thread(target=gateway.client.restart, args=(UPLINK,), daemon=True)
+    operator.start()
+    wait_until(lambda: gateway.client.process_info(UPLINK)["statename"] == "STOPPING", 5,
+               "the uplink STOPPING")
+    rewrite(gateway.files.connection_string, device_key_string(gateway.files.secrets) + "\n")
+    wait_until(lambda: "uplink_restart_deferred" in gateway.output(), 5,
+               "the watcher to defer its restart")
+    operator.join(20)
+    assert not operator.is_alive()
+    second_pid = gateway.uplink_pid()
+
+    wait_until(lambda: "uplink_restarted" in gateway.output(), 20, "the watcher's restart")
+    output = gateway.output()
+    deferred = [line for line in output.splitlines() if "uplink_restart_deferred" in line]
+    assert len(deferred) == 1
+    assert "STOPPING" in deferred[0]
+    assert "uplink_restart_resumed" in output
+    restarted = [line for line in output.splitlines() if "uplink_restarted" in line]
+    assert len(restarted) == 1
+    assert f"pid_before={second_pid}" in restarted[0]
+    assert second_pid != first_pid
+    assert gateway.uplink_pid() not in (first_pid, second_pid)

@@ -417,6 +417,24 @@ def test_hub_emulator_puback_delay_fault(clean_hub: HubStack) -> None:
         assert time.monotonic() - started >= 1.0
 
 
+def test_hub_emulator_connack_delay_fault(clean_hub: HubStack) -> None:
+    clean_hub.set_faults(connack_delay_s=1.0)
+    password = token_for(f"{HUB}/devices/gw-01", PRIMARY, time.time() + 3600)
+    with client(clean_hub) as device:
+        started = time.monotonic()
+        code = device.connect("gw-01", username(HUB, "gw-01"), password)
+
+        assert code == 0
+        assert time.monotonic() - started >= 1.0
+    clean_hub.wait_for_log("connack_delayed client_id=gw-01 delay_s=1")
+
+    clean_hub.set_faults()
+    with client(clean_hub) as device:
+        started = time.monotonic()
+        assert device.connect("gw-01", username(HUB, "gw-01"), password) == 0
+        assert time.monotonic() - started < 1.0
+
+
 def test_hub_emulator_clock_offset_fault(clean_hub: HubStack) -> None:
     password = token_for(f"{HUB}/devices/gw-01", PRIMARY, time.time() + 3600)
     clean_hub.set_faults(clock_offset_s=86400)
@@ -675,6 +693,8 @@ def write_faults_text(hub: HubStack, text: str) -> None:
         ({"close_after_s": 10**6}, "close_after_s"),
         ({"puback_delay_s": -1}, "puback_delay_s"),
         ({"puback_delay_s": 1e9}, "puback_delay_s"),
+        ({"connack_delay_s": -0.5}, "connack_delay_s"),
+        ({"connack_delay_s": 3601}, "connack_delay_s"),
         ({"refuse": 1}, "refuse"),
     ],
 )
@@ -686,9 +706,10 @@ def test_hub_emulator_parse_faults_rejects(document: dict[str, object], error: s
 
 def test_hub_emulator_parse_faults_bounds_accepted() -> None:
     faults = parse_faults({"clock_offset_s": -10 * 365 * 86400, "close_after_s": 86400,
-                           "puback_delay_s": 3600})
+                           "puback_delay_s": 3600, "connack_delay_s": 3600})
     assert faults.clock_offset_s == -10 * 365 * 86400
     assert faults.close_after_s == 86400.0
+    assert faults.connack_delay_s == 3600.0
 
 
 def test_hub_emulator_bad_faults_files_keep_previous(clean_hub: HubStack) -> None:

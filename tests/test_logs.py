@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from common.logs import RedactingFormatter, fields
+from common.logs import RedactingFormatter, fields, redact
 
 
 def test_fields_plain_values_unquoted() -> None:
@@ -58,3 +58,20 @@ def test_fields_forged_line_stays_in_one_record() -> None:
     lines = stream.getvalue().splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith("WARNING plcbridge.test_logs connect_rejected client_id=")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("sr=hub&SIG=abc%2B&se=1", "sr=hub&SIG=<redacted>&se=1"),
+        ("HostName=h;sharedaccesskey=a2V5;DeviceId=d",
+         "HostName=h;sharedaccesskey=<redacted>;DeviceId=d"),
+        ("Password: hunter2, next", "Password: <redacted>, next"),
+        # Non-ASCII text takes the full scans, where the long s matches s.
+        ("\u017fig=abc é", "\u017fig=<redacted> é"),
+        ('{"page":"[{\\"name\\":\\"line1.speed\\",\\"value\\":1.5}]"}',
+         '{"page":"[{\\"name\\":\\"line1.speed\\",\\"value\\":1.5}]"}'),
+    ],
+)
+def test_redact_secrets_any_case(text: str, expected: str) -> None:
+    assert redact(text) == expected

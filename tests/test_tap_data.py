@@ -16,6 +16,7 @@ from common.tap import data_topic
 from tests import test_azure_credentials as azure_tests
 from tests import test_uplink as uplink_tests
 from tests.support.gateway import wait_until
+from tests.support.tap_listener import TapListener
 from tests.test_uplink import StandInBuffer, sample_page, write_connection_string
 
 pytestmark = pytest.mark.integration
@@ -29,29 +30,15 @@ hubs = azure_tests.hubs
 WINDOW = 20
 
 
-class TapSubscriber:
-    """A SUB socket on the uplink's tap with the topics a test chooses."""
+class TapSubscriber(TapListener):
+    """A listener on the uplink's tap with a ZeroMQ context of its own."""
 
     def __init__(self, runtime_dir: Path, topics: list[bytes], rcvhwm: int = 1000) -> None:
         self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.socket = self.context.socket(zmq.SUB)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
-        # A small kernel buffer, so that a subscriber that never reads stalls early.
-        self.socket.setsockopt(zmq.RCVBUF, 4096)
-        for topic in topics:
-            self.socket.setsockopt(zmq.SUBSCRIBE, topic)
-        self.socket.connect(wire.tap_endpoint(runtime_dir, "uplink"))
-        self.messages: list[dict[str, Any]] = []
-
-    def pump(self) -> list[dict[str, Any]]:
-        while self.socket.poll(0):
-            _topic, body = self.socket.recv_multipart()
-            self.messages.append(json.loads(body))
-        return self.messages
+        super().__init__(self.context, runtime_dir, "uplink", topics, rcvhwm)
 
     def close(self) -> None:
-        self.socket.close()
+        super().close()
         self.context.term()
 
 

@@ -454,22 +454,89 @@ def test_uplink_silent_port_times_out(
         silent.close()
 
 
-def test_uplink_sigterm_during_handshake(base: Path, certs: Path, uplinks: Any) -> None:
+# Where a SIGTERM finds the uplink, and the line that its shutdown logs there. In the TLS
+# handshake the network thread is inside paho's connect() and is left behind. Waiting for
+# the CONNACK, it stops its loop and has no session to send DISCONNECT on.
+SIGTERM_BEFORE_CONNACK = {
+    "azure-tls": "stop_without_network_thread ",
+    "mqtt-plain": "link_stopped steps=network_loop_stopped,disconnect_skipped,client_released",
+}
+
+
+@pytest.mark.parametrize("mode", sorted(SIGTERM_BEFORE_CONNACK))
+def test_uplink_sigterm_before_connack(
+    base: Path, certs: Path, uplinks: Any, mode: str
+) -> None:
     silent = SilentServer()
     try:
-        write_connection_string(base)
-        config = azure_config(base, silent.port, certs / "ca.pem",
-                              "connect_timeout_s = 30.0\nshutdown_timeout_s = 1.0")
+        timing = "connect_timeout_s = 30.0\nshutdown_timeout_s = 1.0"
+        if mode == "azure-tls":
+            write_connection_string(base)
+            config = azure_config(base, silent.port, certs / "ca.pem", timing)
+        else:
+            config = uplink_config(
+                base, silent.port, certs / "ca.pem",
+                uplink=f'mode = "mqtt"\n{timing}\n\n[uplink.broker]\nhost = "127.0.0.1"\n'
+                       'client_id = "gw"\ntls = false',
+            )
         uplink = uplinks(base, config)
         uplink.wait_log(r"connecting ", 10)
         wait_until(lambda: silent.accepted >= 1, 5, "the uplink's TCP connection")
 
         code, elapsed = uplink.terminate(10)
+
         assert code == 0
         assert elapsed < 1.0 + 2.0
         assert "stop version=" in uplink.log()
+        assert SIGTERM_BEFORE_CONNACK[mode] in uplink.log()
     finally:
         silent.close()
+
+
+SHUTDOWN_STEPS_CONNECTED = "steps=network_loop_stopped,disconnect_sent,client_released"
+
+
+def test_uplink_shutdown_sends_disconnect_in_order(
+    base: Path, broker: Broker, buffer: StandInBuffer, uplinks: Any
+) -> None:
+    write_connection_string(base)
+    uplink = uplinks(base, azure_config(base, broker.port, broker.ca_file,
+                                        "shutdown_timeout_s = 2.0"))
+    buffer.wait_link("up", 15)
+
+    code, elapsed = uplink.terminate(10)
+
+    assert code == 0
+    # The bound plus the time Python takes to exit on a loaded machine.
+    assert elapsed < 2.0 + 2.0
+    lines = uplink.wait_log(r"link_stopped ", 1)
+    assert SHUTDOWN_STEPS_CONNECTED in lines[0]
+    # mosquitto logs "disconnected." for a DISCONNECT, and a socket error for a bare close.
+    wait_until(lambda: f"Client {DEVICE_ID} disconnected." in broker.log(), 5,
+               "mosquitto's line for the DISCONNECT")
+    assert f"Socket error on client {DEVICE_ID}" not in broker.log()
+
+
+def test_uplink_shutdown_bounded_when_broker_stalls(
+    base: Path, broker: Broker, buffer: StandInBuffer, uplinks: Any
+) -> None:
+    write_connection_string(base)
+    uplink = uplinks(base, azure_config(base, broker.port, broker.ca_file,
+                                        "shutdown_timeout_s = 1.0"))
+    buffer.wait_link("up", 15)
+    assert broker.process is not None
+
+    # A stopped broker keeps its sockets open and reads nothing, as a hung one does.
+    broker.process.send_signal(signal.SIGSTOP)
+    try:
+        code, elapsed = uplink.terminate(10)
+    finally:
+        broker.process.send_signal(signal.SIGCONT)
+
+    assert code == 0
+    assert elapsed < 1.0 + 2.0
+    lines = uplink.wait_log(r"link_stopped ", 1)
+    assert SHUTDOWN_STEPS_CONNECTED in lines[0]
 
 
 def test_uplink_ca_mismatch_retries(

@@ -2,13 +2,15 @@
 
 The id has the form YYMMNNNN: two digits of the manufacture year, two of the month and four
 of the unit number, for example 22091017 for unit 1017 made in September 2022. It is read
-from the PLC when the reader starts and compared with the id stored in
+from the PLC when the reader starts, again after every reconnect to the PLC and every
+identity.recheck_interval_s, and compared with the id stored in
 <state_dir>/plc-identity.json:
 
 - nothing stored: the id read is stored, and samples flow;
 - the same id: samples flow;
 - another id: the PLC was swapped. The reader logs identity_changed at ERROR and sends no
-  samples until an operator runs `plcbridge confirm-identity`, which stores the new id;
+  samples until an operator runs `plcbridge confirm-identity`, which stores the new id, or
+  until the stored id is read again;
 - the PLC unreachable: samples flow under the stored id while the reader keeps trying, and
   the fact is logged. With no stored id, samples are withheld until the id is read.
 """
@@ -167,15 +169,21 @@ class IdentityGate:
         }
 
     def on_read(self, plc_id: str) -> None:
-        """Compare the id read from the PLC with the stored one."""
+        """Compare the id read from the PLC with the stored one.
+
+        The id is read again at reconnects and at an interval, so only a change of state,
+        or of the id read while it differs, is logged.
+        """
+        previous = (self.state, self.plc_id)
         self.plc_id = plc_id
         if self.stored_id is None:
             self.store.save(plc_id)
             self.stored_id = plc_id
             self._set("verified", "identity_recorded", logging.INFO)
         elif self.stored_id == plc_id:
-            self._set("verified", "identity_verified", logging.INFO)
-        else:
+            if self.state != "verified":
+                self._set("verified", "identity_verified", logging.INFO)
+        elif previous != ("changed", plc_id):
             self._set("changed", "identity_changed", logging.ERROR,
                       consequence="the PLC was swapped or its serial number changed; no "
                       "samples are sent until an operator runs plcbridge confirm-identity")

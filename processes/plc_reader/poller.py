@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 import queue
 import threading
 import time
@@ -120,10 +121,15 @@ class DevicePoller:
         self._wake = threading.Event()
 
         # The serial-number identity is read on this device's own connection, because a
-        # serial port can be opened only once, before every poll until it succeeds.
+        # serial port can be opened only once. It is read before every poll until it
+        # succeeds, then again after every reconnect, since a swapped PLC comes with one,
+        # and every identity.recheck_interval_s for a swap that the link did not notice.
         self._identity = identity
+        self._identity_due = identity is not None
+        self._identity_next_check = math.inf
         self._identity_failed = False
         self._identity_error = ""
+        self._connects = 0
 
         # Connection state: "starting" until the PLC first responds or fails, then
         # "connected" or "disconnected". Only a change of state is logged at WARNING or INFO.
@@ -175,7 +181,7 @@ class DevicePoller:
             while not stop.is_set():
                 # Cleared before the work, so a write queued during it ends the wait below.
                 self._wake.clear()
-                if self._identity is not None:
+                if self._identity_check_due():
                     self._read_identity()
                 self.poll_due()
                 self._run_writes()
@@ -257,11 +263,16 @@ class DevicePoller:
 
     def _poll_group(self, schedule: GroupSchedule) -> None:
         self.polls += 1
+        connects = self._connects
         readings: list[Reading] = []
         for request in schedule.requests:
             readings += self._read(request)
         self.bad_tags_by_group[schedule.name] = sum(
             reading.value is None for reading in readings)
+        # After a reconnect in this poll, the id is read before the readings are posted, so
+        # the reader learns of a swapped PLC before it gets the new PLC's samples.
+        if self._identity_due and self._connects != connects:
+            self._read_identity()
         if readings:
             self._outbox.put(("readings", readings))
 
@@ -316,8 +327,14 @@ class DevicePoller:
                 self._identity_error = str(exc)
                 self._outbox.put(("identity_invalid", str(exc)))
             return
-        self._identity = None
+        self._identity_due = False
+        self._identity_error = ""
+        if settings.recheck_interval_s > 0:
+            self._identity_next_check = time.monotonic() + settings.recheck_interval_s
         self._outbox.put(("identity", plc_id))
+
+    def _identity_check_due(self) -> bool:
+        return self._identity_due or time.monotonic() >= self._identity_next_check
 
     def _post_identity_failure(self, reason: str) -> None:
         if not self._identity_failed:
@@ -390,6 +407,9 @@ class DevicePoller:
         except PlcReadError as exc:
             self._on_link_failure(exc)
             return False
+        self._connects += 1
+        if self._identity is not None:
+            self._identity_due = True
         self._logger.debug(
             "plc_link_open %s", fields(device=self.device.name, endpoint=self._connection.endpoint)
         )

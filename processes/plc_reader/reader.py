@@ -216,14 +216,14 @@ class PlcReader:
         gate = self._identity
         if gate is None:
             return
-        before = gate.state
+        before = (gate.state, gate.plc_id)
         if kind == "identity":
             gate.on_read(detail)
         elif kind == "identity_unreachable":
             gate.on_unreachable(detail)
         else:
             gate.on_invalid(detail)
-        if gate.state != before:
+        if (gate.state, gate.plc_id) != before:
             self._tap.publish("identity", state=gate.state, plc_id=gate.plc_id,
                               stored_id=gate.stored_id)
 

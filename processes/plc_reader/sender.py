@@ -33,6 +33,7 @@ from common.config import PlcSettings
 from common.errors import PlcBridgeError
 from common.logs import fields
 from common.ratelimit import RateLimit
+from common.socket_monitor import SocketMonitor
 from common.tap import Tap
 from processes.plc_reader.samples import encode_batch
 
@@ -97,11 +98,16 @@ class IngestSender:
         try:
             self._socket = wire.make_socket(context, zmq.DEALER, wire.DATA_HWM, linger_ms=0)
             self._socket.setsockopt(zmq.IMMEDIATE, 1)
+            # The monitor goes on before the connect, so it reports the first connection too.
+            self._monitor = SocketMonitor(
+                self._socket, "ingest", logger, tap.publish,
+                "samples stay in the reader's queue until the buffer connects again")
             self._socket.connect(endpoint)
         except zmq.ZMQError as exc:
             raise PlcBridgeError(f"cannot connect to ingest endpoint {endpoint}: {exc}") from exc
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)
+        self._poller.register(self._monitor.socket, zmq.POLLIN)
 
     @property
     def pending_samples(self) -> int:
@@ -138,7 +144,10 @@ class IngestSender:
     def wait_for_acks(self, timeout_s: float) -> None:
         """Wait up to timeout_s for a message from the buffer, then handle all that arrived."""
         # Round up, so that a wait shorter than a millisecond does not spin.
-        if not self._poller.poll(max(0, math.ceil(timeout_s * 1000))):
+        ready = dict(self._poller.poll(max(0, math.ceil(timeout_s * 1000))))
+        if self._monitor.socket in ready:
+            self._monitor.drain()
+        if self._socket not in ready:
             return
         while True:
             try:
@@ -170,6 +179,7 @@ class IngestSender:
             )
 
     def close(self) -> None:
+        self._monitor.close()
         self._socket.close(linger=0)
 
     def _send_next_batch(self) -> bool:

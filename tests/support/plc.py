@@ -38,23 +38,29 @@ def accepts_connections(port: int) -> bool:
 class PlcSimulator:
     """One devstack.plc_simulator process; its output goes to plc-simulator.log in workdir."""
 
-    def __init__(self, workdir: Path, port: int | None = None, bench_registers: int = 1000) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, bench_registers: int = 1000,
+                 serial_file: Path | None = None) -> None:
         self.workdir = workdir
         self.port = port or free_port()
         self.bench_registers = bench_registers
+        # Where the simulator reads its serial number; writing it swaps the simulated PLC.
+        self.serial_file = serial_file
         self.log_file = workdir / "plc-simulator.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 10.0) -> None:
         """Start the simulator and wait until it accepts TCP connections."""
+        command = [
+            sys.executable, "-m", "devstack.plc_simulator",
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--bench-registers", str(self.bench_registers),
+        ]
+        if self.serial_file is not None:
+            command += ["--serial-file", str(self.serial_file)]
         with self.log_file.open("ab") as log:
             self.process = subprocess.Popen(
-                [
-                    sys.executable, "-m", "devstack.plc_simulator",
-                    "--host", "127.0.0.1",
-                    "--port", str(self.port),
-                    "--bench-registers", str(self.bench_registers),
-                ],
+                command,
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
