@@ -184,6 +184,9 @@ class PlcDevice:
     request_pause_ms: int
     one_request_per_tag: bool
     address_base: int
+    # Send a write of one coil with function code 15 and of one register with 16, for
+    # devices that implement only the multiple-write functions.
+    multiple_write_functions_only: bool = False
 
     @property
     def endpoint(self) -> str:
@@ -782,6 +785,9 @@ def _parse_device(
         request_pause_ms=table.integer("request_pause_ms", base.request_pause_ms, 0, 60_000),
         one_request_per_tag=table.flag("one_request_per_tag", base.one_request_per_tag),
         address_base=table.integer("address_base", base.address_base, 0, 1),
+        multiple_write_functions_only=table.flag(
+            "multiple_write_functions_only", base.multiple_write_functions_only
+        ),
     )
     if table.prefix != "plc":
         table.reject_unknown()

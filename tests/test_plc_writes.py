@@ -15,6 +15,7 @@ from common.modbus_tags import ReadRequest, decode_tag, encode_tag
 from processes.plc_reader.client import PlcConnection
 from processes.plc_reader.writes import (
     MASK_WRITE_REGISTER,
+    WRITE_MULTIPLE_COILS,
     WRITE_MULTIPLE_REGISTERS,
     WRITE_SINGLE_COIL,
     WRITE_SINGLE_REGISTER,
@@ -93,6 +94,24 @@ def test_writes_scaled_value_round_trips(connection: PlcConnection) -> None:
     assert ack["result"] == "ok"
     assert encode_tag(tag, 21.5) == [615]
     assert read_back(connection, tag) == pytest.approx(21.5)
+
+
+def test_writes_multiple_functions_only(connection: PlcConnection) -> None:
+    register = writable("w", SCRATCH + 14)
+    coil = writable("c", 4, "bool", "AB", table="coil")
+    bit = writable("b", SCRATCH + 14, "bool", "AB", bit=2)
+
+    assert prepare_write(register, 7, multiple_only=True).function_code == (
+        WRITE_MULTIPLE_REGISTERS)
+    assert prepare_write(coil, True, multiple_only=True).function_code == WRITE_MULTIPLE_COILS
+    # Mask write has no multiple form, so a bit of a register keeps function code 22.
+    assert prepare_write(bit, True, multiple_only=True).function_code == MASK_WRITE_REGISTER
+
+    assert write_tag(connection, register, 7, multiple_only=True)["result"] == "ok"
+    assert read_back(connection, register) == 7
+    for value in (True, False):
+        assert write_tag(connection, coil, value, multiple_only=True)["result"] == "ok"
+        assert read_back(connection, coil) is value
 
 
 def test_writes_bit_keeps_other_bits(connection: PlcConnection) -> None:

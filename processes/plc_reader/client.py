@@ -261,7 +261,7 @@ class PlcConnection:
     def write(self, tag: Tag, function_code: int, registers: list[int], coil: bool) -> None:
         """Send one write request for tag; raise PlcReadError on any failure.
 
-        function_code 5 writes coil, 6 the one register and 16 the registers. 22 applies
+        function_code 5 and 15 write coil, 6 the one register and 16 the registers. 22 applies
         registers[0] as the AND mask and registers[1] as the OR mask to the tag's register.
         Failures are handled as for reads: an exception response keeps the connection,
         others close it.
@@ -275,6 +275,8 @@ class PlcConnection:
         def send() -> ModbusPDU:
             if function_code == 5:
                 return self._client.write_coil(tag.address, coil, device_id=unit_id)
+            if function_code == 15:
+                return self._client.write_coils(tag.address, [coil], device_id=unit_id)
             if function_code == 6:
                 return self._client.write_register(tag.address, registers[0], device_id=unit_id)
             if function_code == 22:

@@ -204,7 +204,8 @@ class DevicePoller:
     def _write(self, job: WriteJob) -> dict[str, Any]:
         """Check, encode and send one write, and return its result for the uplink."""
         try:
-            prepared = prepare_write(job.tag, job.value)
+            prepared = prepare_write(job.tag, job.value,
+                                     self.device.multiple_write_functions_only)
         except WriteRejected as exc:
             return job.result(STATUS_REJECTED, exc.reason, str(exc))
         if not self._ensure_connected():

@@ -4,8 +4,9 @@ A write is rejected before anything is sent when the tag is not marked writable,
 value has the wrong kind (true or false for a bool tag, text for a string tag, a number
 otherwise), or when it lies outside the tag's min_value and max_value or the range of its
 type. Coils are written with function code 5, one register with function code 6 and several
-registers, and every string, with 16. Function code 15 (several coils) is not used, because
-a tag is one coil.
+registers, and every string, with 16. A device with multiple_write_functions_only gets one
+coil with function code 15 and one register with 16 instead, because some devices implement
+only those two.
 
 A bool tag on one bit of a holding register is written with function code 22 (mask write
 register), which the device applies to the register in one step, so the other 15 bits keep
@@ -33,6 +34,7 @@ REASON_INVALID_VALUE = "invalid value"
 
 WRITE_SINGLE_COIL = 5
 WRITE_SINGLE_REGISTER = 6
+WRITE_MULTIPLE_COILS = 15
 WRITE_MULTIPLE_REGISTERS = 16
 MASK_WRITE_REGISTER = 22
 
@@ -58,8 +60,27 @@ class PreparedWrite:
     coil: bool = False
 
 
-def prepare_write(tag: Tag, value: Any) -> PreparedWrite:
-    """Check value against the tag and encode it; raise WriteRejected naming the reason."""
+# The function code that writes the same single coil or register, for devices that lack
+# the single-write function codes.
+_MULTIPLE_FOR_SINGLE = {
+    WRITE_SINGLE_COIL: WRITE_MULTIPLE_COILS,
+    WRITE_SINGLE_REGISTER: WRITE_MULTIPLE_REGISTERS,
+}
+
+
+def prepare_write(tag: Tag, value: Any, multiple_only: bool = False) -> PreparedWrite:
+    """Check value against the tag and encode it; raise WriteRejected naming the reason.
+
+    multiple_only replaces function codes 5 and 6 with 15 and 16.
+    """
+    prepared = _prepare(tag, value)
+    if multiple_only and prepared.function_code in _MULTIPLE_FOR_SINGLE:
+        code = _MULTIPLE_FOR_SINGLE[prepared.function_code]
+        return PreparedWrite(tag, code, prepared.registers, prepared.coil)
+    return prepared
+
+
+def _prepare(tag: Tag, value: Any) -> PreparedWrite:
     if not tag.writable:
         raise WriteRejected(f"tag {tag.name!r} is not marked writable", REASON_NOT_WRITABLE)
 
@@ -117,11 +138,12 @@ def _check_limits(tag: Tag, value: float) -> None:
                             REASON_OUT_OF_RANGE)
 
 
-def write_tag(connection: PlcConnection, tag: Tag, value: Any) -> dict[str, Any]:
+def write_tag(connection: PlcConnection, tag: Tag, value: Any,
+              multiple_only: bool = False) -> dict[str, Any]:
     """Write value to tag and return the acknowledgement: result ok, rejected or failed."""
     ack: dict[str, Any] = {"tag": tag.name, "value": value}
     try:
-        prepared = prepare_write(tag, value)
+        prepared = prepare_write(tag, value, multiple_only)
         if not connection.connected:
             connection.connect()
         connection.write(prepared.tag, prepared.function_code, list(prepared.registers),
