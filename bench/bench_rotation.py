@@ -61,9 +61,9 @@ STEPS = ("detection", "stability", "shutdown", "exit", "spawn", "process_start",
 # After a rotation's first PUBACK the next one waits this long, so that each starts from a
 # settled gateway rather than inside the previous restart. The watcher learns that a new
 # uplink has connected from its once-a-second tap counters, and defers a restart until then,
-# so a shorter wait would measure that deferral instead of a rotation. A random part of up to one check
-# interval is added: the watcher's checks fall into step with the end of each restart, so a
-# fixed wait would always write at the same point between two checks.
+# so a shorter wait would measure that deferral instead of a rotation. A random part of up
+# to one check interval is added: the watcher's checks fall into step with the end of each
+# restart, so a fixed wait would always write at the same point between two checks.
 SETTLE_S = 2.0
 
 
