@@ -1401,11 +1401,12 @@ class Uplink:
                    session=self._session),
         )
         self._tap.publish("connected", endpoint=event.reason, session=self._session)
-        self._health.on_connected(last_good=bool(event.values.get("last_good")))
+        on_last_good = bool(event.values.get("last_good"))
+        self._health.on_connected(last_good=on_last_good)
         self._send_link()
         self._send_alerts()
         # A rotation's result waits on disk for the uplink that connects with the new files.
-        for result in self._rotation.stored_results():
+        for result in self._rotation.stored_results(on_last_good):
             self._commands.report(result)
         self._send_results()
 

@@ -163,9 +163,13 @@ class RotationCommand:
         return CommandResult(command.request_id, command.name, result.status, result.reason,
                              result.message, result.details)
 
-    def stored_results(self) -> list[CommandResult]:
+    def stored_results(self, on_last_good: bool = False) -> list[CommandResult]:
         """Return the results stored before this uplink started that it has not returned yet,
-        for the dispatcher to report."""
+        for the dispatcher to report.
+
+        on_last_good means this uplink connected with the last good credential set because
+        the hub rejected the installed files, so a stored ok becomes failed.
+        """
         results = []
         handed = set(self._handed.values())
         for path, body in self._pending.ready(self._started_s):
@@ -176,9 +180,14 @@ class RotationCommand:
             self._handed[request_id] = path
             details = {key: value for key, value in document.items()
                        if key not in ("request_id", "command", "status", "reason", "message")}
-            results.append(CommandResult(
-                request_id, COMMAND, str(document.get("status")), document.get("reason"),
-                str(document.get("message", "")), details))
+            status = str(document.get("status"))
+            reason = document.get("reason")
+            message = str(document.get("message", ""))
+            if on_last_good and status == STATUS_OK:
+                status, reason = STATUS_FAILED, REASON_CREDENTIALS_REJECTED
+                message = ("the files were installed, but the hub rejected them, so the "
+                           "gateway connected with its last good credentials")
+            results.append(CommandResult(request_id, COMMAND, status, reason, message, details))
         return results
 
     def acknowledged(self, payload: bytes) -> None:

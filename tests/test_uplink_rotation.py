@@ -138,3 +138,17 @@ def test_stored_result_kept_until_acknowledged(files: GatewayFiles) -> None:
     command.acknowledged(json.dumps(result.body()).encode())
 
     assert not stored[0].exists()
+
+
+def test_stored_result_on_last_good_fails(files: GatewayFiles) -> None:
+    config = config_of(files)
+    pushed = {"connection_string": f"{IDENTITY};SharedAccessKey={NEW_KEY}"}
+    rotate_credentials(config, "r-8", pushed, LOGGER)
+    command = RotationCommand(config, LOGGER, started_s=time.time() + 1)
+
+    [result] = command.stored_results(on_last_good=True)
+
+    assert (result.request_id, result.status) == ("r-8", "failed")
+    assert result.reason == "credentials rejected"
+    assert "last good" in result.message
+    assert result.details["files"] == [str(files.connection_string)]
