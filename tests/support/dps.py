@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from common.dps_keys import derive_device_key
 from devstack.dev_certs import dev_cert_paths
 from tests.gateway_files import stop_process
 from tests.support.gateway import ROOT, gateway_config
+from tests.support.waiting import wait_for_ready_line
 
 _READY = re.compile(r"dps_emulator ready mqtt_port=(\d+)")
 ID_SCOPE = "0ne00TEST01"
@@ -72,17 +72,8 @@ class DpsStack:
             command += ["--client-ca", str(self.client_ca_file)]
         with self.log_file.open("wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            found = _READY.search(self.log())
-            if found:
-                self.port = int(found[1])
-                return
-            if self.process.poll() is not None:
-                raise AssertionError(f"DPS emulator exited with status "
-                                     f"{self.process.returncode}:\n{self.log()}")
-            time.sleep(0.05)
-        raise AssertionError(f"DPS emulator not ready within {timeout_s:g} s:\n{self.log()}")
+        found = wait_for_ready_line(self.process, self.log, _READY, timeout_s, "DPS emulator")
+        self.port = int(found[1])
 
     def stop(self, timeout_s: float = 5.0) -> None:
         process, self.process = self.process, None

@@ -24,6 +24,7 @@ from typing import Any
 from devstack.dev_certs import dev_cert_paths
 from tests.gateway_files import stop_process
 from tests.support.broker import Broker, client_tls_context
+from tests.support.waiting import wait_for_ready_line
 
 _READY = re.compile(r"hub_emulator ready mqtt_port=(\d+) https_port=(\d+)")
 
@@ -136,18 +137,9 @@ class HubStack:
         resource.setrlimit(resource.RLIMIT_NOFILE, (self.fd_limit, hard))
 
     def _wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            found = _READY.search(self.log())
-            if found:
-                self.mqtt_port, self.https_port = int(found[1]), int(found[2])
-                return
-            if self.process is not None and self.process.poll() is not None:
-                raise AssertionError(
-                    f"hub emulator exited with status {self.process.returncode}:\n{self.log()}"
-                )
-            time.sleep(0.05)
-        raise AssertionError(f"hub emulator not ready within {timeout_s:g} s:\n{self.log()}")
+        assert self.process is not None
+        found = wait_for_ready_line(self.process, self.log, _READY, timeout_s, "hub emulator")
+        self.mqtt_port, self.https_port = int(found[1]), int(found[2])
 
     def stop(self, timeout_s: float = 5.0) -> None:
         process, self.process = self.process, None

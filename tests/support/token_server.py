@@ -15,7 +15,6 @@ import re
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from devstack.dev_certs import dev_cert_paths
 from devstack.gateway_toml import toml_table
 from tests.gateway_files import stop_process
+from tests.support.waiting import wait_for_ready_line
 
 ROOT = Path(__file__).resolve().parents[2]
 _READY = re.compile(r"token_server_ready .*port=(\d+)")
@@ -116,17 +116,10 @@ class TokenServerProcess:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "cli.main", "token-server", "--config", str(self.config)],
                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            found = _READY.search(self.log()[started_at:])
-            if found:
-                self.port = int(found[1])
-                return
-            if self.process.poll() is not None:
-                raise AssertionError(f"token server exited with status "
-                                     f"{self.process.returncode}:\n{self.log()}")
-            time.sleep(0.05)
-        raise AssertionError(f"token server not ready within {timeout_s:g} s:\n{self.log()}")
+        # The log file is appended to across restarts, so only this start's lines count.
+        found = wait_for_ready_line(self.process, lambda: self.log()[started_at:], _READY,
+                                    timeout_s, "token server")
+        self.port = int(found[1])
 
     def stop(self, timeout_s: float = 5.0) -> None:
         process, self.process = self.process, None

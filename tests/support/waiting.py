@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,3 +27,22 @@ def wait_until(
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
         time.sleep(step_s)
+
+
+def wait_for_ready_line(
+    process: subprocess.Popen[bytes], log: Callable[[], str], ready: re.Pattern[str],
+    timeout_s: float, name: str,
+) -> re.Match[str]:
+    """Wait until a server's log matches its ready line, and return the match.
+
+    Raises AssertionError with the log when the server exits first or time runs out.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = ready.search(log())
+        if found:
+            return found
+        if process.poll() is not None:
+            raise AssertionError(f"{name} exited with status {process.returncode}:\n{log()}")
+        time.sleep(0.05)
+    raise AssertionError(f"{name} not ready within {timeout_s:g} s:\n{log()}")
