@@ -46,6 +46,9 @@ def challenge_mac(secret: bytes, serial: str, nonce: str) -> str:
 
 def mac_matches(secret: bytes, serial: str, nonce: str, mac: str) -> bool:
     """Compare a received MAC with the expected one in constant time."""
+    # A MAC is ASCII, and a string from JSON may hold a lone surrogate that encode() rejects.
+    if not mac.isascii():
+        return False
     return hmac.compare_digest(challenge_mac(secret, serial, nonce).encode(), mac.encode())
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -239,8 +240,9 @@ class ResultOutbox:
         page_seq = RESULT_PAGE_SEQ_FIRST - self._added % (RESULT_PAGE_SEQ_FIRST
                                                            - RESULT_PAGE_SEQ_LAST)
         self._added += 1
-        body = {"kind": "command-result", **result.body()}
-        self._unacked[page_seq] = json.dumps(body, separators=(",", ":"), default=str).encode()
+        body = _strict_json_values({"kind": "command-result", **result.body()})
+        self._unacked[page_seq] = json.dumps(body, separators=(",", ":"), default=str,
+                                             allow_nan=False).encode()
         if len(self._unacked) > MAX_UNACKED_RESULTS:
             oldest = next(iter(self._unacked))
             del self._unacked[oldest]
@@ -266,3 +268,18 @@ class ResultOutbox:
         """Forget an acknowledged result and return its payload, or None if unknown."""
         self._sent_on.pop(page_seq, None)
         return self._unacked.pop(page_seq, None)
+
+
+def _strict_json_values(value: Any) -> Any:
+    """Return value with NaN and the infinities as strings, which strict JSON parsers take.
+
+    A result echoes the command's arguments, and Python's json module reads NaN and
+    Infinity in a command body that a cloud-side parser would reject in the result.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _strict_json_values(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict_json_values(item) for item in value]
+    return value

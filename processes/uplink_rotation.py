@@ -215,7 +215,12 @@ def _candidates(arguments: Mapping[str, Any]) -> list[Candidate]:
         # The value is never quoted: it is a key, a token or a certificate.
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{name} must be a non-empty string")
-        data = (value.strip() + "\n").encode()
+        try:
+            data = (value.strip() + "\n").encode()
+        except UnicodeEncodeError:
+            # The codec's message gives a position inside the secret, so it is not passed on.
+            raise ValueError(f"{name} is not valid text: it contains a lone surrogate "
+                             "escape, which UTF-8 cannot encode") from None
         if len(data) > MAX_CREDENTIAL_FILE_BYTES:
             raise ValueError(f"{name} is larger than {MAX_CREDENTIAL_FILE_BYTES // 1024} KiB")
         candidates.append(Candidate(kind, f"{COMMAND} argument {name}", data))
@@ -283,6 +288,8 @@ class PendingResults:
                 stored_s = float(document["stored_s"])
                 body = document["body"]
             except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if not isinstance(body, dict):
                 continue
             if stored_s < started_s:
                 ready.append((path, json.dumps(body, separators=(",", ":")).encode()))

@@ -100,6 +100,23 @@ def post(server: TokenServerProcess, certs: Path, path: str,
         connection.close()
 
 
+def post_raw(server: TokenServerProcess, certs: Path, path: str, body: bytes,
+             content_length: str) -> tuple[int, dict[str, Any]]:
+    """Send body with the given Content-Length header as is; return status and JSON body."""
+    context = ssl.create_default_context(cafile=str(dev_cert_paths(certs).ca_cert))
+    connection = http.client.HTTPSConnection("localhost", server.port, timeout=10,
+                                             context=context)
+    try:
+        connection.putrequest("POST", path)
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Content-Length", content_length.encode("latin-1"))
+        connection.endheaders(body)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
 def assert_no_secret(server: TokenServerProcess, *secrets: str) -> None:
     audit_text = server.audit_file.read_text()
     log_text = server.log()
@@ -376,3 +393,29 @@ def test_rate_limiter_burst_and_refill() -> None:
     assert limiter.take("10.0.0.1", now=0.0) == pytest.approx(1.0)
     assert limiter.take("10.0.0.2", now=0.0) == 0.0
     assert limiter.take("10.0.0.1", now=1.0) == 0.0
+
+
+def test_token_server_malformed_requests_answered(
+    base: Path, certs: Path, servers: list[TokenServerProcess]
+) -> None:
+    server = start_server(base, certs, servers, client_certificates=False,
+                          gateways=[AllowedGateway(SERIAL, DEVICE_ID, DEVICE_KEY, SECRET)])
+    nested = b"[" * 4000
+
+    cases = [(nested, str(len(nested))), (b"{}", "\u00b2"), (b"{}", "0" * 5000 + "2")]
+    for body, length in cases:
+        status, reply = post_raw(server, certs, "/v1/token", body, length)
+        assert status == 400, length[:8]
+        assert reply["error"] == "invalid_request"
+
+    # A MAC with a lone surrogate escape is a wrong MAC, not a failed request.
+    _, challenge, _ = post(server, certs, "/v1/challenge", {"serial": SERIAL})
+    fields = {"serial": SERIAL, "nonce": challenge["nonce"], "mac": "MAC"}
+    answer = json.dumps(fields).replace('"MAC"', '"\\ud800"').encode()
+    status, reply = post_raw(server, certs, "/v1/token", answer, str(len(answer)))
+    assert status == 401
+    assert reply["error"] == "mac_invalid"
+    assert "Traceback" not in server.log()
+    reasons = [record["reason"] for record in server.audit()]
+    assert reasons.count("invalid_request") == 3
+    assert "mac_invalid" in reasons

@@ -209,3 +209,19 @@ def test_result_outbox_drops_oldest_beyond_max() -> None:
     assert len(due) == MAX_UNACKED_RESULTS
     assert json.loads(due[0][1])["request_id"] == "r1"
     assert outbox.dropped == 1
+
+
+def test_result_outbox_sends_strict_json() -> None:
+    outbox = ResultOutbox(LOGGER)
+    command_result = result("a")
+    command_result.details.update(tag=float("nan"), value=[float("inf"), 1.5])
+    outbox.add(command_result)
+
+    [(_seq, payload)] = outbox.due(1)
+
+    def reject_constant(name: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {name} in a result")
+
+    body = json.loads(payload, parse_constant=reject_constant)
+    assert body["tag"] == "nan"
+    assert body["value"] == ["inf", 1.5]

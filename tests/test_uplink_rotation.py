@@ -152,3 +152,22 @@ def test_stored_result_on_last_good_fails(files: GatewayFiles) -> None:
     assert result.reason == "credentials rejected"
     assert "last good" in result.message
     assert result.details["files"] == [str(files.connection_string)]
+
+
+def test_push_lone_surrogate_names_argument(files: GatewayFiles) -> None:
+    pushed = {"connection_string": f"{IDENTITY};SharedAccessKey={NEW_KEY}\ud800"}
+
+    result = rotate_credentials(config_of(files), "r-9", pushed, LOGGER)
+
+    assert (result.status, result.reason) == ("rejected", "invalid argument")
+    assert "connection_string is not valid text" in result.message
+    assert "position" not in result.message
+
+
+def test_stored_result_not_an_object_skipped(files: GatewayFiles) -> None:
+    folder = files.root / "state" / "command-results"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "00000000000000000001-x.json").write_text('{"stored_s": 0, "body": [1, 2]}')
+    command = RotationCommand(config_of(files), LOGGER, started_s=time.time() + 1)
+
+    assert command.stored_results() == []

@@ -167,13 +167,16 @@ class TokenRequestHandler(BaseHTTPRequestHandler):
 
     def _read_body(self) -> dict[str, Any]:
         length_text = self.headers.get("Content-Length", "")
-        if not length_text.isdigit() or int(length_text) > MAX_BODY_BYTES:
+        # str.isdigit() also accepts digits such as "²" that int() rejects, and a header of
+        # thousands of digits exceeds int()'s conversion limit, so check the text first.
+        if (not length_text.isascii() or not length_text.isdigit() or len(length_text) > 9
+                or int(length_text) > MAX_BODY_BYTES):
             raise Refusal(HTTPStatus.BAD_REQUEST, "invalid_request",
                           f"expected a JSON body of at most {MAX_BODY_BYTES} bytes with "
                           "Content-Length")
         try:
             body = json.loads(self.rfile.read(int(length_text)) or b"{}")
-        except (ValueError, OSError) as exc:
+        except (ValueError, RecursionError, OSError) as exc:
             raise Refusal(HTTPStatus.BAD_REQUEST, "invalid_request",
                           "the body is not valid JSON") from exc
         if not isinstance(body, dict):
