@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import http.client
 import json
+import os
 import ssl
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from tests.support.token_server import (
 )
 from tests.support.waiting import wait_until
 from token_server import challenges
+from token_server.audit import AuditLog
 from token_server.bucket import RateLimiter
 from token_server.challenges import ChallengeBook
 from token_server.config import load_server_config
@@ -294,6 +296,8 @@ def test_token_server_config_valid(base: Path, certs: Path) -> None:
         ("short_ttl", r"invalid value for tokens\.ttl_s: 5; expected an integer from 10"),
         ("bad_device_id", r"invalid value for devices\[0\]\.device_id: 'gw#01'; expected an "
                           r"IoT Hub device id"),
+        ("bad_hub_host", r"invalid value for tokens\.hub_host_name: 'evil\.com/x\?y='; "
+                         r"expected a host name"),
     ],
 )
 def test_token_server_unsafe_config_rejected(
@@ -318,6 +322,8 @@ def test_token_server_unsafe_config_rejected(
         path.write_text(path.read_text().replace("ttl_s = 3600", "ttl_s = 3600\nttl = 5"))
     elif change == "both_keys":
         path = config_file(base, certs, group_key=new_secret())
+    elif change == "bad_hub_host":
+        path = config_file(base, certs, hub_host="evil.com/x?y=")
     elif change == "bad_device_id":
         path = config_file(base, certs, gateways=[AllowedGateway(SERIAL, "gw#01", DEVICE_KEY)])
     else:
@@ -325,6 +331,16 @@ def test_token_server_unsafe_config_rejected(
 
     with pytest.raises(ConfigError, match=message):
         load_server_config(path)
+
+
+def test_token_server_audit_fifo_rejected(base: Path, certs: Path) -> None:
+    path = config_file(base, certs)
+    audit = base / "audit.jsonl"
+    os.mkfifo(audit, 0o600)
+    config = load_server_config(path)
+
+    with pytest.raises(ConfigError, match=r"audit_log_file is not a regular file"):
+        AuditLog(config.audit_log_file)
 
 
 def test_token_server_command_exits_on_unsafe_config(base: Path, certs: Path) -> None:

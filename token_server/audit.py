@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,13 +24,23 @@ class AuditLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"{path}: audit_log_file is not a regular file; name a file in a "
+                              "folder that only the server's user can write")
+        # O_NONBLOCK keeps a FIFO created after the check above from blocking the start until
+        # a reader opens it; it does not change writes to a regular file.
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
         try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fd = os.open(path, flags, 0o600)
         except OSError as exc:
             raise ConfigError(
                 f"{path}: cannot open audit_log_file for appending: {exc.strerror or exc}; "
                 "check that its folder exists and is writable by the server's user"
             ) from exc
+        if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+            os.close(self._fd)
+            raise ConfigError(f"{path}: audit_log_file is not a regular file; name a file in a "
+                              "folder that only the server's user can write")
         self._lock = threading.Lock()
 
     def record(self, client: str, outcome: str, reason: str, serial: str | None = None,

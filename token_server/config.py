@@ -9,6 +9,7 @@ its identity, or a key or secret file that other users can read.
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,9 +132,24 @@ def _required_path(table: _Table, key: str, what: str) -> Path:
     return path
 
 
+# A DNS host name: dot-separated labels of letters, digits and inner hyphens.
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+
+
+def _host_name(table: _Table, key: str) -> str:
+    # The name goes into every token's sr, so a stray character makes tokens the hub rejects.
+    value = table.text(key, _REQUIRED)
+    if not _HOST_NAME.fullmatch(value):
+        raise table.error(key, value, "a host name such as myhub.azure-devices.net")
+    return value
+
+
 def _parse_tokens(table: _Table) -> TokenSettings:
     settings = TokenSettings(
-        hub_host_name=table.text("hub_host_name", _REQUIRED),
+        hub_host_name=_host_name(table, "hub_host_name"),
         ttl_s=table.integer("ttl_s", 3600, 10, 86_400),
         group_key_file=table.path("group_key_file"),
     )
