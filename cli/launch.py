@@ -47,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
     command = [supervisord, "-n", "-c", str(conf)]
     print(f"plcbridge run: starting {' '.join(command)}", file=sys.stderr, flush=True)
 
-    # execve keeps the pid, so this is supervisord's pid: a program that finds another
-    # parent when it starts knows that supervisord died before the program could ask the
-    # kernel to be told (see common/lifecycle.py).
+    # execve keeps the pid, so this is supervisord's pid. A program whose parent differs
+    # from it at start concludes that supervisord exited before the program could request
+    # a signal on its parent's exit (see common/lifecycle.py).
     environment = gateway_environment(config)
     environment[SUPERVISORD_PID_VARIABLE] = str(os.getpid())
     _exec(command, environment)

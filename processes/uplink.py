@@ -982,8 +982,8 @@ class MqttLink(threading.Thread):
                 return Outcome(True, "stop requested")
             now = time.monotonic()
             if connection.renew_at is not None and now >= connection.renew_at:
-                # A token from the token server may not be ready yet; the connection then
-                # keeps its current token and asks again later.
+                # A token from the token server may not be ready yet. The connection then
+                # keeps its current token and checks again after retry_s.
                 retry_s = self._identity.password.prepare_renewal()
                 if retry_s is None:
                     return Outcome(True, "the SAS token reached its renewal time", renew=True)

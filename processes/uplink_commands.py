@@ -215,7 +215,7 @@ class CommandDispatcher:
 
 # Results go to the cloud like alerts, as publishes with negative page numbers, from this one
 # down. The range lies between the alerts' (-1 down) and the health message's -(2**62), so a
-# PUBACK tells which kind of message it acknowledges.
+# PUBACK's page number identifies the kind of message it acknowledges.
 RESULT_PAGE_SEQ_FIRST = -(2**61)
 RESULT_PAGE_SEQ_LAST = -(2**62) + 1
 
@@ -226,7 +226,8 @@ MAX_UNACKED_RESULTS = 1000
 class ResultOutbox:
     """Results that the broker has not acknowledged, sent again on every new connection.
 
-    A result whose PUBACK was lost may reach the cloud twice; its request_id tells them apart.
+    A result whose PUBACK was lost may reach the cloud twice, with the same request_id both
+    times, so the cloud can drop the copy.
     """
 
     def __init__(self, logger: logging.Logger) -> None:

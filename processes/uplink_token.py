@@ -1,6 +1,6 @@
 """The uplink's SAS tokens from the on-site token server, renewed before they expire.
 
-The network thread asks for a token before each connection attempt, and again when the
+The network thread requests a token before each connection attempt, and again when the
 connection's token reaches its renewal time. At that point the connection stays up while a
 background thread fetches the next token, and the uplink reconnects only once it holds one.
 While the server is unreachable, fetches are retried with capped, jittered backoff and the

@@ -27,8 +27,8 @@ class AuditLog:
         if path.exists() and not path.is_file():
             raise ConfigError(f"{path}: audit_log_file is not a regular file; name a file in a "
                               "folder that only the server's user can write")
-        # O_NONBLOCK keeps a FIFO created after the check above from blocking the start until
-        # a reader opens it; it does not change writes to a regular file.
+        # O_NONBLOCK stops a FIFO created after the check above from blocking the start until
+        # a reader opens it. It does not change writes to a regular file.
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
         try:
             self._fd = os.open(path, flags, 0o600)
